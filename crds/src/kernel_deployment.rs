@@ -1,0 +1,325 @@
+//! `KernelDeployment`: ships a conv2d kernel artifact to GPU nodes with a staged rollout.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use kube::core::Duration;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{ArtifactRef, Conv2dSpec};
+
+/// Ships a compiled conv2d kernel artifact to the GPU nodes that `nodeSelector` picks and
+/// rolls it out gradually, with health analysis against the stable revision and automatic
+/// rollback.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kernelflow.dev",
+    doc = "A KernelDeployment ships a conv2d kernel artifact to GPU nodes with a staged, analysed rollout.",
+    version = "v1alpha1",
+    kind = "KernelDeployment",
+    namespaced,
+    status = "KernelDeploymentStatus",
+    shortname = "kd",
+    shortname = "kdeploy",
+    category = "kernelflow",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Step","type":"integer","jsonPath":".status.currentStepIndex"}"#,
+    printcolumn = r#"{"name":"Traffic","type":"integer","jsonPath":".status.trafficPercent","description":"Percent of conv2d operations on the canary revision"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelDeploymentSpec {
+    /// The kernel: its artifact and the op it implements.
+    pub kernel: KernelSpec,
+    /// Selects the GPU nodes (by their Node labels) that serve this kernel.
+    pub node_selector: LabelSelector,
+    /// Execution flags. They are part of the revision: changing them starts a rollout.
+    #[serde(default)]
+    pub flags: RolloutFlags,
+    /// How a new revision reaches all conv2d operations.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Holds the rollout at its current step until set back to false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// A kernel artifact and the op it implements.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelSpec {
+    /// The artifact: conv2d weights and op parameters in safetensors, pinned by sha256.
+    pub artifact: ArtifactRef,
+    /// The conv2d this kernel implements; the artifact's tensors must agree with it.
+    pub conv2d: Conv2dSpec,
+    /// Input height and width the agents use for shadow load and analysis.
+    #[serde(default = "default_input_size")]
+    #[schemars(default = "default_input_size")]
+    pub input_size: [u32; 2],
+}
+
+fn default_input_size() -> [u32; 2] {
+    [32, 32]
+}
+
+/// How the agents execute this kernel's conv2d operations.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutFlags {
+    /// Run conv2d on the asynchronous stream-pool path; false runs it synchronously.
+    #[serde(default)]
+    pub async_enabled: bool,
+    /// Re-run a failed asynchronous op on the synchronous path (counted as a fallback).
+    #[serde(default = "yes")]
+    #[schemars(default = "yes")]
+    pub fallback_on_error: bool,
+    /// Cap on conv2d operations in flight per node.
+    #[serde(default = "default_max_concurrent_ops")]
+    #[schemars(range(min = 1, max = 4096), default = "default_max_concurrent_ops")]
+    pub max_concurrent_ops: u32,
+    /// Streams per device in the pool.
+    #[serde(default = "default_stream_pool_size")]
+    #[schemars(range(min = 1, max = 64), default = "default_stream_pool_size")]
+    pub stream_pool_size: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_concurrent_ops() -> u32 {
+    64
+}
+fn default_stream_pool_size() -> u32 {
+    4
+}
+
+impl Default for RolloutFlags {
+    fn default() -> Self {
+        Self {
+            async_enabled: false,
+            fallback_on_error: true,
+            max_concurrent_ops: default_max_concurrent_ops(),
+            stream_pool_size: default_stream_pool_size(),
+        }
+    }
+}
+
+/// The steps of a rollout and the analysis that gates them.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Traffic steps, strictly increasing and ending at 100.
+    #[serde(default = "default_steps")]
+    #[schemars(length(min = 1, max = 32), default = "default_steps")]
+    pub steps: Vec<RolloutStep>,
+    /// Health analysis run at every step.
+    #[serde(default)]
+    pub analysis: AnalysisSpec,
+    /// Send all traffic back to the stable revision when analysis fails `failureLimit` times;
+    /// when false the rollout pauses as Degraded instead.
+    #[serde(default = "yes")]
+    #[schemars(default = "yes")]
+    pub auto_rollback: bool,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            steps: default_steps(),
+            analysis: AnalysisSpec::default(),
+            auto_rollback: true,
+        }
+    }
+}
+
+fn default_steps() -> Vec<RolloutStep> {
+    let pause = Some("1m".parse().expect("a valid duration"));
+    [1, 10, 50, 100]
+        .into_iter()
+        .map(|traffic_percent| RolloutStep { traffic_percent, pause })
+        .collect()
+}
+
+/// One step of a rollout.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStep {
+    /// Percent of conv2d operations the canary revision takes at this step.
+    #[schemars(range(max = 100))]
+    pub traffic_percent: u8,
+    /// Minimum time at this step (Go duration such as `30s` or `5m`). Without it the
+    /// rollout waits here for a manual promote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub pause: Option<Duration>,
+}
+
+/// Health analysis: the canary is compared with the stable revision over each interval.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisSpec {
+    /// Length of one analysis window (Go duration).
+    #[serde(default = "default_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), default = "default_interval")]
+    pub interval: Duration,
+    /// Canary operations a window needs before it can pass; fewer is inconclusive.
+    #[serde(default = "default_min_samples")]
+    #[schemars(range(min = 1), default = "default_min_samples")]
+    pub min_samples: u64,
+    /// Lowest acceptable fraction of canary operations that succeed (0..1).
+    #[serde(default = "default_min_success_rate")]
+    #[schemars(range(min = 0.0, max = 1.0), default = "default_min_success_rate")]
+    pub min_success_rate: f64,
+    /// Highest acceptable canary latency over stable latency.
+    #[serde(default = "default_max_overhead_ratio")]
+    #[schemars(range(min = 0.0), default = "default_max_overhead_ratio")]
+    pub max_overhead_ratio: f64,
+    /// Largest acceptable absolute difference between canary and stable outputs on identical
+    /// inputs, where both compute the same function.
+    #[serde(default = "default_max_numeric_diff")]
+    #[schemars(range(min = 0.0), default = "default_max_numeric_diff")]
+    pub max_numeric_diff: f64,
+    /// Failed analysis windows tolerated before rollback (or Degraded).
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 1, max = 1000), default = "default_failure_limit")]
+    pub failure_limit: u32,
+}
+
+fn default_interval() -> Duration {
+    "30s".parse().expect("a valid duration")
+}
+fn default_min_samples() -> u64 {
+    100
+}
+fn default_min_success_rate() -> f64 {
+    0.999
+}
+fn default_max_overhead_ratio() -> f64 {
+    1.1
+}
+fn default_max_numeric_diff() -> f64 {
+    1e-4
+}
+fn default_failure_limit() -> u32 {
+    3
+}
+
+impl Default for AnalysisSpec {
+    fn default() -> Self {
+        Self {
+            interval: default_interval(),
+            min_samples: default_min_samples(),
+            min_success_rate: default_min_success_rate(),
+            max_overhead_ratio: default_max_overhead_ratio(),
+            max_numeric_diff: default_max_numeric_diff(),
+            failure_limit: default_failure_limit(),
+        }
+    }
+}
+
+/// Where a KernelDeployment's rollout stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhase {
+    /// Accepted; nothing started yet.
+    #[default]
+    Pending,
+    /// Nodes are fetching, verifying and loading the canary revision.
+    Warming,
+    /// The canary takes traffic and steps are advancing.
+    Progressing,
+    /// Held by `spec.paused` or an indefinite step pause.
+    Paused,
+    /// The revision takes all traffic.
+    Healthy,
+    /// Analysis failed and `autoRollback` is off: held for an operator's decision.
+    Degraded,
+    /// Analysis failed and all traffic went back to the stable revision.
+    RolledBack,
+    /// The revision cannot be served (for example an artifact that fails validation).
+    Failed,
+}
+
+/// A revision: an artifact digest plus the flags it runs with.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// SHA-256 of the artifact.
+    pub artifact_sha256: String,
+    /// Flags the artifact runs with.
+    pub flags: RolloutFlags,
+}
+
+/// Node counts across the selected nodes.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    /// Nodes whose labels match `nodeSelector`.
+    pub selected: u32,
+    /// Selected nodes with the canary revision warm.
+    pub warmed: u32,
+    /// Selected nodes that failed to fetch, verify or load it.
+    pub failed: u32,
+    /// Selected nodes whose agent reported recently.
+    pub reporting: u32,
+}
+
+/// The figures of the latest analysis window.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisFigures {
+    /// Canary operations in the window.
+    pub samples: u64,
+    /// Fraction of canary operations that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    /// Canary latency over stable latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overhead_ratio: Option<f64>,
+    /// Largest canary-vs-stable output difference; absent where it does not apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_numeric_diff: Option<f64>,
+    /// Failed windows at the current step.
+    pub failures: u32,
+    /// `Passed`, `Failed` or `Inconclusive`, with the figure that decided it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// When the window closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}
+
+/// Observed state of a KernelDeployment.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelDeploymentStatus {
+    /// Where the rollout stands.
+    #[serde(default)]
+    pub phase: RolloutPhase,
+    /// Index into `spec.rollout.steps` of the current step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step_index: Option<u32>,
+    /// Percent of conv2d operations on the canary revision now.
+    #[serde(default)]
+    pub traffic_percent: u8,
+    /// The revision that takes the traffic the canary does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<Revision>,
+    /// The revision being rolled out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<Revision>,
+    /// Node counts.
+    #[serde(default)]
+    pub nodes: NodeCounts,
+    /// Figures of the latest analysis window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisFigures>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Standard conditions (Accepted, Ready, Progressing, ...).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// A human-readable summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

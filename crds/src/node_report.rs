@@ -1,0 +1,59 @@
+//! `NodeReport`: one cluster-scoped object per node, written only by that node's agent, so
+//! that agents never write into the shared KernelDeployments and the operator reads N small
+//! objects instead of N writers contending for one.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What one node's agent reports: its kernels and training workers.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kernelflow.dev",
+    doc = "A NodeReport is one node agent's report of its kernels and training workers.",
+    version = "v1alpha1",
+    kind = "NodeReport",
+    shortname = "nr",
+    category = "kernelflow",
+    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".spec.backend"}"#,
+    printcolumn = r#"{"name":"Kernels","type":"integer","jsonPath":".spec.kernelCount"}"#,
+    printcolumn = r#"{"name":"Heartbeat","type":"date","jsonPath":".spec.heartbeatTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReportSpec {
+    /// The node this report is about; equal to the object's name.
+    pub node_name: String,
+    /// Version of the reporting agent.
+    pub agent_version: String,
+    /// Compute backend in use: `cuda` or `cpu`.
+    pub backend: String,
+    /// When the agent last wrote this report. An old heartbeat means the agent is gone.
+    pub heartbeat_time: Time,
+    /// Number of entries in `kernels`, for `kubectl get`.
+    #[serde(default)]
+    pub kernel_count: u32,
+    /// Per-kernel state and figures of the current window.
+    #[serde(default)]
+    pub kernels: Vec<KernelReport>,
+}
+
+/// One KernelDeployment's revisions as seen on one node.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelReport {
+    /// Namespace of the KernelDeployment.
+    pub namespace: String,
+    /// Name of the KernelDeployment.
+    pub name: String,
+    /// Artifact digest of the canary revision.
+    pub canary_sha256: String,
+    /// `Warming`, `Warm` or `Failed`.
+    pub state: String,
+    /// Why the kernel failed, as a typed reason (for example `DigestMismatch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Details of the failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

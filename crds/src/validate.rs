@@ -1,0 +1,390 @@
+//! Rules across fields that an OpenAPI schema cannot state. The operator's admission webhook
+//! runs them on every create and update; each error names the field and what is allowed.
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::common::{ArtifactRef, Conv2dSpec};
+use crate::kernel_deployment::KernelDeploymentSpec;
+use crate::training_job::{AsyncTrainingJobSpec, PipelineMode};
+
+/// One violated rule: the field's path (as `kubectl explain` spells it) and what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Joins errors into the one message an API client shows.
+pub fn describe(errors: &[FieldError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), message: message.into() });
+    }
+}
+
+/// Checks a KernelDeployment's spec.
+pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    artifact(&mut e, "spec.kernel.artifact", &spec.kernel.artifact);
+    let conv = &spec.kernel.conv2d;
+    if conv2d(&mut e, "spec.kernel.conv2d", conv) {
+        check_output(&mut e, "spec.kernel", conv, spec.kernel.input_size);
+    }
+    label_selector(&mut e, "spec.nodeSelector", &spec.node_selector);
+
+    let steps = &spec.rollout.steps;
+    if steps.is_empty() {
+        e.push("spec.rollout.steps", "must have at least one step, the last at trafficPercent 100");
+    }
+    for (i, pair) in steps.windows(2).enumerate() {
+        if pair[1].traffic_percent <= pair[0].traffic_percent {
+            e.push(
+                format!("spec.rollout.steps[{}].trafficPercent", i + 1),
+                format!(
+                    "must be greater than the previous step's {} (steps strictly increase)",
+                    pair[0].traffic_percent
+                ),
+            );
+        }
+    }
+    if let Some(last) = steps.last().filter(|s| s.traffic_percent != 100) {
+        e.push(
+            format!("spec.rollout.steps[{}].trafficPercent", steps.len() - 1),
+            format!("the last step must be 100, not {}", last.traffic_percent),
+        );
+    }
+    for (i, step) in steps.iter().enumerate() {
+        if step.pause.is_some_and(|p| p.is_negative()) {
+            e.push(format!("spec.rollout.steps[{i}].pause"), "must not be negative");
+        }
+    }
+    let a = &spec.rollout.analysis;
+    if a.interval.is_negative() || std::time::Duration::from(a.interval).is_zero() {
+        e.push("spec.rollout.analysis.interval", "must be a positive duration such as 30s");
+    }
+    if !(0.0..=1.0).contains(&a.min_success_rate) {
+        e.push("spec.rollout.analysis.minSuccessRate", "must be a fraction between 0 and 1");
+    }
+    if !a.max_overhead_ratio.is_finite() || a.max_overhead_ratio <= 0.0 {
+        e.push("spec.rollout.analysis.maxOverheadRatio", "must be a positive number, such as 1.1");
+    }
+    if !a.max_numeric_diff.is_finite() || a.max_numeric_diff < 0.0 {
+        e.push("spec.rollout.analysis.maxNumericDiff", "must be a finite number of at least 0");
+    }
+    finish(e)
+}
+
+/// Checks an AsyncTrainingJob's spec.
+pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    let (samples, mut shape) = match (&spec.data.synthetic, &spec.data.artifact) {
+        (Some(s), None) => {
+            if s.shape.contains(&0) {
+                e.push("spec.data.synthetic.shape", "channels, height and width must all be at least 1");
+            }
+            (Some(s.samples), Some(s.shape))
+        }
+        (None, Some(a)) => {
+            artifact(&mut e, "spec.data.artifact", a);
+            (None, None)
+        }
+        _ => {
+            e.push("spec.data", "set exactly one of synthetic or artifact");
+            (None, None)
+        }
+    };
+
+    let mut names = std::collections::HashSet::new();
+    for (i, layer) in spec.model.layers.iter().enumerate() {
+        let at = format!("spec.model.layers[{i}]");
+        if !names.insert(layer.name.as_str()) {
+            e.push(format!("{at}.name"), format!("duplicate layer name {:?}; names must be unique", layer.name));
+        }
+        match (&layer.kernel_deployment_ref, &layer.conv2d) {
+            (Some(_), None) => shape = None, // The referenced kernel's shape is checked when the job runs.
+            (None, Some(conv)) => {
+                let field = format!("{at}.conv2d");
+                if !conv2d(&mut e, &field, conv) {
+                    shape = None;
+                    continue;
+                }
+                if let Some([c, h, w]) = shape {
+                    if c != conv.in_channels {
+                        e.push(
+                            format!("{field}.inChannels"),
+                            format!("must equal the {c} channels coming into this layer"),
+                        );
+                    }
+                    shape = check_output(&mut e, &at, conv, [h, w]).map(|[h, w]| [conv.out_channels, h, w]);
+                }
+            }
+            _ => e.push(at, "set exactly one of kernelDeploymentRef or conv2d"),
+        }
+    }
+
+    let t = &spec.training;
+    if !t.learning_rate.is_finite() || t.learning_rate <= 0.0 {
+        e.push("spec.training.learningRate", "must be a positive number");
+    }
+    if !(0.0..1.0).contains(&t.momentum) {
+        e.push("spec.training.momentum", "must be at least 0 and below 1");
+    }
+    if let Some(samples) = samples.filter(|&n| n < u64::from(t.batch_size)) {
+        e.push(
+            "spec.training.batchSize",
+            format!("must not exceed the {samples} samples of spec.data.synthetic.samples"),
+        );
+    }
+    let p = &spec.pipeline;
+    let needed = match p.mode {
+        PipelineMode::Sequential => 1,
+        PipelineMode::Double => 1,
+        PipelineMode::Triple => 2,
+    };
+    if p.prefetch_depth < needed {
+        e.push(
+            "spec.pipeline.prefetchDepth",
+            format!("must be at least {needed} for {:?} buffering", p.mode).to_lowercase(),
+        );
+    }
+    label_selector(&mut e, "spec.placement.nodeSelector", &spec.placement.node_selector);
+    if spec.run_policy.active_deadline_seconds == Some(0) {
+        e.push("spec.runPolicy.activeDeadlineSeconds", "must be at least 1 when set");
+    }
+    finish(e)
+}
+
+fn finish(e: Errors) -> Result<(), Vec<FieldError>> {
+    if e.0.is_empty() { Ok(()) } else { Err(e.0) }
+}
+
+fn artifact(e: &mut Errors, at: &str, a: &ArtifactRef) {
+    let allowed = "allowed are file:///absolute/path, http(s)://host/path and s3://bucket/key";
+    match a.url.split_once("://") {
+        Some(("file", path)) if path.starts_with('/') => {}
+        Some(("file", _)) => e.push(format!("{at}.url"), format!("a file URL needs an absolute path; {allowed}")),
+        Some(("http" | "https" | "s3", rest)) => {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if host.is_empty() || rest.len() == host.len() {
+                e.push(format!("{at}.url"), format!("needs a host (or bucket) and a path; {allowed}"));
+            }
+        }
+        _ => e.push(format!("{at}.url"), format!("unsupported scheme in {:?}; {allowed}", a.url)),
+    }
+    if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        e.push(format!("{at}.sha256"), "must be 64 lowercase hex digits");
+    }
+}
+
+/// Checks one conv2d's own parameters; true when they are sound enough to compute shapes.
+fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
+    let before = e.0.len();
+    for (name, pair) in [("kernelSize", c.kernel_size), ("stride", c.stride), ("dilation", c.dilation)] {
+        if pair.contains(&0) {
+            e.push(format!("{at}.{name}"), "both values must be at least 1");
+        }
+    }
+    if c.groups == 0 {
+        e.push(format!("{at}.groups"), "must be at least 1");
+    } else {
+        for (name, channels) in [("inChannels", c.in_channels), ("outChannels", c.out_channels)] {
+            if channels % c.groups != 0 {
+                e.push(
+                    format!("{at}.groups"),
+                    format!("{} groups do not divide {name} {channels}; groups must divide both channel counts", c.groups),
+                );
+            }
+        }
+    }
+    e.0.len() == before
+}
+
+fn check_output(e: &mut Errors, at: &str, c: &Conv2dSpec, input: [u32; 2]) -> Option<[u32; 2]> {
+    let out = c.output_size(input);
+    if out.is_none() {
+        e.push(
+            format!("{at}.conv2d"),
+            format!(
+                "kernel {:?} with dilation {:?} does not fit the {}x{} input padded by {:?}; the output would be empty",
+                c.kernel_size, c.dilation, input[0], input[1], c.padding
+            ),
+        );
+    }
+    out
+}
+
+fn label_selector(e: &mut Errors, at: &str, s: &LabelSelector) {
+    for (i, r) in s.match_expressions.iter().flatten().enumerate() {
+        let at = format!("{at}.matchExpressions[{i}]");
+        let values = r.values.as_ref().map_or(0, Vec::len);
+        match r.operator.as_str() {
+            "In" | "NotIn" if values == 0 => e.push(format!("{at}.values"), format!("must not be empty for operator {}", r.operator)),
+            "Exists" | "DoesNotExist" if values > 0 => e.push(format!("{at}.values"), format!("must be empty for operator {}", r.operator)),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => e.push(format!("{at}.operator"), format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AsyncTrainingJobSpec, KernelDeploymentSpec};
+
+    fn kd(yaml: &str) -> KernelDeploymentSpec {
+        let base = r#"
+kernel:
+  artifact: {url: "https://store.example/k.safetensors", sha256: "0000000000000000000000000000000000000000000000000000000000000000"}
+  conv2d: {inChannels: 4, outChannels: 8, kernelSize: [3, 3], padding: [1, 1]}
+nodeSelector: {matchLabels: {gpu: "true"}}
+"#;
+        let mut v: serde_json::Value = serde_yaml::from_str(base).unwrap();
+        merge(&mut v, serde_yaml::from_str(yaml).unwrap());
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn atj(yaml: &str) -> AsyncTrainingJobSpec {
+        let base = r#"
+model: {layers: [{name: a, conv2d: {inChannels: 3, outChannels: 8, kernelSize: [3, 3], padding: [1, 1]}},
+                 {name: b, conv2d: {inChannels: 8, outChannels: 3, kernelSize: [3, 3], padding: [1, 1]}}]}
+data: {synthetic: {shape: [3, 16, 16], samples: 64}}
+training: {batchSize: 8, steps: 10, learningRate: 0.01, momentum: 0.9}
+placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
+"#;
+        let mut v: serde_json::Value = serde_yaml::from_str(base).unwrap();
+        merge(&mut v, serde_yaml::from_str(yaml).unwrap());
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+        match (base, patch) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (b, p) => *b = p,
+        }
+    }
+
+    fn fields(r: Result<(), Vec<FieldError>>) -> Vec<String> {
+        r.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn valid_specs_pass() {
+        assert_eq!(kernel_deployment(&kd("{}")), Ok(()));
+        assert_eq!(atj_ok("{}"), Ok(()));
+    }
+
+    fn atj_ok(yaml: &str) -> Result<(), Vec<FieldError>> {
+        training_job(&atj(yaml))
+    }
+
+    #[test]
+    fn steps_must_increase_and_end_at_100() {
+        let r = kernel_deployment(&kd("rollout: {steps: [{trafficPercent: 10}, {trafficPercent: 10}, {trafficPercent: 50}]}"));
+        assert_eq!(fields(r), ["spec.rollout.steps[1].trafficPercent", "spec.rollout.steps[2].trafficPercent"]);
+        let r = kernel_deployment(&kd("rollout: {steps: []}"));
+        assert_eq!(fields(r), ["spec.rollout.steps"]);
+    }
+
+    #[test]
+    fn groups_must_divide_channels() {
+        let r = kernel_deployment(&kd("kernel: {conv2d: {groups: 3}}"));
+        let errs = r.unwrap_err();
+        assert_eq!(errs.len(), 2);
+        assert!(errs[0].to_string().contains("3 groups do not divide inChannels 4"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn output_must_not_be_empty() {
+        let r = kernel_deployment(&kd("kernel: {inputSize: [2, 2], conv2d: {kernelSize: [5, 5], padding: [0, 0]}}"));
+        assert_eq!(fields(r), ["spec.kernel.conv2d"]);
+    }
+
+    #[test]
+    fn urls_need_an_allowed_scheme_and_a_path() {
+        for (url, ok) in [
+            ("file:///var/lib/k.safetensors", true),
+            ("s3://bucket/key", true),
+            ("http://127.0.0.1:8080/k", true),
+            ("file://relative", false),
+            ("s3://bucket", false),
+            ("https:///path", false),
+            ("ftp://host/k", false),
+        ] {
+            let spec = kd(&format!("kernel: {{artifact: {{url: {url:?}}}}}"));
+            assert_eq!(kernel_deployment(&spec).is_ok(), ok, "{url}");
+        }
+    }
+
+    #[test]
+    fn selector_operators_are_checked() {
+        let r = kernel_deployment(&kd(
+            "nodeSelector: {matchExpressions: [{key: a, operator: In}, {key: b, operator: Near, values: [x]}, {key: c, operator: Exists, values: [y]}]}",
+        ));
+        assert_eq!(
+            fields(r),
+            ["spec.nodeSelector.matchExpressions[0].values", "spec.nodeSelector.matchExpressions[1].operator", "spec.nodeSelector.matchExpressions[2].values"]
+        );
+    }
+
+    #[test]
+    fn analysis_bounds() {
+        let r = kernel_deployment(&kd("rollout: {analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1}}"));
+        assert_eq!(
+            fields(r),
+            [
+                "spec.rollout.analysis.interval",
+                "spec.rollout.analysis.minSuccessRate",
+                "spec.rollout.analysis.maxOverheadRatio",
+                "spec.rollout.analysis.maxNumericDiff"
+            ]
+        );
+    }
+
+    #[test]
+    fn layers_chain_channels_and_shapes() {
+        let r = atj_ok("model: {layers: [{name: a, conv2d: {inChannels: 4, outChannels: 8, kernelSize: [3, 3]}}]}");
+        assert_eq!(fields(r), ["spec.model.layers[0].conv2d.inChannels"]);
+        let r = atj_ok(
+            "{data: {synthetic: {shape: [3, 4, 4]}}, model: {layers: [{name: a, conv2d: {inChannels: 3, outChannels: 8, kernelSize: [5, 5]}}]}}",
+        );
+        assert_eq!(fields(r), ["spec.model.layers[0].conv2d"]);
+    }
+
+    #[test]
+    fn layers_need_exactly_one_source_and_unique_names() {
+        let r = atj_ok(
+            "model: {layers: [{name: a, kernelDeploymentRef: k, conv2d: {inChannels: 3, outChannels: 3, kernelSize: [1, 1]}}, {name: a}]}",
+        );
+        assert_eq!(fields(r), ["spec.model.layers[0]", "spec.model.layers[1].name", "spec.model.layers[1]"]);
+        assert_eq!(atj_ok("model: {layers: [{name: a, kernelDeploymentRef: k}]}"), Ok(()));
+    }
+
+    #[test]
+    fn data_training_and_pipeline_rules() {
+        let r = atj_ok("data: {artifact: {url: \"s3://b/k\", sha256: \"00\"}}");
+        assert_eq!(fields(r), ["spec.data"]);
+        let r = atj_ok("training: {batchSize: 128, learningRate: -1, momentum: 1}");
+        assert_eq!(fields(r), ["spec.training.learningRate", "spec.training.momentum", "spec.training.batchSize"]);
+        let r = atj_ok("pipeline: {mode: triple, prefetchDepth: 1}");
+        let errs = r.unwrap_err();
+        assert_eq!(errs[0].to_string(), "spec.pipeline.prefetchDepth: must be at least 2 for triple buffering");
+    }
+}
