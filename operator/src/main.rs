@@ -1,1 +1,7 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kernelflow_operator::telemetry::init();
+    kernelflow_operator::run(kernelflow_operator::Args::parse()).await
+}

@@ -1,0 +1,93 @@
+//! The kernelflow node agent. Runs on every GPU node (a DaemonSet), learns its node from
+//! `NODE_NAME`, and publishes the node's `NodeReport`, the only kernelflow object it writes.
+
+pub mod report;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::{Router, extract::State, routing::get};
+use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
+use tracing::{info, warn};
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "kernelflow-agent";
+
+/// Command-line flags (each also read from the environment).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "kernelflow-agent", version, about)]
+pub struct Args {
+    /// The node this agent serves (the downward API's spec.nodeName in the chart).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Address of /healthz and /metrics.
+    #[arg(long, env = "KERNELFLOW_HTTP_ADDR", default_value = "0.0.0.0:8081")]
+    pub http_addr: SocketAddr,
+    /// Seconds between node reports; bounds the agent's write rate to the API server.
+    #[arg(long, env = "KERNELFLOW_REPORT_INTERVAL", default_value_t = 10)]
+    pub report_interval_seconds: u64,
+}
+
+/// The agent's metrics.
+#[derive(Clone)]
+struct Metrics {
+    registry: Registry,
+    reports: IntCounter,
+    report_errors: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new_custom(Some("kernelflow_agent".into()), None).expect("a valid prefix");
+        let reports = IntCounter::new("reports_total", "Node reports written.").expect("valid metric");
+        let report_errors = IntCounter::new("report_errors_total", "Node reports that failed to write.").expect("valid metric");
+        registry.register(Box::new(reports.clone())).expect("registered once");
+        registry.register(Box::new(report_errors.clone())).expect("registered once");
+        Self { registry, reports, report_errors }
+    }
+
+    fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let metrics = Metrics::new();
+    let backend = "cpu";
+    info!(node = %args.node_name, backend, "starting");
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(|State(m): State<Metrics>| async move { m.render() }))
+        .with_state(metrics.clone());
+    let listener = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let http = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let reporter = report::Reporter::new(client, &args.node_name, backend);
+    let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval_seconds.max(1)));
+    let reports = async {
+        loop {
+            tick.tick().await;
+            match reporter.publish().await {
+                Ok(()) => metrics.reports.inc(),
+                Err(e) => {
+                    metrics.report_errors.inc();
+                    warn!(error = %e, "writing the node report failed");
+                }
+            }
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        () = reports => {}
+        r = http => r??,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("stopped");
+    Ok(())
+}

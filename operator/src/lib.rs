@@ -1,0 +1,182 @@
+//! The kernelflow operator: reconciles KernelDeployments and AsyncTrainingJobs while it holds
+//! the leader Lease, serves the validating admission webhook on every replica, and exports
+//! health and Prometheus metrics.
+
+pub mod controller;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod telemetry;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use axum::http::StatusCode;
+use axum::{Router, extract::State, routing::get};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use tracing::info;
+
+use crate::metrics::Metrics;
+
+/// Field manager of everything the operator writes by server-side apply.
+pub const FIELD_MANAGER: &str = "kernelflow-operator";
+
+/// Command-line flags (each also read from a `KERNELFLOW_*` environment variable).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "kernelflow-operator", version, about)]
+pub struct Args {
+    /// Namespace of the operator's own objects: the leader Lease and the webhook certificate.
+    #[arg(long, env = "KERNELFLOW_NAMESPACE", default_value = "kernelflow-system")]
+    pub namespace: String,
+    /// Reconcile only this namespace (default: all).
+    #[arg(long, env = "KERNELFLOW_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// This replica's name in the Lease (default: POD_NAME, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "KERNELFLOW_LEASE_NAME", default_value = "kernelflow-operator")]
+    pub lease_name: String,
+    /// Seconds a leader's Lease lasts without renewal; a standby takes over after it.
+    #[arg(long, env = "KERNELFLOW_LEASE_DURATION", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "KERNELFLOW_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Address the admission webhook listens on (TLS).
+    #[arg(long, env = "KERNELFLOW_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// URL the API server calls the webhook at, for an operator outside the cluster.
+    #[arg(long, env = "KERNELFLOW_WEBHOOK_URL", conflicts_with = "webhook_service")]
+    pub webhook_url: Option<String>,
+    /// Service (in `--namespace`, port 443) the API server calls the webhook through.
+    #[arg(long, env = "KERNELFLOW_WEBHOOK_SERVICE")]
+    pub webhook_service: Option<String>,
+    /// Serve only the webhook: no leader election, no controllers.
+    #[arg(long, env = "KERNELFLOW_WEBHOOK_ONLY")]
+    pub webhook_only: bool,
+    /// Reconciles run at once per controller.
+    #[arg(long, env = "KERNELFLOW_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// Apply the CRDs at start-up (for local use; in clusters the chart installs them).
+    #[arg(long, env = "KERNELFLOW_INSTALL_CRDS")]
+    pub install_crds: bool,
+}
+
+impl Args {
+    fn webhook_target(&self) -> Option<webhook::Target> {
+        match (&self.webhook_url, &self.webhook_service) {
+            (Some(url), _) => Some(webhook::Target::Url(url.clone())),
+            (None, Some(name)) => Some(webhook::Target::Service { name: name.clone(), namespace: self.namespace.clone() }),
+            (None, None) => None,
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+}
+
+/// Runs the operator until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    // kube and the webhook both use rustls; both are built with ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let identity = args.identity();
+    let metrics = Metrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+    info!(%identity, version = env!("CARGO_PKG_VERSION"), "starting");
+    if args.webhook_only && args.webhook_target().is_none() {
+        anyhow::bail!("--webhook-only needs --webhook-url or --webhook-service");
+    }
+
+    if args.install_crds {
+        install_crds(&client).await?;
+    }
+    let http = tokio::spawn(serve_http(args.http_addr, metrics.clone(), ready.clone()));
+    let webhook = match args.webhook_target() {
+        Some(target) => {
+            let cert = webhook::ensure_certificate(&client, &args.namespace, &target).await?;
+            let server = tokio::spawn({
+                let (addr, cert, metrics) = (args.webhook_addr, cert.clone(), metrics.clone());
+                async move { webhook::serve(addr, &cert, metrics).await }
+            });
+            webhook::register(&client, &target, &cert.ca).await?;
+            info!(addr = %args.webhook_addr, "admission webhook serving");
+            Some(server)
+        }
+        None => None,
+    };
+    ready.store(true, Ordering::Relaxed);
+
+    let work = async {
+        if args.webhook_only {
+            shutdown_signal().await;
+            return Ok(());
+        }
+        let ctx = Arc::new(controller::Context::new(client.clone(), &identity, metrics.clone()));
+        let lease = leader::LeaseConfig {
+            namespace: &args.namespace,
+            name: &args.lease_name,
+            identity: &identity,
+            duration_seconds: args.lease_duration_seconds,
+        };
+        let controllers = || controller::run(ctx.clone(), args.watch_namespace.clone(), args.concurrency);
+        leader::lead(&client, lease, &metrics, controllers, shutdown_signal()).await
+    };
+    let result = tokio::select! {
+        r = work => r,
+        r = http => r.context("http server task")?.context("http server"),
+        r = async { webhook.expect("guarded").await }, if webhook.is_some() => r.context("webhook task")?.context("webhook server"),
+    };
+    info!("stopped");
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn install_crds(client: &kube::Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in kernelflow_crds::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd)).await?;
+        info!(crd = name, "installed");
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve_http(addr: SocketAddr, metrics: Metrics, ready: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+        .with_state(HttpState { metrics, ready });
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    info!(%addr, "serving /healthz, /readyz and /metrics");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
+    if s.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+}

@@ -1,0 +1,249 @@
+//! The validating admission webhook: cross-field rules the CRD schema cannot state.
+//!
+//! TLS uses a self-signed CA generated on first start and kept in a Secret, so that every
+//! replica serves with the same certificate; the operator writes the CA into its
+//! ValidatingWebhookConfiguration. (A chart may use cert-manager instead.)
+
+use std::net::SocketAddr;
+
+use axum::{Json, Router, extract::State, routing::post};
+use axum_server::tls_rustls::RustlsConfig;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kernelflow_crds::validate::{self, FieldError};
+use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
+use serde::de::DeserializeOwned;
+
+use crate::FIELD_MANAGER;
+use crate::metrics::Metrics;
+
+/// Name of the ValidatingWebhookConfiguration the operator owns.
+pub const CONFIGURATION_NAME: &str = "kernelflow-validating-webhook";
+const SECRET_NAME: &str = "kernelflow-webhook-tls";
+const PATH: &str = "/validate";
+
+/// How the API server reaches the webhook.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A URL, for an operator outside the cluster (local runs).
+    Url(String),
+    /// A Service in the operator's namespace, port 443.
+    Service { name: String, namespace: String },
+}
+
+impl Target {
+    fn dns_names(&self) -> Vec<String> {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        match self {
+            Target::Url(url) => {
+                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                let authority = rest.split('/').next().unwrap_or_default();
+                let host = match authority.strip_prefix('[') {
+                    Some(v6) => v6.split(']').next().unwrap_or_default(),
+                    None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+                };
+                names.push(host.to_string());
+            }
+            Target::Service { name, namespace } => {
+                for suffix in ["", ".svc", ".svc.cluster.local"] {
+                    names.push(format!("{name}.{namespace}{suffix}"));
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// PEM-encoded TLS material of the webhook.
+#[derive(Clone, Debug)]
+pub struct Certificate {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// Reads the webhook's certificate from its Secret, creating both on first start. When
+/// replicas race, the first create wins and the others read what it stored.
+pub async fn ensure_certificate(client: &kube::Client, namespace: &str, target: &Target) -> anyhow::Result<Certificate> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    if let Some(found) = api.get_opt(SECRET_NAME).await?.and_then(|s| from_secret(&s)) {
+        return Ok(found);
+    }
+    let fresh = generate(&target.dns_names())?;
+    let mut secret = Secret::default();
+    secret.metadata.name = Some(SECRET_NAME.into());
+    secret.type_ = Some("kubernetes.io/tls".into());
+    secret.data = Some(
+        [("ca.crt", &fresh.ca), ("tls.crt", &fresh.cert), ("tls.key", &fresh.key)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+            .collect(),
+    );
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(fresh),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let stored = api.get(SECRET_NAME).await?;
+            from_secret(&stored).ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{SECRET_NAME} lacks ca.crt, tls.crt or tls.key"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn from_secret(s: &Secret) -> Option<Certificate> {
+    let data = s.data.as_ref()?;
+    let get = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok());
+    Some(Certificate { ca: get("ca.crt")?, cert: get("tls.crt")?, key: get("tls.key")? })
+}
+
+fn generate(dns_names: &[String]) -> anyhow::Result<Certificate> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "kernelflow webhook CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(dns_names.to_vec())?;
+    params.distinguished_name.push(DnType::CommonName, "kernelflow-webhook");
+    let cert = params.signed_by(&key, &ca)?;
+    Ok(Certificate { ca: ca.pem(), cert: cert.pem(), key: key.serialize_pem() })
+}
+
+/// Writes the ValidatingWebhookConfiguration (server-side apply) with the CA bundle.
+pub async fn register(client: &kube::Client, target: &Target, ca_pem: &str) -> anyhow::Result<()> {
+    let client_config = match target {
+        Target::Url(url) => serde_json::json!({ "url": format!("{}{PATH}", url.trim_end_matches('/')) }),
+        Target::Service { name, namespace } => {
+            serde_json::json!({ "service": { "name": name, "namespace": namespace, "path": PATH, "port": 443 } })
+        }
+    };
+    let mut client_config = client_config;
+    client_config["caBundle"] = serde_json::Value::String(base64(ca_pem.as_bytes()));
+    let webhook = |name: &str, resource: &str| {
+        serde_json::json!({
+            "name": name,
+            "clientConfig": client_config,
+            "rules": [{
+                "apiGroups": [kernelflow_crds::GROUP], "apiVersions": ["v1alpha1"],
+                "operations": ["CREATE", "UPDATE"], "resources": [resource], "scope": "Namespaced"
+            }],
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5
+        })
+    };
+    let vwc = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": { "name": CONFIGURATION_NAME },
+        "webhooks": [
+            webhook("kerneldeployments.kernelflow.dev", "kerneldeployments"),
+            webhook("asynctrainingjobs.kernelflow.dev", "asynctrainingjobs"),
+        ]
+    });
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    api.patch(CONFIGURATION_NAME, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(vwc)).await?;
+    Ok(())
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Serves the webhook over TLS until the task is dropped.
+pub async fn serve(addr: SocketAddr, cert: &Certificate, metrics: Metrics) -> anyhow::Result<()> {
+    let tls = RustlsConfig::from_pem(cert.cert.clone().into_bytes(), cert.key.clone().into_bytes()).await?;
+    let app = Router::new().route(PATH, post(review)).with_state(metrics);
+    axum_server::bind_rustls(addr, tls).serve(app.into_make_service()).await?;
+    Ok(())
+}
+
+async fn review(State(metrics): State<Metrics>, Json(review): Json<AdmissionReview<DynamicObject>>) -> Json<AdmissionReview<DynamicObject>> {
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return Json(AdmissionResponse::invalid(e.to_string()).into_review()),
+    };
+    let kind = request.kind.kind.clone();
+    let response = admit(&request);
+    metrics.admission_reviews.with_label_values(&[kind.as_str(), &response.allowed.to_string()]).inc();
+    Json(response.into_review())
+}
+
+/// The verdict on one admission request.
+pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    let Some(object) = request.object.as_ref().filter(|_| matches!(request.operation, Operation::Create | Operation::Update)) else {
+        return response;
+    };
+    let verdict = match request.kind.kind.as_str() {
+        "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| validate::kernel_deployment(&kd.spec)),
+        "AsyncTrainingJob" => typed::<AsyncTrainingJob>(object).and_then(|j| validate::training_job(&j.spec)),
+        _ => Ok(()),
+    };
+    match verdict {
+        Ok(()) => response,
+        Err(errors) => response.deny(validate::describe(&errors)),
+    }
+}
+
+fn typed<K: DeserializeOwned>(object: &DynamicObject) -> Result<K, Vec<FieldError>> {
+    let value = serde_json::to_value(object).map_err(|e| vec![FieldError { field: "object".into(), message: e.to_string() }])?;
+    serde_json::from_value(value).map_err(|e| vec![FieldError { field: "spec".into(), message: e.to_string() }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(object: serde_json::Value) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1", "operation": "CREATE", "userInfo": {},
+                "kind": {"group": "kernelflow.dev", "version": "v1alpha1", "kind": object["kind"]},
+                "resource": {"group": "kernelflow.dev", "version": "v1alpha1", "resource": "x"},
+                "object": object
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    fn kd(steps: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment", "metadata": {"name": "k"},
+            "spec": {
+                "kernel": {"artifact": {"url": "file:///k", "sha256": "a".repeat(64)},
+                           "conv2d": {"inChannels": 2, "outChannels": 2, "kernelSize": [1, 1]}},
+                "nodeSelector": {}, "rollout": {"steps": steps}
+            }
+        })
+    }
+
+    #[test]
+    fn denies_with_the_field_and_allows_valid_objects() {
+        let denied = admit(&request(kd(serde_json::json!([{"trafficPercent": 20}]))));
+        assert!(!denied.allowed);
+        assert_eq!(denied.result.message, "spec.rollout.steps[0].trafficPercent: the last step must be 100, not 20");
+        let allowed = admit(&request(kd(serde_json::json!([{"trafficPercent": 20}, {"trafficPercent": 100}]))));
+        assert!(allowed.allowed, "{:?}", allowed.result);
+    }
+
+    #[test]
+    fn certificates_cover_the_target() {
+        let url = Target::Url("https://127.0.0.1:9443".into()).dns_names();
+        assert_eq!(url, ["127.0.0.1", "localhost"]);
+        let svc = Target::Service { name: "kf".into(), namespace: "sys".into() }.dns_names();
+        assert!(svc.contains(&"kf.sys.svc".to_string()), "{svc:?}");
+        let cert = generate(&svc).unwrap();
+        assert!(cert.ca.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(cert.key.contains("PRIVATE KEY"));
+    }
+}

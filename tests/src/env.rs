@@ -1,0 +1,224 @@
+//! The shared test environment: one control plane per test run with the CRDs installed and
+//! the admission webhook serving, the kernelflow binaries as child processes, and a
+//! namespace per test so that tests run in parallel.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+
+use crate::cluster::{ControlPlane, free_port, supervised, tail};
+
+/// Label on every namespace a test creates, so that leftovers on a shared cluster can be found.
+pub const TEST_LABEL: &str = "kernelflow.dev/e2e";
+
+/// Namespace of the operator's own objects (Lease, webhook certificate).
+pub const SYSTEM_NAMESPACE: &str = "kernelflow-system";
+
+/// The environment every test of a run shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub plane: ControlPlane,
+    /// Directory for the logs of processes started by tests.
+    pub logs: PathBuf,
+}
+
+static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+
+/// The run's environment, started on first use by a thread that lives as long as the test
+/// process, so that its child processes do too (and no longer).
+pub fn shared() -> &'static Shared {
+    let result = SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("control-plane".into())
+            .spawn(move || {
+                let _ = tx.send(start_shared().map_err(|e| format!("{e:#}")));
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawning the control-plane thread");
+        rx.recv().unwrap_or_else(|_| Err("the control-plane thread died".into()))
+    });
+    match result {
+        Ok(shared) => shared,
+        Err(e) => panic!("the test control plane did not start: {e}"),
+    }
+}
+
+fn start_shared() -> anyhow::Result<Shared> {
+    let plane = ControlPlane::start()?;
+    let logs = std::env::temp_dir().join(format!("kernelflow-{}", std::process::id())).join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        plane.install_crds().await?;
+        let client = plane.client().await?;
+        ensure_namespace(&client, SYSTEM_NAMESPACE, false).await?;
+        if !plane.embedded {
+            delete_leftover_namespaces(&client).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    // One webhook server for the run; controllers are started by the tests that need them.
+    let port = free_port()?;
+    let shared = Shared { plane, logs };
+    let webhook = shared.spawn_operator(
+        "webhook",
+        &[
+            "--webhook-only",
+            &format!("--webhook-addr=127.0.0.1:{port}"),
+            &format!("--webhook-url=https://127.0.0.1:{port}"),
+        ],
+    )?;
+    rt.block_on(shared.wait_for_webhook(webhook))?;
+    Ok(shared)
+}
+
+impl Shared {
+    /// Starts `kernelflow-operator` with `args` (plus the kubeconfig, the system namespace and
+    /// a free metrics port). It is killed when the calling thread ends.
+    pub fn spawn_operator(&self, name: &str, args: &[&str]) -> anyhow::Result<Process> {
+        let http = format!("--http-addr=127.0.0.1:{}", free_port()?);
+        let mut all = vec![http.as_str(), "--namespace", SYSTEM_NAMESPACE];
+        all.extend_from_slice(args);
+        self.spawn("kernelflow-operator", name, &all)
+    }
+
+    /// Starts a kernelflow binary with `args`; it is killed when the calling thread ends.
+    pub fn spawn(&self, binary: &str, name: &str, args: &[&str]) -> anyhow::Result<Process> {
+        let log = self.logs.join(format!("{name}-{}.log", free_port()?));
+        let child = supervised(&binary_path(binary)?, &log)?
+            .args(args)
+            .env("KUBECONFIG", &self.plane.kubeconfig)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        Ok(Process { child, log, name: name.into() })
+    }
+
+    /// Waits until the webhook rejects an invalid object (a dry run, so nothing is stored).
+    async fn wait_for_webhook(&self, mut webhook: Process) -> anyhow::Result<()> {
+        let client = self.plane.client().await?;
+        let api: Api<kernelflow_crds::KernelDeployment> = Api::namespaced(client, SYSTEM_NAMESPACE);
+        let probe: kernelflow_crds::KernelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
+            "metadata": {"name": "webhook-probe"},
+            "spec": {
+                "kernel": {"artifact": {"url": "file:///probe", "sha256": "0".repeat(64)},
+                           "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]}},
+                "nodeSelector": {},
+                "rollout": {"steps": [{"trafficPercent": 50}]}
+            }
+        }))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = webhook.child.try_wait()? {
+                bail!("the webhook operator exited ({status}):\n{}", tail(&webhook.log));
+            }
+            match api.create(&PostParams { dry_run: true, ..Default::default() }, &probe).await {
+                Err(kube::Error::Api(s)) if s.message.contains("admission webhook") => break,
+                _ if Instant::now() > deadline => {
+                    bail!("the admission webhook did not start rejecting in 60s:\n{}", tail(&webhook.log))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        // Lives as long as the control-plane thread.
+        std::mem::forget(webhook);
+        Ok(())
+    }
+}
+
+/// A kernelflow process started by a test; killed on drop.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Process {
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The end of its log, for assertion messages.
+    pub fn log_tail(&self) -> String {
+        format!("--- {} ({}):\n{}", self.name, self.log.display(), tail(&self.log))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Path of a kernelflow binary: `$KERNELFLOW_BIN_DIR/<name>`, or beside the test executable's
+/// target directory (built by `cargo build --workspace --bins`).
+fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("KERNELFLOW_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe()?;
+            let deps = exe.parent().context("test executable has no directory")?;
+            // target/<profile>/deps/<test> for tests; target/<profile>/<bin> for binaries.
+            if deps.ends_with("deps") { deps.parent().unwrap_or(deps).to_path_buf() } else { deps.to_path_buf() }
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!("{} is missing: build it first with `cargo build --workspace --bins`", path.display());
+    }
+    Ok(path)
+}
+
+/// Creates a namespace `<prefix>-<random>` labelled as a test namespace.
+pub async fn test_namespace(client: &kube::Client, prefix: &str) -> anyhow::Result<String> {
+    let name = format!("{prefix}-{:08x}", rand_u32());
+    ensure_namespace(client, &name, true).await?;
+    Ok(name)
+}
+
+async fn ensure_namespace(client: &kube::Client, name: &str, test: bool) -> anyhow::Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.into());
+    if test {
+        ns.metadata.labels = Some([(TEST_LABEL.to_string(), "true".to_string())].into());
+    }
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes test namespaces over an hour old: left by runs that were killed. Younger ones may
+/// belong to a run going on beside this one.
+async fn delete_leftover_namespaces(client: &kube::Client) -> anyhow::Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let cutoff = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1);
+    for ns in api.list(&ListParams::default().labels(&format!("{TEST_LABEL}=true"))).await? {
+        let old = ns.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0 < cutoff);
+        if let Some(name) = ns.metadata.name.filter(|_| old) {
+            api.delete(&name, &DeleteParams::default()).await?;
+        }
+    }
+    Ok(())
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
