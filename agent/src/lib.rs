@@ -39,32 +39,53 @@ struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
-        let registry = Registry::new_custom(Some("kernelflow_agent".into()), None).expect("a valid prefix");
-        let reports = IntCounter::new("reports_total", "Node reports written.").expect("valid metric");
-        let report_errors = IntCounter::new("report_errors_total", "Node reports that failed to write.").expect("valid metric");
-        registry.register(Box::new(reports.clone())).expect("registered once");
-        registry.register(Box::new(report_errors.clone())).expect("registered once");
-        Self { registry, reports, report_errors }
+        let registry =
+            Registry::new_custom(Some("kernelflow_agent".into()), None).expect("a valid prefix");
+        let reports =
+            IntCounter::new("reports_total", "Node reports written.").expect("valid metric");
+        let report_errors =
+            IntCounter::new("report_errors_total", "Node reports that failed to write.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(reports.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(report_errors.clone()))
+            .expect("registered once");
+        Self {
+            registry,
+            reports,
+            report_errors,
+        }
     }
 
     fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let metrics = Metrics::new();
     let backend = "cpu";
     info!(node = %args.node_name, backend, "starting");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(|State(m): State<Metrics>| async move { m.render() }))
+        .route(
+            "/metrics",
+            get(|State(m): State<Metrics>| async move { m.render() }),
+        )
         .with_state(metrics.clone());
-    let listener = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
     let http = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let reporter = report::Reporter::new(client, &args.node_name, backend);

@@ -16,7 +16,11 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(client: kube::Client, node: &str, backend: &str) -> Self {
-        Self { api: Api::all(client), node: node.into(), backend: backend.into() }
+        Self {
+            api: Api::all(client),
+            node: node.into(),
+            backend: backend.into(),
+        }
     }
 
     /// The report as of now.
@@ -37,7 +41,9 @@ impl Reporter {
     /// Applies the report, creating it on the first call.
     pub async fn publish(&self) -> Result<(), kube::Error> {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.api.patch(&self.node, &pp, &Patch::Apply(&self.build())).await?;
+        self.api
+            .patch(&self.node, &pp, &Patch::Apply(&self.build()))
+            .await?;
         Ok(())
     }
 }

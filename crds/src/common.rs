@@ -78,7 +78,8 @@ impl Conv2dSpec {
     pub fn output_size(&self, input: [u32; 2]) -> Option<[u32; 2]> {
         let dim = |i: usize| -> Option<u32> {
             let padded = u64::from(input[i]) + 2 * u64::from(self.padding[i]);
-            let reach = u64::from(self.dilation[i]) * (u64::from(self.kernel_size[i]).checked_sub(1)?) + 1;
+            let reach =
+                u64::from(self.dilation[i]) * (u64::from(self.kernel_size[i]).checked_sub(1)?) + 1;
             let stride = u64::from(self.stride[i]);
             if stride == 0 || padded < reach {
                 return None;

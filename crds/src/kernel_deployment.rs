@@ -136,7 +136,10 @@ fn default_steps() -> Vec<RolloutStep> {
     let pause = Some("1m".parse().expect("a valid duration"));
     [1, 10, 50, 100]
         .into_iter()
-        .map(|traffic_percent| RolloutStep { traffic_percent, pause })
+        .map(|traffic_percent| RolloutStep {
+            traffic_percent,
+            pause,
+        })
         .collect()
 }
 
@@ -160,7 +163,10 @@ pub struct RolloutStep {
 pub struct AnalysisSpec {
     /// Length of one analysis window (Go duration).
     #[serde(default = "default_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), default = "default_interval")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        default = "default_interval"
+    )]
     pub interval: Duration,
     /// Canary operations a window needs before it can pass; fewer is inconclusive.
     #[serde(default = "default_min_samples")]

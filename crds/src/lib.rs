@@ -22,8 +22,14 @@ pub const GROUP: &str = "kernelflow.dev";
 /// Every CRD with the file name it is written to under `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
-        ("kernelflow.dev_kerneldeployments.yaml", KernelDeployment::crd()),
-        ("kernelflow.dev_asynctrainingjobs.yaml", AsyncTrainingJob::crd()),
+        (
+            "kernelflow.dev_kerneldeployments.yaml",
+            KernelDeployment::crd(),
+        ),
+        (
+            "kernelflow.dev_asynctrainingjobs.yaml",
+            AsyncTrainingJob::crd(),
+        ),
         ("kernelflow.dev_nodereports.yaml", NodeReport::crd()),
     ]
 }

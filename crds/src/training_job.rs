@@ -231,7 +231,9 @@ fn default_every_steps() -> u64 {
 
 impl Default for CheckpointSpec {
     fn default() -> Self {
-        Self { every_steps: default_every_steps() }
+        Self {
+            every_steps: default_every_steps(),
+        }
     }
 }
 

@@ -24,7 +24,11 @@ impl fmt::Display for FieldError {
 
 /// Joins errors into the one message an API client shows.
 pub fn describe(errors: &[FieldError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[derive(Default)]
@@ -32,7 +36,10 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), message: message.into() });
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -48,7 +55,10 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
 
     let steps = &spec.rollout.steps;
     if steps.is_empty() {
-        e.push("spec.rollout.steps", "must have at least one step, the last at trafficPercent 100");
+        e.push(
+            "spec.rollout.steps",
+            "must have at least one step, the last at trafficPercent 100",
+        );
     }
     for (i, pair) in steps.windows(2).enumerate() {
         if pair[1].traffic_percent <= pair[0].traffic_percent {
@@ -69,21 +79,36 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
     }
     for (i, step) in steps.iter().enumerate() {
         if step.pause.is_some_and(|p| p.is_negative()) {
-            e.push(format!("spec.rollout.steps[{i}].pause"), "must not be negative");
+            e.push(
+                format!("spec.rollout.steps[{i}].pause"),
+                "must not be negative",
+            );
         }
     }
     let a = &spec.rollout.analysis;
     if a.interval.is_negative() || std::time::Duration::from(a.interval).is_zero() {
-        e.push("spec.rollout.analysis.interval", "must be a positive duration such as 30s");
+        e.push(
+            "spec.rollout.analysis.interval",
+            "must be a positive duration such as 30s",
+        );
     }
     if !(0.0..=1.0).contains(&a.min_success_rate) {
-        e.push("spec.rollout.analysis.minSuccessRate", "must be a fraction between 0 and 1");
+        e.push(
+            "spec.rollout.analysis.minSuccessRate",
+            "must be a fraction between 0 and 1",
+        );
     }
     if !a.max_overhead_ratio.is_finite() || a.max_overhead_ratio <= 0.0 {
-        e.push("spec.rollout.analysis.maxOverheadRatio", "must be a positive number, such as 1.1");
+        e.push(
+            "spec.rollout.analysis.maxOverheadRatio",
+            "must be a positive number, such as 1.1",
+        );
     }
     if !a.max_numeric_diff.is_finite() || a.max_numeric_diff < 0.0 {
-        e.push("spec.rollout.analysis.maxNumericDiff", "must be a finite number of at least 0");
+        e.push(
+            "spec.rollout.analysis.maxNumericDiff",
+            "must be a finite number of at least 0",
+        );
     }
     finish(e)
 }
@@ -94,7 +119,10 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
     let (samples, mut shape) = match (&spec.data.synthetic, &spec.data.artifact) {
         (Some(s), None) => {
             if s.shape.contains(&0) {
-                e.push("spec.data.synthetic.shape", "channels, height and width must all be at least 1");
+                e.push(
+                    "spec.data.synthetic.shape",
+                    "channels, height and width must all be at least 1",
+                );
             }
             (Some(s.samples), Some(s.shape))
         }
@@ -112,7 +140,13 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
     for (i, layer) in spec.model.layers.iter().enumerate() {
         let at = format!("spec.model.layers[{i}]");
         if !names.insert(layer.name.as_str()) {
-            e.push(format!("{at}.name"), format!("duplicate layer name {:?}; names must be unique", layer.name));
+            e.push(
+                format!("{at}.name"),
+                format!(
+                    "duplicate layer name {:?}; names must be unique",
+                    layer.name
+                ),
+            );
         }
         match (&layer.kernel_deployment_ref, &layer.conv2d) {
             (Some(_), None) => shape = None, // The referenced kernel's shape is checked when the job runs.
@@ -129,7 +163,8 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
                             format!("must equal the {c} channels coming into this layer"),
                         );
                     }
-                    shape = check_output(&mut e, &at, conv, [h, w]).map(|[h, w]| [conv.out_channels, h, w]);
+                    shape = check_output(&mut e, &at, conv, [h, w])
+                        .map(|[h, w]| [conv.out_channels, h, w]);
                 }
             }
             _ => e.push(at, "set exactly one of kernelDeploymentRef or conv2d"),
@@ -161,9 +196,16 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
             format!("must be at least {needed} for {:?} buffering", p.mode).to_lowercase(),
         );
     }
-    label_selector(&mut e, "spec.placement.nodeSelector", &spec.placement.node_selector);
+    label_selector(
+        &mut e,
+        "spec.placement.nodeSelector",
+        &spec.placement.node_selector,
+    );
     if spec.run_policy.active_deadline_seconds == Some(0) {
-        e.push("spec.runPolicy.activeDeadlineSeconds", "must be at least 1 when set");
+        e.push(
+            "spec.runPolicy.activeDeadlineSeconds",
+            "must be at least 1 when set",
+        );
     }
     finish(e)
 }
@@ -176,16 +218,30 @@ fn artifact(e: &mut Errors, at: &str, a: &ArtifactRef) {
     let allowed = "allowed are file:///absolute/path, http(s)://host/path and s3://bucket/key";
     match a.url.split_once("://") {
         Some(("file", path)) if path.starts_with('/') => {}
-        Some(("file", _)) => e.push(format!("{at}.url"), format!("a file URL needs an absolute path; {allowed}")),
+        Some(("file", _)) => e.push(
+            format!("{at}.url"),
+            format!("a file URL needs an absolute path; {allowed}"),
+        ),
         Some(("http" | "https" | "s3", rest)) => {
             let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
             if host.is_empty() || rest.len() == host.len() {
-                e.push(format!("{at}.url"), format!("needs a host (or bucket) and a path; {allowed}"));
+                e.push(
+                    format!("{at}.url"),
+                    format!("needs a host (or bucket) and a path; {allowed}"),
+                );
             }
         }
-        _ => e.push(format!("{at}.url"), format!("unsupported scheme in {:?}; {allowed}", a.url)),
+        _ => e.push(
+            format!("{at}.url"),
+            format!("unsupported scheme in {:?}; {allowed}", a.url),
+        ),
     }
-    if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if a.sha256.len() != 64
+        || !a
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         e.push(format!("{at}.sha256"), "must be 64 lowercase hex digits");
     }
 }
@@ -193,7 +249,11 @@ fn artifact(e: &mut Errors, at: &str, a: &ArtifactRef) {
 /// Checks one conv2d's own parameters; true when they are sound enough to compute shapes.
 fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
     let before = e.0.len();
-    for (name, pair) in [("kernelSize", c.kernel_size), ("stride", c.stride), ("dilation", c.dilation)] {
+    for (name, pair) in [
+        ("kernelSize", c.kernel_size),
+        ("stride", c.stride),
+        ("dilation", c.dilation),
+    ] {
         if pair.contains(&0) {
             e.push(format!("{at}.{name}"), "both values must be at least 1");
         }
@@ -201,7 +261,10 @@ fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
     if c.groups == 0 {
         e.push(format!("{at}.groups"), "must be at least 1");
     } else {
-        for (name, channels) in [("inChannels", c.in_channels), ("outChannels", c.out_channels)] {
+        for (name, channels) in [
+            ("inChannels", c.in_channels),
+            ("outChannels", c.out_channels),
+        ] {
             if channels % c.groups != 0 {
                 e.push(
                     format!("{at}.groups"),
@@ -232,10 +295,19 @@ fn label_selector(e: &mut Errors, at: &str, s: &LabelSelector) {
         let at = format!("{at}.matchExpressions[{i}]");
         let values = r.values.as_ref().map_or(0, Vec::len);
         match r.operator.as_str() {
-            "In" | "NotIn" if values == 0 => e.push(format!("{at}.values"), format!("must not be empty for operator {}", r.operator)),
-            "Exists" | "DoesNotExist" if values > 0 => e.push(format!("{at}.values"), format!("must be empty for operator {}", r.operator)),
+            "In" | "NotIn" if values == 0 => e.push(
+                format!("{at}.values"),
+                format!("must not be empty for operator {}", r.operator),
+            ),
+            "Exists" | "DoesNotExist" if values > 0 => e.push(
+                format!("{at}.values"),
+                format!("must be empty for operator {}", r.operator),
+            ),
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => e.push(format!("{at}.operator"), format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist")),
+            other => e.push(
+                format!("{at}.operator"),
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            ),
         }
     }
 }
@@ -282,7 +354,11 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
     }
 
     fn fields(r: Result<(), Vec<FieldError>>) -> Vec<String> {
-        r.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+        r.err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
     }
 
     #[test]
@@ -297,8 +373,16 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
 
     #[test]
     fn steps_must_increase_and_end_at_100() {
-        let r = kernel_deployment(&kd("rollout: {steps: [{trafficPercent: 10}, {trafficPercent: 10}, {trafficPercent: 50}]}"));
-        assert_eq!(fields(r), ["spec.rollout.steps[1].trafficPercent", "spec.rollout.steps[2].trafficPercent"]);
+        let r = kernel_deployment(&kd(
+            "rollout: {steps: [{trafficPercent: 10}, {trafficPercent: 10}, {trafficPercent: 50}]}",
+        ));
+        assert_eq!(
+            fields(r),
+            [
+                "spec.rollout.steps[1].trafficPercent",
+                "spec.rollout.steps[2].trafficPercent"
+            ]
+        );
         let r = kernel_deployment(&kd("rollout: {steps: []}"));
         assert_eq!(fields(r), ["spec.rollout.steps"]);
     }
@@ -308,12 +392,20 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         let r = kernel_deployment(&kd("kernel: {conv2d: {groups: 3}}"));
         let errs = r.unwrap_err();
         assert_eq!(errs.len(), 2);
-        assert!(errs[0].to_string().contains("3 groups do not divide inChannels 4"), "{}", errs[0]);
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("3 groups do not divide inChannels 4"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
     fn output_must_not_be_empty() {
-        let r = kernel_deployment(&kd("kernel: {inputSize: [2, 2], conv2d: {kernelSize: [5, 5], padding: [0, 0]}}"));
+        let r = kernel_deployment(&kd(
+            "kernel: {inputSize: [2, 2], conv2d: {kernelSize: [5, 5], padding: [0, 0]}}",
+        ));
         assert_eq!(fields(r), ["spec.kernel.conv2d"]);
     }
 
@@ -340,13 +432,19 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         ));
         assert_eq!(
             fields(r),
-            ["spec.nodeSelector.matchExpressions[0].values", "spec.nodeSelector.matchExpressions[1].operator", "spec.nodeSelector.matchExpressions[2].values"]
+            [
+                "spec.nodeSelector.matchExpressions[0].values",
+                "spec.nodeSelector.matchExpressions[1].operator",
+                "spec.nodeSelector.matchExpressions[2].values"
+            ]
         );
     }
 
     #[test]
     fn analysis_bounds() {
-        let r = kernel_deployment(&kd("rollout: {analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1}}"));
+        let r = kernel_deployment(&kd(
+            "rollout: {analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1}}",
+        ));
         assert_eq!(
             fields(r),
             [
@@ -360,7 +458,9 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
 
     #[test]
     fn layers_chain_channels_and_shapes() {
-        let r = atj_ok("model: {layers: [{name: a, conv2d: {inChannels: 4, outChannels: 8, kernelSize: [3, 3]}}]}");
+        let r = atj_ok(
+            "model: {layers: [{name: a, conv2d: {inChannels: 4, outChannels: 8, kernelSize: [3, 3]}}]}",
+        );
         assert_eq!(fields(r), ["spec.model.layers[0].conv2d.inChannels"]);
         let r = atj_ok(
             "{data: {synthetic: {shape: [3, 4, 4]}}, model: {layers: [{name: a, conv2d: {inChannels: 3, outChannels: 8, kernelSize: [5, 5]}}]}}",
@@ -373,8 +473,18 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         let r = atj_ok(
             "model: {layers: [{name: a, kernelDeploymentRef: k, conv2d: {inChannels: 3, outChannels: 3, kernelSize: [1, 1]}}, {name: a}]}",
         );
-        assert_eq!(fields(r), ["spec.model.layers[0]", "spec.model.layers[1].name", "spec.model.layers[1]"]);
-        assert_eq!(atj_ok("model: {layers: [{name: a, kernelDeploymentRef: k}]}"), Ok(()));
+        assert_eq!(
+            fields(r),
+            [
+                "spec.model.layers[0]",
+                "spec.model.layers[1].name",
+                "spec.model.layers[1]"
+            ]
+        );
+        assert_eq!(
+            atj_ok("model: {layers: [{name: a, kernelDeploymentRef: k}]}"),
+            Ok(())
+        );
     }
 
     #[test]
@@ -382,9 +492,19 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         let r = atj_ok("data: {artifact: {url: \"s3://b/k\", sha256: \"00\"}}");
         assert_eq!(fields(r), ["spec.data"]);
         let r = atj_ok("training: {batchSize: 128, learningRate: -1, momentum: 1}");
-        assert_eq!(fields(r), ["spec.training.learningRate", "spec.training.momentum", "spec.training.batchSize"]);
+        assert_eq!(
+            fields(r),
+            [
+                "spec.training.learningRate",
+                "spec.training.momentum",
+                "spec.training.batchSize"
+            ]
+        );
         let r = atj_ok("pipeline: {mode: triple, prefetchDepth: 1}");
         let errs = r.unwrap_err();
-        assert_eq!(errs[0].to_string(), "spec.pipeline.prefetchDepth: must be at least 2 for triple buffering");
+        assert_eq!(
+            errs[0].to_string(),
+            "spec.pipeline.prefetchDepth: must be at least 2 for triple buffering"
+        );
     }
 }

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kernelflow_crds::validate::{self, FieldError};
+use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use kernelflow_crds::validate::{self, FieldError};
-use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, instrument, warn};
@@ -38,8 +38,15 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: kube::Client, identity: &str, metrics: Metrics) -> Self {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.into()) };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics }
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.into()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+        }
     }
 }
 
@@ -59,7 +66,10 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, concurrency: u16)
     futures::join!(kernels, jobs);
 }
 
-fn api<K: Resource<Scope = kube::core::NamespaceResourceScope>>(client: &kube::Client, ns: Option<&str>) -> Api<K>
+fn api<K: Resource<Scope = kube::core::NamespaceResourceScope>>(
+    client: &kube::Client,
+    ns: Option<&str>,
+) -> Api<K>
 where
     K::DynamicType: Default,
 {
@@ -75,26 +85,53 @@ fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
 }
 
 /// Times a reconcile and counts it and its errors.
-async fn measured<F: Future<Output = Result<Action>>>(ctx: &Context, controller: &str, f: F) -> Result<Action> {
+async fn measured<F: Future<Output = Result<Action>>>(
+    ctx: &Context,
+    controller: &str,
+    f: F,
+) -> Result<Action> {
     let start = Instant::now();
-    ctx.metrics.reconciliations.with_label_values(&[controller]).inc();
+    ctx.metrics
+        .reconciliations
+        .with_label_values(&[controller])
+        .inc();
     let result = f.await;
-    ctx.metrics.reconcile_duration.with_label_values(&[controller]).observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&[controller])
+        .observe(start.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        ctx.metrics.reconcile_errors.with_label_values(&[controller, e.label()]).inc();
+        ctx.metrics
+            .reconcile_errors
+            .with_label_values(&[controller, e.label()])
+            .inc();
     }
     result
 }
 
 #[instrument(skip_all, fields(namespace = kd.namespace(), name = kd.name_any()))]
-async fn reconcile_kernel_deployment(kd: Arc<KernelDeployment>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile_kernel_deployment(
+    kd: Arc<KernelDeployment>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     measured(&ctx, "kerneldeployment", async {
-        let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
+        let api: Api<KernelDeployment> =
+            Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
         finalizer(&api, KERNEL_DEPLOYMENT_FINALIZER, kd, |event| async {
             match event {
                 Finalizer::Apply(kd) => {
-                    let current = kd.status.as_ref().map(|s| (s.observed_generation, s.conditions.as_slice()));
-                    accept(&ctx, &*kd, validate::kernel_deployment(&kd.spec), current, "Pending").await
+                    let current = kd
+                        .status
+                        .as_ref()
+                        .map(|s| (s.observed_generation, s.conditions.as_slice()));
+                    accept(
+                        &ctx,
+                        &*kd,
+                        validate::kernel_deployment(&kd.spec),
+                        current,
+                        "Pending",
+                    )
+                    .await
                 }
                 // Nothing runs on the nodes yet, so there is no traffic to drain.
                 Finalizer::Cleanup(_) => Ok(Action::await_change()),
@@ -109,8 +146,18 @@ async fn reconcile_kernel_deployment(kd: Arc<KernelDeployment>, ctx: Arc<Context
 #[instrument(skip_all, fields(namespace = job.namespace(), name = job.name_any()))]
 async fn reconcile_training_job(job: Arc<AsyncTrainingJob>, ctx: Arc<Context>) -> Result<Action> {
     measured(&ctx, "asynctrainingjob", async {
-        let current = job.status.as_ref().map(|s| (s.observed_generation, s.conditions.as_slice()));
-        accept(&ctx, &*job, validate::training_job(&job.spec), current, "Created").await
+        let current = job
+            .status
+            .as_ref()
+            .map(|s| (s.observed_generation, s.conditions.as_slice()));
+        accept(
+            &ctx,
+            &*job,
+            validate::training_job(&job.spec),
+            current,
+            "Created",
+        )
+        .await
     })
     .await
 }
@@ -125,7 +172,11 @@ async fn accept<K>(
     initial_phase: &str,
 ) -> Result<Action>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
 {
     let generation = obj.meta().generation;
     let (observed, conditions) = current.unwrap_or((None, &[]));
@@ -151,11 +202,20 @@ where
         "status": status_body,
     });
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     if previous.map(|c| (&c.status, &c.reason)) != Some((&accepted.status, &accepted.reason)) {
         info!(reason, "spec verdict changed");
         let event = Event {
-            type_: if verdict.is_ok() { EventType::Normal } else { EventType::Warning },
+            type_: if verdict.is_ok() {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
             reason: reason.into(),
             note: Some(truncate(&message, 1000)),
             action: "Validate".into(),
@@ -170,11 +230,21 @@ where
 }
 
 /// A condition, keeping the previous transition time when its status did not change.
-pub fn condition(type_: &str, status: &str, reason: &str, message: &str, generation: Option<i64>, existing: &[Condition]) -> Condition {
+pub fn condition(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    existing: &[Condition],
+) -> Condition {
     let last_transition_time = existing
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
-        .map_or_else(|| Time(Timestamp::now()), |c| c.last_transition_time.clone());
+        .map_or_else(
+            || Time(Timestamp::now()),
+            |c| c.last_transition_time.clone(),
+        );
     Condition {
         type_: type_.into(),
         status: status.into(),
@@ -199,7 +269,14 @@ mod tests {
     #[test]
     fn condition_keeps_its_transition_time_while_the_status_holds() {
         let first = condition("Accepted", "True", "Valid", "ok", Some(1), &[]);
-        let again = condition("Accepted", "True", "Valid", "ok", Some(2), std::slice::from_ref(&first));
+        let again = condition(
+            "Accepted",
+            "True",
+            "Valid",
+            "ok",
+            Some(2),
+            std::slice::from_ref(&first),
+        );
         assert_eq!(again.last_transition_time, first.last_transition_time);
         assert_eq!(again.observed_generation, Some(2));
         let mut old = first.clone();

@@ -20,7 +20,13 @@ pub struct LeaseConfig<'a> {
 
 /// Runs `work` whenever this replica holds the Lease, stops it when the Lease is lost, and
 /// releases the Lease on `shutdown` so that a standby takes over at once.
-pub async fn lead<W, F>(client: &kube::Client, lease: LeaseConfig<'_>, metrics: &Metrics, mut work: W, shutdown: impl Future<Output = ()>) -> anyhow::Result<()>
+pub async fn lead<W, F>(
+    client: &kube::Client,
+    lease: LeaseConfig<'_>,
+    metrics: &Metrics,
+    mut work: W,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()>
 where
     W: FnMut() -> F,
     F: Future<Output = ()>,
@@ -42,7 +48,10 @@ where
                     bail!("the lease manager stopped");
                 }
             }
-            info!(lease = lease.name, "acquired the lease; starting controllers");
+            info!(
+                lease = lease.name,
+                "acquired the lease; starting controllers"
+            );
             metrics.leader.set(1);
             let lost = async {
                 loop {

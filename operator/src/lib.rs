@@ -30,7 +30,11 @@ pub const FIELD_MANAGER: &str = "kernelflow-operator";
 #[command(name = "kernelflow-operator", version, about)]
 pub struct Args {
     /// Namespace of the operator's own objects: the leader Lease and the webhook certificate.
-    #[arg(long, env = "KERNELFLOW_NAMESPACE", default_value = "kernelflow-system")]
+    #[arg(
+        long,
+        env = "KERNELFLOW_NAMESPACE",
+        default_value = "kernelflow-system"
+    )]
     pub namespace: String,
     /// Reconcile only this namespace (default: all).
     #[arg(long, env = "KERNELFLOW_WATCH_NAMESPACE")]
@@ -39,7 +43,11 @@ pub struct Args {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Name of the leader-election Lease.
-    #[arg(long, env = "KERNELFLOW_LEASE_NAME", default_value = "kernelflow-operator")]
+    #[arg(
+        long,
+        env = "KERNELFLOW_LEASE_NAME",
+        default_value = "kernelflow-operator"
+    )]
     pub lease_name: String,
     /// Seconds a leader's Lease lasts without renewal; a standby takes over after it.
     #[arg(long, env = "KERNELFLOW_LEASE_DURATION", default_value_t = 15)]
@@ -51,7 +59,11 @@ pub struct Args {
     #[arg(long, env = "KERNELFLOW_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
     pub webhook_addr: SocketAddr,
     /// URL the API server calls the webhook at, for an operator outside the cluster.
-    #[arg(long, env = "KERNELFLOW_WEBHOOK_URL", conflicts_with = "webhook_service")]
+    #[arg(
+        long,
+        env = "KERNELFLOW_WEBHOOK_URL",
+        conflicts_with = "webhook_service"
+    )]
     pub webhook_url: Option<String>,
     /// Service (in `--namespace`, port 443) the API server calls the webhook through.
     #[arg(long, env = "KERNELFLOW_WEBHOOK_SERVICE")]
@@ -71,7 +83,10 @@ impl Args {
     fn webhook_target(&self) -> Option<webhook::Target> {
         match (&self.webhook_url, &self.webhook_service) {
             (Some(url), _) => Some(webhook::Target::Url(url.clone())),
-            (None, Some(name)) => Some(webhook::Target::Service { name: name.clone(), namespace: self.namespace.clone() }),
+            (None, Some(name)) => Some(webhook::Target::Service {
+                name: name.clone(),
+                namespace: self.namespace.clone(),
+            }),
             (None, None) => None,
         }
     }
@@ -88,7 +103,9 @@ impl Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // kube and the webhook both use rustls; both are built with ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let identity = args.identity();
     let metrics = Metrics::default();
     let ready = Arc::new(AtomicBool::new(false));
@@ -121,14 +138,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             shutdown_signal().await;
             return Ok(());
         }
-        let ctx = Arc::new(controller::Context::new(client.clone(), &identity, metrics.clone()));
+        let ctx = Arc::new(controller::Context::new(
+            client.clone(),
+            &identity,
+            metrics.clone(),
+        ));
         let lease = leader::LeaseConfig {
             namespace: &args.namespace,
             name: &args.lease_name,
             identity: &identity,
             duration_seconds: args.lease_duration_seconds,
         };
-        let controllers = || controller::run(ctx.clone(), args.watch_namespace.clone(), args.concurrency);
+        let controllers =
+            || controller::run(ctx.clone(), args.watch_namespace.clone(), args.concurrency);
         leader::lead(&client, lease, &metrics, controllers, shutdown_signal()).await
     };
     let result = tokio::select! {
@@ -142,7 +164,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -153,7 +176,12 @@ async fn install_crds(client: &kube::Client) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for (_, crd) in kernelflow_crds::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd)).await?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
         info!(crd = name, "installed");
     }
     Ok(())
@@ -165,18 +193,31 @@ struct HttpState {
     ready: Arc<AtomicBool>,
 }
 
-async fn serve_http(addr: SocketAddr, metrics: Metrics, ready: Arc<AtomicBool>) -> anyhow::Result<()> {
+async fn serve_http(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<HttpState>| async move { s.metrics.render() }),
+        )
         .with_state(HttpState { metrics, ready });
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     info!(%addr, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app).await?;
     Ok(())
 }
 
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
 }

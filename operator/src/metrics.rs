@@ -1,6 +1,8 @@
 //! Prometheus metrics of the operator, on its own registry.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// The operator's metrics.
 #[derive(Clone)]
@@ -15,14 +17,18 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let registry = Registry::new_custom(Some("kernelflow".into()), None).expect("a valid prefix");
+        let registry =
+            Registry::new_custom(Some("kernelflow".into()), None).expect("a valid prefix");
         let reconciliations = IntCounterVec::new(
             Opts::new("reconciliations_total", "Reconciles run, by controller."),
             &["controller"],
         )
         .expect("valid metric");
         let reconcile_errors = IntCounterVec::new(
-            Opts::new("reconcile_errors_total", "Reconciles that failed, by controller and error."),
+            Opts::new(
+                "reconcile_errors_total",
+                "Reconciles that failed, by controller and error.",
+            ),
             &["controller", "error"],
         )
         .expect("valid metric");
@@ -32,9 +38,16 @@ impl Default for Metrics {
             &["controller"],
         )
         .expect("valid metric");
-        let leader = IntGauge::new("operator_leader", "1 while this replica holds the leader Lease.").expect("valid metric");
+        let leader = IntGauge::new(
+            "operator_leader",
+            "1 while this replica holds the leader Lease.",
+        )
+        .expect("valid metric");
         let admission_reviews = IntCounterVec::new(
-            Opts::new("admission_reviews_total", "Admission reviews answered, by kind and verdict."),
+            Opts::new(
+                "admission_reviews_total",
+                "Admission reviews answered, by kind and verdict.",
+            ),
             &["kind", "allowed"],
         )
         .expect("valid metric");
@@ -47,7 +60,14 @@ impl Default for Metrics {
         ] {
             registry.register(m).expect("metrics registered once");
         }
-        Self { registry, reconciliations, reconcile_errors, reconcile_duration, leader, admission_reviews }
+        Self {
+            registry,
+            reconciliations,
+            reconcile_errors,
+            reconcile_duration,
+            leader,
+            admission_reviews,
+        }
     }
 }
 
@@ -55,7 +75,9 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 }

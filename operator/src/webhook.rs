@@ -11,11 +11,11 @@ use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
+use kernelflow_crds::validate::{self, FieldError};
+use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kernelflow_crds::validate::{self, FieldError};
-use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
 use serde::de::DeserializeOwned;
 
 use crate::FIELD_MANAGER;
@@ -70,9 +70,17 @@ pub struct Certificate {
 
 /// Reads the webhook's certificate from its Secret, creating both on first start. When
 /// replicas race, the first create wins and the others read what it stored.
-pub async fn ensure_certificate(client: &kube::Client, namespace: &str, target: &Target) -> anyhow::Result<Certificate> {
+pub async fn ensure_certificate(
+    client: &kube::Client,
+    namespace: &str,
+    target: &Target,
+) -> anyhow::Result<Certificate> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    if let Some(found) = api.get_opt(SECRET_NAME).await?.and_then(|s| from_secret(&s)) {
+    if let Some(found) = api
+        .get_opt(SECRET_NAME)
+        .await?
+        .and_then(|s| from_secret(&s))
+    {
         return Ok(found);
     }
     let fresh = generate(&target.dns_names())?;
@@ -80,16 +88,22 @@ pub async fn ensure_certificate(client: &kube::Client, namespace: &str, target: 
     secret.metadata.name = Some(SECRET_NAME.into());
     secret.type_ = Some("kubernetes.io/tls".into());
     secret.data = Some(
-        [("ca.crt", &fresh.ca), ("tls.crt", &fresh.cert), ("tls.key", &fresh.key)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-            .collect(),
+        [
+            ("ca.crt", &fresh.ca),
+            ("tls.crt", &fresh.cert),
+            ("tls.key", &fresh.key),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect(),
     );
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(fresh),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let stored = api.get(SECRET_NAME).await?;
-            from_secret(&stored).ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{SECRET_NAME} lacks ca.crt, tls.crt or tls.key"))
+            from_secret(&stored).ok_or_else(|| {
+                anyhow::anyhow!("Secret {namespace}/{SECRET_NAME} lacks ca.crt, tls.crt or tls.key")
+            })
         }
         Err(e) => Err(e.into()),
     }
@@ -97,27 +111,44 @@ pub async fn ensure_certificate(client: &kube::Client, namespace: &str, target: 
 
 fn from_secret(s: &Secret) -> Option<Certificate> {
     let data = s.data.as_ref()?;
-    let get = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok());
-    Some(Certificate { ca: get("ca.crt")?, cert: get("tls.crt")?, key: get("tls.key")? })
+    let get = |k: &str| {
+        data.get(k)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
+    Some(Certificate {
+        ca: get("ca.crt")?,
+        cert: get("tls.crt")?,
+        key: get("tls.key")?,
+    })
 }
 
 fn generate(dns_names: &[String]) -> anyhow::Result<Certificate> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "kernelflow webhook CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kernelflow webhook CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(dns_names.to_vec())?;
-    params.distinguished_name.push(DnType::CommonName, "kernelflow-webhook");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kernelflow-webhook");
     let cert = params.signed_by(&key, &ca)?;
-    Ok(Certificate { ca: ca.pem(), cert: cert.pem(), key: key.serialize_pem() })
+    Ok(Certificate {
+        ca: ca.pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
 }
 
 /// Writes the ValidatingWebhookConfiguration (server-side apply) with the CA bundle.
 pub async fn register(client: &kube::Client, target: &Target, ca_pem: &str) -> anyhow::Result<()> {
     let client_config = match target {
-        Target::Url(url) => serde_json::json!({ "url": format!("{}{PATH}", url.trim_end_matches('/')) }),
+        Target::Url(url) => {
+            serde_json::json!({ "url": format!("{}{PATH}", url.trim_end_matches('/')) })
+        }
         Target::Service { name, namespace } => {
             serde_json::json!({ "service": { "name": name, "namespace": namespace, "path": PATH, "port": 443 } })
         }
@@ -148,7 +179,12 @@ pub async fn register(client: &kube::Client, target: &Target, ca_pem: &str) -> a
         ]
     });
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    api.patch(CONFIGURATION_NAME, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(vwc)).await?;
+    api.patch(
+        CONFIGURATION_NAME,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(vwc),
+    )
+    .await?;
     Ok(())
 }
 
@@ -159,32 +195,52 @@ fn base64(bytes: &[u8]) -> String {
 
 /// Serves the webhook over TLS until the task is dropped.
 pub async fn serve(addr: SocketAddr, cert: &Certificate, metrics: Metrics) -> anyhow::Result<()> {
-    let tls = RustlsConfig::from_pem(cert.cert.clone().into_bytes(), cert.key.clone().into_bytes()).await?;
+    let tls = RustlsConfig::from_pem(
+        cert.cert.clone().into_bytes(),
+        cert.key.clone().into_bytes(),
+    )
+    .await?;
     let app = Router::new().route(PATH, post(review)).with_state(metrics);
-    axum_server::bind_rustls(addr, tls).serve(app.into_make_service()).await?;
+    axum_server::bind_rustls(addr, tls)
+        .serve(app.into_make_service())
+        .await?;
     Ok(())
 }
 
-async fn review(State(metrics): State<Metrics>, Json(review): Json<AdmissionReview<DynamicObject>>) -> Json<AdmissionReview<DynamicObject>> {
+async fn review(
+    State(metrics): State<Metrics>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return Json(AdmissionResponse::invalid(e.to_string()).into_review()),
     };
     let kind = request.kind.kind.clone();
     let response = admit(&request);
-    metrics.admission_reviews.with_label_values(&[kind.as_str(), &response.allowed.to_string()]).inc();
+    metrics
+        .admission_reviews
+        .with_label_values(&[kind.as_str(), &response.allowed.to_string()])
+        .inc();
     Json(response.into_review())
 }
 
 /// The verdict on one admission request.
 pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
-    let Some(object) = request.object.as_ref().filter(|_| matches!(request.operation, Operation::Create | Operation::Update)) else {
+    let Some(object) = request
+        .object
+        .as_ref()
+        .filter(|_| matches!(request.operation, Operation::Create | Operation::Update))
+    else {
         return response;
     };
     let verdict = match request.kind.kind.as_str() {
-        "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| validate::kernel_deployment(&kd.spec)),
-        "AsyncTrainingJob" => typed::<AsyncTrainingJob>(object).and_then(|j| validate::training_job(&j.spec)),
+        "KernelDeployment" => {
+            typed::<KernelDeployment>(object).and_then(|kd| validate::kernel_deployment(&kd.spec))
+        }
+        "AsyncTrainingJob" => {
+            typed::<AsyncTrainingJob>(object).and_then(|j| validate::training_job(&j.spec))
+        }
         _ => Ok(()),
     };
     match verdict {
@@ -194,8 +250,18 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
 }
 
 fn typed<K: DeserializeOwned>(object: &DynamicObject) -> Result<K, Vec<FieldError>> {
-    let value = serde_json::to_value(object).map_err(|e| vec![FieldError { field: "object".into(), message: e.to_string() }])?;
-    serde_json::from_value(value).map_err(|e| vec![FieldError { field: "spec".into(), message: e.to_string() }])
+    let value = serde_json::to_value(object).map_err(|e| {
+        vec![FieldError {
+            field: "object".into(),
+            message: e.to_string(),
+        }]
+    })?;
+    serde_json::from_value(value).map_err(|e| {
+        vec![FieldError {
+            field: "spec".into(),
+            message: e.to_string(),
+        }]
+    })
 }
 
 #[cfg(test)]
@@ -231,8 +297,13 @@ mod tests {
     fn denies_with_the_field_and_allows_valid_objects() {
         let denied = admit(&request(kd(serde_json::json!([{"trafficPercent": 20}]))));
         assert!(!denied.allowed);
-        assert_eq!(denied.result.message, "spec.rollout.steps[0].trafficPercent: the last step must be 100, not 20");
-        let allowed = admit(&request(kd(serde_json::json!([{"trafficPercent": 20}, {"trafficPercent": 100}]))));
+        assert_eq!(
+            denied.result.message,
+            "spec.rollout.steps[0].trafficPercent: the last step must be 100, not 20"
+        );
+        let allowed = admit(&request(kd(
+            serde_json::json!([{"trafficPercent": 20}, {"trafficPercent": 100}]),
+        )));
         assert!(allowed.allowed, "{:?}", allowed.result);
     }
 
@@ -240,7 +311,11 @@ mod tests {
     fn certificates_cover_the_target() {
         let url = Target::Url("https://127.0.0.1:9443".into()).dns_names();
         assert_eq!(url, ["127.0.0.1", "localhost"]);
-        let svc = Target::Service { name: "kf".into(), namespace: "sys".into() }.dns_names();
+        let svc = Target::Service {
+            name: "kf".into(),
+            namespace: "sys".into(),
+        }
+        .dns_names();
         assert!(svc.contains(&"kf.sys.svc".to_string()), "{svc:?}");
         let cert = generate(&svc).unwrap();
         assert!(cert.ca.starts_with("-----BEGIN CERTIFICATE-----"));

@@ -8,7 +8,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -34,11 +34,15 @@ impl ControlPlane {
     /// waits until they serve. Blocks; the processes live as long as the calling thread.
     pub fn start() -> anyhow::Result<Self> {
         if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
-            return Ok(Self { kubeconfig: PathBuf::from(path), embedded: false });
+            return Ok(Self {
+                kubeconfig: PathBuf::from(path),
+                embedded: false,
+            });
         }
         let dir = state_dir()?;
         let apiserver = find_apiserver()?;
-        let etcd = which("etcd").context("etcd is not installed: run scripts/install-control-plane.sh")?;
+        let etcd =
+            which("etcd").context("etcd is not installed: run scripts/install-control-plane.sh")?;
 
         let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client_port}");
@@ -46,9 +50,23 @@ impl ControlPlane {
         let mut etcd = supervised(&etcd, &dir.join("etcd.log"))?
             .args(["--name", "kf", "--data-dir"])
             .arg(dir.join("etcd"))
-            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("kf={peer_url}"), "--unsafe-no-fsync"])
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("kf={peer_url}"),
+                "--unsafe-no-fsync",
+            ])
             .spawn()
             .context("starting etcd")?;
 
@@ -58,28 +76,62 @@ impl ControlPlane {
             .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
             .arg(format!("--secure-port={api_port}"))
             .arg(format!("--cert-dir={}", dir.display()))
-            .arg(format!("--tls-cert-file={}", dir.join("apiserver.crt").display()))
-            .arg(format!("--tls-private-key-file={}", dir.join("apiserver.key").display()))
-            .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+            .arg(format!(
+                "--tls-cert-file={}",
+                dir.join("apiserver.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                dir.join("apiserver.key").display()
+            ))
+            .arg(format!(
+                "--token-auth-file={}",
+                dir.join("tokens.csv").display()
+            ))
             .arg("--authorization-mode=RBAC")
-            .arg(format!("--service-account-key-file={}", dir.join("sa.pub").display()))
-            .arg(format!("--service-account-signing-key-file={}", dir.join("sa.key").display()))
+            .arg(format!(
+                "--service-account-key-file={}",
+                dir.join("sa.pub").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                dir.join("sa.key").display()
+            ))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             // No kubelets or controller-manager here: no endpoint reconciling, and no
             // ServiceAccount admission (it waits for default service accounts nobody creates).
-            .args(["--endpoint-reconciler-type=none", "--disable-admission-plugins=ServiceAccount"])
-            .args(["--enable-priority-and-fairness=false", "--insecure-port=0", "--allow-privileged=true"])
+            .args([
+                "--endpoint-reconciler-type=none",
+                "--disable-admission-plugins=ServiceAccount",
+            ])
+            .args([
+                "--enable-priority-and-fairness=false",
+                "--insecure-port=0",
+                "--allow-privileged=true",
+            ])
             .spawn()
             .context("starting kube-apiserver")?;
 
         let kubeconfig = dir.join("kubeconfig");
-        write_kubeconfig(&kubeconfig, api_port, &std::fs::read_to_string(dir.join("apiserver.crt"))?)?;
-        let plane = Self { kubeconfig, embedded: true };
+        write_kubeconfig(
+            &kubeconfig,
+            api_port,
+            &std::fs::read_to_string(dir.join("apiserver.crt"))?,
+        )?;
+        let plane = Self {
+            kubeconfig,
+            embedded: true,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         loop {
-            for (name, child, log) in [("etcd", &mut etcd, "etcd.log"), ("kube-apiserver", &mut api, "kube-apiserver.log")] {
+            for (name, child, log) in [
+                ("etcd", &mut etcd, "etcd.log"),
+                ("kube-apiserver", &mut api, "kube-apiserver.log"),
+            ] {
                 if let Some(status) = child.try_wait()? {
                     bail!("{name} exited ({status}):\n{}", tail(&dir.join(log)));
                 }
@@ -88,7 +140,10 @@ impl ControlPlane {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("kube-apiserver not ready after 60s:\n{}", tail(&dir.join("kube-apiserver.log")));
+                bail!(
+                    "kube-apiserver not ready after 60s:\n{}",
+                    tail(&dir.join("kube-apiserver.log"))
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -100,7 +155,10 @@ impl ControlPlane {
 
     async fn ready(&self) -> bool {
         match self.client().await {
-            Ok(c) => c.request_text(http_get("/readyz")).await.is_ok_and(|body| body.trim() == "ok"),
+            Ok(c) => c
+                .request_text(http_get("/readyz"))
+                .await
+                .is_ok_and(|body| body.trim() == "ok"),
             Err(_) => false,
         }
     }
@@ -108,7 +166,8 @@ impl ControlPlane {
     /// A client for this control plane, as the administrator.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         let kc = Kubeconfig::read_from(&self.kubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
         Ok(kube::Client::try_from(config)?)
     }
 
@@ -130,7 +189,9 @@ impl ControlPlane {
 }
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {
-    http::Request::get(path).body(Vec::new()).expect("a valid request")
+    http::Request::get(path)
+        .body(Vec::new())
+        .expect("a valid request")
 }
 
 /// A command whose process gets SIGKILL when the calling thread ends, logging to `log`.
@@ -150,7 +211,10 @@ fn state_dir() -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir();
     for entry in std::fs::read_dir(&base)?.flatten() {
         let name = entry.file_name();
-        let pid = name.to_str().and_then(|n| n.strip_prefix("kernelflow-")).and_then(|p| p.parse::<u32>().ok());
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kernelflow-"))
+            .and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -172,7 +236,9 @@ fn find_apiserver() -> anyhow::Result<PathBuf> {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// A port free now on 127.0.0.1.
@@ -189,7 +255,10 @@ fn write_pki(dir: &Path) -> anyhow::Result<()> {
     let sa = rcgen::KeyPair::generate()?;
     std::fs::write(dir.join("sa.key"), sa.serialize_pem())?;
     std::fs::write(dir.join("sa.pub"), sa.public_key_pem())?;
-    std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},kernelflow-admin,kernelflow-admin,system:masters\n"))?;
+    std::fs::write(
+        dir.join("tokens.csv"),
+        format!("{ADMIN_TOKEN},kernelflow-admin,kernelflow-admin,system:masters\n"),
+    )?;
     Ok(())
 }
 

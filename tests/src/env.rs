@@ -43,7 +43,8 @@ pub fn shared() -> &'static Shared {
                 }
             })
             .expect("spawning the control-plane thread");
-        rx.recv().unwrap_or_else(|_| Err("the control-plane thread died".into()))
+        rx.recv()
+            .unwrap_or_else(|_| Err("the control-plane thread died".into()))
     });
     match result {
         Ok(shared) => shared,
@@ -53,9 +54,13 @@ pub fn shared() -> &'static Shared {
 
 fn start_shared() -> anyhow::Result<Shared> {
     let plane = ControlPlane::start()?;
-    let logs = std::env::temp_dir().join(format!("kernelflow-{}", std::process::id())).join("logs");
+    let logs = std::env::temp_dir()
+        .join(format!("kernelflow-{}", std::process::id()))
+        .join("logs");
     std::fs::create_dir_all(&logs)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         plane.install_crds().await?;
         let client = plane.client().await?;
@@ -84,22 +89,32 @@ impl Shared {
     /// Starts `kernelflow-operator` with `args` (plus the kubeconfig, the system namespace and
     /// a free metrics port). It is killed when the calling thread ends.
     pub fn spawn_operator(&self, name: &str, args: &[&str]) -> anyhow::Result<Process> {
-        let http = format!("--http-addr=127.0.0.1:{}", free_port()?);
-        let mut all = vec![http.as_str(), "--namespace", SYSTEM_NAMESPACE];
+        let mut all = vec!["--namespace", SYSTEM_NAMESPACE];
         all.extend_from_slice(args);
         self.spawn("kernelflow-operator", name, &all)
     }
 
-    /// Starts a kernelflow binary with `args`; it is killed when the calling thread ends.
+    /// Starts a kernelflow binary with `args` and `--http-addr` on a free loopback port; it
+    /// is killed when the calling thread ends.
     pub fn spawn(&self, binary: &str, name: &str, args: &[&str]) -> anyhow::Result<Process> {
-        let log = self.logs.join(format!("{name}-{}.log", free_port()?));
+        let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let log = self.logs.join(format!("{name}-{}.log", http.port()));
         let child = supervised(&binary_path(binary)?, &log)?
+            .arg(format!("--http-addr={http}"))
             .args(args)
             .env("KUBECONFIG", &self.plane.kubeconfig)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()
             .with_context(|| format!("starting {binary}"))?;
-        Ok(Process { child, log, name: name.into() })
+        Ok(Process {
+            child,
+            log,
+            name: name.into(),
+            http,
+        })
     }
 
     /// Waits until the webhook rejects an invalid object (a dry run, so nothing is stored).
@@ -119,12 +134,27 @@ impl Shared {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = webhook.child.try_wait()? {
-                bail!("the webhook operator exited ({status}):\n{}", tail(&webhook.log));
+                bail!(
+                    "the webhook operator exited ({status}):\n{}",
+                    tail(&webhook.log)
+                );
             }
-            match api.create(&PostParams { dry_run: true, ..Default::default() }, &probe).await {
+            match api
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &probe,
+                )
+                .await
+            {
                 Err(kube::Error::Api(s)) if s.message.contains("admission webhook") => break,
                 _ if Instant::now() > deadline => {
-                    bail!("the admission webhook did not start rejecting in 60s:\n{}", tail(&webhook.log))
+                    bail!(
+                        "the admission webhook did not start rejecting in 60s:\n{}",
+                        tail(&webhook.log)
+                    )
                 }
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -141,6 +171,8 @@ pub struct Process {
     pub child: Child,
     pub log: PathBuf,
     pub name: String,
+    /// Where it serves /healthz and /metrics.
+    pub http: std::net::SocketAddr,
 }
 
 impl Process {
@@ -150,9 +182,34 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// GETs `path` from its HTTP server; `None` while it is not answering.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.http).await.ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.http);
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_string()))
+    }
+
+    /// The value of an unlabelled metric, once it is served.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// The end of its log, for assertion messages.
     pub fn log_tail(&self) -> String {
-        format!("--- {} ({}):\n{}", self.name, self.log.display(), tail(&self.log))
+        format!(
+            "--- {} ({}):\n{}",
+            self.name,
+            self.log.display(),
+            tail(&self.log)
+        )
     }
 }
 
@@ -171,12 +228,19 @@ fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
             let exe = std::env::current_exe()?;
             let deps = exe.parent().context("test executable has no directory")?;
             // target/<profile>/deps/<test> for tests; target/<profile>/<bin> for binaries.
-            if deps.ends_with("deps") { deps.parent().unwrap_or(deps).to_path_buf() } else { deps.to_path_buf() }
+            if deps.ends_with("deps") {
+                deps.parent().unwrap_or(deps).to_path_buf()
+            } else {
+                deps.to_path_buf()
+            }
         }
     };
     let path = dir.join(name);
     if !path.is_file() {
-        bail!("{} is missing: build it first with `cargo build --workspace --bins`", path.display());
+        bail!(
+            "{} is missing: build it first with `cargo build --workspace --bins`",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -206,9 +270,17 @@ async fn ensure_namespace(client: &kube::Client, name: &str, test: bool) -> anyh
 /// belong to a run going on beside this one.
 async fn delete_leftover_namespaces(client: &kube::Client) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
-    let cutoff = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1);
-    for ns in api.list(&ListParams::default().labels(&format!("{TEST_LABEL}=true"))).await? {
-        let old = ns.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0 < cutoff);
+    let cutoff =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1);
+    for ns in api
+        .list(&ListParams::default().labels(&format!("{TEST_LABEL}=true")))
+        .await?
+    {
+        let old = ns
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| t.0 < cutoff);
         if let Some(name) = ns.metadata.name.filter(|_| old) {
             api.delete(&name, &DeleteParams::default()).await?;
         }

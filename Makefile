@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`.
+CARGO ?= cargo
+
+.PHONY: demo test deps crds lint
+
+## Install etcd and build kube-apiserver once (cached in ~/.cache/kernelflow).
+deps:
+	scripts/install-control-plane.sh
+
+## The local demo: embedded control plane (or $KUBECONFIG), operator, three agents, examples.
+demo: deps
+	$(CARGO) build --workspace --bins
+	target/debug/kernelflow-demo
+
+## Every test, the end-to-end ones against a real kube-apiserver and etcd.
+test: deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+## Regenerate crds/*.yaml from the Rust types.
+crds:
+	$(CARGO) run -p kernelflow-crds --bin crdgen
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

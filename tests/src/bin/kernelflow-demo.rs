@@ -1,0 +1,253 @@
+//! The local demo: a real control plane (or the `KUBECONFIG` cluster), the operator, three
+//! agents standing for three GPU nodes, and the examples applied, with a live view of the
+//! resources. Ctrl-C stops everything it started.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Node;
+use kernelflow_crds::{AsyncTrainingJob, KernelDeployment, NodeReport};
+use kernelflow_e2e::cluster::{ControlPlane, free_port};
+use kernelflow_e2e::env::{SYSTEM_NAMESPACE, Shared};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+
+const NODES: [&str; 3] = ["gpu-node-a", "gpu-node-b", "gpu-node-c"];
+const NAMESPACE: &str = "default";
+
+fn main() -> anyhow::Result<()> {
+    let seconds = std::env::args()
+        .skip_while(|a| a != "--duration")
+        .nth(1)
+        .map(|s| s.parse::<u64>())
+        .transpose()?;
+    // Children are tied to this (main) thread: they end when the demo does.
+    let plane = ControlPlane::start()?;
+    let logs = std::env::temp_dir()
+        .join(format!("kernelflow-{}", std::process::id()))
+        .join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let env = Shared { plane, logs };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(demo(&env, seconds.map(Duration::from_secs)))
+}
+
+async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
+    println!(
+        "control plane: {} (kubeconfig {})",
+        if env.plane.embedded {
+            "embedded etcd + kube-apiserver"
+        } else {
+            "KUBECONFIG cluster"
+        },
+        env.plane.kubeconfig.display()
+    );
+    env.plane.install_crds().await?;
+    let client = env.plane.client().await?;
+    ensure_namespace(&client).await?;
+
+    let port = free_port()?;
+    let operator = env.spawn_operator(
+        "operator",
+        &[
+            &format!("--webhook-addr=127.0.0.1:{port}"),
+            &format!("--webhook-url=https://127.0.0.1:{port}"),
+        ],
+    )?;
+    let mut agents = Vec::new();
+    let nodes: Api<Node> = Api::all(client.clone());
+    for name in NODES {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"nvidia.com/gpu.present": "true", "kernelflow.dev/demo": "true"}},
+        });
+        nodes
+            .patch(
+                name,
+                &PatchParams::apply("kernelflow-demo").force(),
+                &Patch::Apply(&node),
+            )
+            .await?;
+        agents.push(env.spawn(
+            "kernelflow-agent",
+            name,
+            &["--node-name", name, "--report-interval-seconds", "2"],
+        )?);
+    }
+    wait_ready(&operator).await?;
+
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for file in ["kerneldeployment.yaml", "asynctrainingjob.yaml"] {
+        apply(&client, &examples.join(file))
+            .await
+            .with_context(|| format!("applying examples/{file}"))?;
+        println!("applied examples/{file}");
+    }
+    println!("operator metrics: http://{}/metrics", operator.http);
+    for (name, agent) in NODES.iter().zip(&agents) {
+        println!("agent {name} metrics: http://{}/metrics", agent.http);
+    }
+    println!("logs: {}", env.logs.display());
+    println!(
+        "kubectl: KUBECONFIG={} kubectl get kd,atj,nr",
+        env.plane.kubeconfig.display()
+    );
+    println!("Press Ctrl-C to stop; everything started here stops with it.\n");
+
+    let live = std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let view = render(&client).await?;
+        if live {
+            print!("\x1b[J{view}\x1b[{}A", view.lines().count());
+            std::io::Write::flush(&mut std::io::stdout())?;
+        } else if view != last {
+            println!("{view}");
+        }
+        last = view;
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for p in std::iter::once(&operator).chain(&agents) {
+            anyhow::ensure!(
+                p.get("/healthz").await.is_some(),
+                "{} stopped:\n{}",
+                p.name,
+                p.log_tail()
+            );
+        }
+    }
+    if live {
+        println!("{last}");
+    }
+    println!("stopping");
+    Ok(())
+}
+
+async fn ensure_namespace(client: &kube::Client) -> anyhow::Result<()> {
+    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let body = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}});
+    ns.patch(
+        SYSTEM_NAMESPACE,
+        &PatchParams::apply("kernelflow-demo"),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn wait_ready(operator: &kernelflow_e2e::env::Process) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while operator.get("/readyz").await.map(|r| r.0) != Some(200) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the operator is not ready after 60s:\n{}",
+            operator.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+async fn apply(client: &kube::Client, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let object: DynamicObject = serde_yaml::from_str(&text)?;
+    let types = object.types.clone().context("no apiVersion/kind")?;
+    let gvk = GroupVersionKind::try_from(&types)?;
+    let plural = format!("{}s", gvk.kind.to_lowercase());
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        NAMESPACE,
+        &ApiResource::from_gvk_with_plural(&gvk, &plural),
+    );
+    let name = object.metadata.name.clone().context("no name")?;
+    api.patch(
+        &name,
+        &PatchParams::apply("kernelflow-demo").force(),
+        &Patch::Apply(&object),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A table of the demo's resources.
+async fn render(client: &kube::Client) -> anyhow::Result<String> {
+    let lp = ListParams::default();
+    let mut out =
+        String::from("KERNELDEPLOYMENT            PHASE        STEP  TRAFFIC  ACCEPTED\n");
+    for kd in Api::<KernelDeployment>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
+        let s = kd.status.unwrap_or_default();
+        let step = s.current_step_index.map_or("-".into(), |i| i.to_string());
+        out += &format!(
+            "{:<27} {:<12} {:<5} {:>6}%  {}\n",
+            kd.metadata.name.unwrap_or_default(),
+            format!("{:?}", s.phase),
+            step,
+            s.traffic_percent,
+            accepted(&s.conditions)
+        );
+    }
+    out += "\nASYNCTRAININGJOB            PHASE        PROGRESS  ACCEPTED\n";
+    for job in Api::<AsyncTrainingJob>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
+        let s = job.status.unwrap_or_default();
+        out += &format!(
+            "{:<27} {:<12} {:<9} {}\n",
+            job.metadata.name.unwrap_or_default(),
+            format!("{:?}", s.phase),
+            s.progress.unwrap_or_else(|| "-".into()),
+            accepted(&s.conditions)
+        );
+    }
+    out += "\nNODE                        BACKEND  KERNELS  HEARTBEAT\n";
+    let reports: BTreeMap<String, NodeReport> = Api::<NodeReport>::all(client.clone())
+        .list(&lp)
+        .await?
+        .into_iter()
+        .map(|r| (r.spec.node_name.clone(), r))
+        .collect();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    for node in NODES {
+        match reports.get(node) {
+            Some(r) => {
+                let age = now.duration_since(r.spec.heartbeat_time.0).as_secs();
+                out += &format!(
+                    "{node:<27} {:<8} {:<8} {age}s ago\n",
+                    r.spec.backend, r.spec.kernel_count
+                );
+            }
+            None => out += &format!("{node:<27} (no report yet)\n"),
+        }
+    }
+    Ok(out)
+}
+
+fn accepted(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> String {
+    conditions
+        .iter()
+        .find(|c| c.type_ == "Accepted")
+        .map_or("-".into(), |c| {
+            if c.status == "True" {
+                "yes".into()
+            } else {
+                format!("no: {}", c.message)
+            }
+        })
+}

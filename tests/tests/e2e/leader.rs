@@ -1,0 +1,109 @@
+//! With two replicas exactly one reconciles; when the leader dies the other takes over.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kernelflow_crds::KernelDeployment;
+use kube::api::{Api, PostParams};
+
+use crate::{eventually, kernel_deployment, setup};
+
+const LEASE_SECONDS: u64 = 4;
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get_opt("kf").await.ok()??.spec?.holder_identity
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_when_the_leader_dies() {
+    let (env, client, ns) = setup("leader").await;
+    let duration = LEASE_SECONDS.to_string();
+    let replica = |id: &str| {
+        env.spawn(
+            "kernelflow-operator",
+            &format!("leader-{id}"),
+            &[
+                "--namespace",
+                &ns,
+                "--watch-namespace",
+                &ns,
+                "--lease-name",
+                "kf",
+                "--lease-duration-seconds",
+                &duration,
+                "--identity",
+                id,
+            ],
+        )
+        .expect("starting a replica")
+    };
+    let mut replicas = vec![replica("a"), replica("b")];
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let first = eventually(Duration::from_secs(30), "a lease holder", || {
+        holder(&leases)
+    })
+    .await;
+
+    // Exactly one replica says it leads.
+    let mut leading = Vec::new();
+    for r in &replicas {
+        let value = eventually(Duration::from_secs(30), "the leader metric", || {
+            r.metric("kernelflow_operator_leader")
+        })
+        .await;
+        leading.push(value);
+    }
+    assert_eq!(
+        leading.iter().sum::<f64>(),
+        1.0,
+        "leader gauges {leading:?}"
+    );
+    let (leader, standby) = if first == "a" { (0, 1) } else { (1, 0) };
+    assert_eq!(leading[leader], 1.0);
+
+    let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
+    let reconciled = |name: &'static str| {
+        let kds = kds.clone();
+        async move { (kds.get(name).await.ok()?.status?.observed_generation == Some(1)).then_some(()) }
+    };
+    let kd: KernelDeployment = serde_json::from_value(kernel_deployment("before")).unwrap();
+    kds.create(&PostParams::default(), &kd).await.unwrap();
+    eventually(Duration::from_secs(30), "the leader to reconcile", || {
+        reconciled("before")
+    })
+    .await;
+
+    // SIGKILL: no chance to release the lease.
+    replicas[leader].kill();
+    let killed = Instant::now();
+    let second = eventually(
+        Duration::from_secs(6 * LEASE_SECONDS),
+        "the standby to take the lease",
+        || async { holder(&leases).await.filter(|h| *h != first) },
+    )
+    .await;
+    let took = killed.elapsed();
+    println!("takeover after {took:?} (lease duration {LEASE_SECONDS}s)");
+    assert_ne!(second, first);
+    // Expiry is measured from the leader's last renewal, so a takeover needs at most one lease
+    // duration after the kill, plus the standby's retry period.
+    assert!(
+        took < Duration::from_secs(2 * LEASE_SECONDS),
+        "takeover took {took:?}"
+    );
+
+    let kd: KernelDeployment = serde_json::from_value(kernel_deployment("after")).unwrap();
+    kds.create(&PostParams::default(), &kd).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the new leader to reconcile",
+        || reconciled("after"),
+    )
+    .await;
+    assert_eq!(
+        replicas[standby].metric("kernelflow_operator_leader").await,
+        Some(1.0),
+        "{}",
+        replicas[standby].log_tail()
+    );
+}

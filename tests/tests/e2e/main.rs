@@ -1,0 +1,111 @@
+//! End-to-end tests against a real kube-apiserver and etcd (or the `KUBECONFIG` cluster).
+//! One control plane serves the whole run; each test works in its own namespace.
+
+mod admission;
+mod agent;
+mod controllers;
+mod leader;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use kernelflow_e2e::env::{Shared, shared, test_namespace};
+
+/// A client and a fresh namespace for one test.
+pub async fn setup(prefix: &str) -> (&'static Shared, kube::Client, String) {
+    let env = shared();
+    let client = env
+        .plane
+        .client()
+        .await
+        .expect("a client for the test control plane");
+    let ns = test_namespace(&client, prefix)
+        .await
+        .expect("creating the test namespace");
+    (env, client, ns)
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A YAML document as JSON.
+pub fn yaml(text: &str) -> serde_json::Value {
+    serde_yaml::from_str(text).expect("valid YAML in the test")
+}
+
+/// A valid KernelDeployment named `name`.
+pub fn kernel_deployment(name: &str) -> serde_json::Value {
+    yaml(&format!(
+        r#"
+apiVersion: kernelflow.dev/v1alpha1
+kind: KernelDeployment
+metadata: {{name: {name}}}
+spec:
+  kernel:
+    artifact: {{url: "https://artifacts.example/conv.safetensors", sha256: "{}"}}
+    conv2d: {{inChannels: 64, outChannels: 64, kernelSize: [3, 3], padding: [1, 1]}}
+    inputSize: [56, 56]
+  nodeSelector: {{matchLabels: {{nvidia.com/gpu.present: "true"}}}}
+  flags: {{asyncEnabled: true, streamPoolSize: 4}}
+  rollout:
+    steps: [{{trafficPercent: 1, pause: 30s}}, {{trafficPercent: 10, pause: 1m}}, {{trafficPercent: 50}}, {{trafficPercent: 100}}]
+"#,
+        "ab".repeat(32)
+    ))
+}
+
+/// A valid AsyncTrainingJob named `name`.
+pub fn training_job(name: &str) -> serde_json::Value {
+    yaml(&format!(
+        r#"
+apiVersion: kernelflow.dev/v1alpha1
+kind: AsyncTrainingJob
+metadata: {{name: {name}}}
+spec:
+  model:
+    layers:
+    - {{name: conv1, conv2d: {{inChannels: 3, outChannels: 16, kernelSize: [3, 3], padding: [1, 1]}}}}
+    - {{name: conv2, conv2d: {{inChannels: 16, outChannels: 3, kernelSize: [3, 3], padding: [1, 1]}}}}
+  data: {{synthetic: {{shape: [3, 32, 32], samples: 256, seed: 7}}}}
+  training: {{batchSize: 16, steps: 100, learningRate: 0.01, momentum: 0.9}}
+  pipeline: {{mode: triple, prefetchDepth: 2, streams: 2}}
+  placement: {{nodeSelector: {{matchLabels: {{nvidia.com/gpu.present: "true"}}}}, replicas: 1}}
+"#
+    ))
+}
+
+/// Deep-merges `patch` into `base` (objects merge, everything else replaces; null removes).
+pub fn merged(mut base: serde_json::Value, patch: serde_json::Value) -> serde_json::Value {
+    fn merge(b: &mut serde_json::Value, p: serde_json::Value) {
+        match (b, p) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    if v.is_null() {
+                        b.remove(&k);
+                    } else {
+                        merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                    }
+                }
+            }
+            (b, p) => *b = p,
+        }
+    }
+    merge(&mut base, patch);
+    base
+}
