@@ -1,0 +1,271 @@
+//! The CPU backend: a stream is a worker thread with a queue, an event a completion signal,
+//! and the ops use all cores through faer's parallel matmul.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use faer::Par;
+
+use super::backend::{Backend, Download, Event, Op};
+use super::{ComputeError, conv, ops};
+
+type Job = Box<dyn FnOnce() + Send>;
+type Slot = OnceLock<Result<Arc<Vec<f32>>, ComputeError>>;
+
+/// A CPU device buffer: written once by the op that produces it.
+#[derive(Clone, Default)]
+pub struct CpuBuffer(Arc<Slot>);
+
+impl CpuBuffer {
+    fn read(&self) -> Result<Arc<Vec<f32>>, ComputeError> {
+        match self.0.get() {
+            Some(r) => r.clone(),
+            None => Err(ComputeError::Ordering(
+                "a buffer was read before the op writing it ran (missing event wait)".into(),
+            )),
+        }
+    }
+}
+
+struct Stream {
+    queue: Mutex<mpsc::Sender<Job>>,
+    queued: Arc<AtomicUsize>,
+    busy_nanos: Arc<AtomicU64>,
+}
+
+/// Test hook: makes every `n`-th launched op fail. Off unless a test sets it; nothing a
+/// KernelDeployment says can reach it.
+#[derive(Default)]
+pub struct FaultInjection {
+    every: AtomicUsize,
+    count: AtomicUsize,
+}
+
+impl FaultInjection {
+    pub fn fail_every(&self, n: usize) {
+        self.every.store(n, Ordering::Relaxed);
+    }
+
+    fn trips(&self) -> bool {
+        let every = self.every.load(Ordering::Relaxed);
+        every > 0 && self.count.fetch_add(1, Ordering::Relaxed) % every == every - 1
+    }
+}
+
+/// Streams of worker threads running f32 ops.
+pub struct CpuBackend {
+    streams: Vec<Stream>,
+    par: Par,
+    started: Instant,
+    pub faults: Arc<FaultInjection>,
+}
+
+impl CpuBackend {
+    /// `streams` workers; each op's matmuls use `threads` cores (0: all).
+    pub fn new(streams: usize, threads: usize) -> Self {
+        let streams = (0..streams.max(1))
+            .map(|i| {
+                let (tx, rx) = mpsc::channel::<Job>();
+                let queued = Arc::new(AtomicUsize::new(0));
+                let busy_nanos = Arc::new(AtomicU64::new(0));
+                let (q, busy) = (queued.clone(), busy_nanos.clone());
+                std::thread::Builder::new()
+                    .name(format!("cpu-stream-{i}"))
+                    .spawn(move || {
+                        // Ends when the backend (the only sender) is dropped.
+                        for job in rx {
+                            let start = Instant::now();
+                            job();
+                            busy.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                            q.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    })
+                    .expect("spawning a stream worker");
+                Stream {
+                    queue: Mutex::new(tx),
+                    queued,
+                    busy_nanos,
+                }
+            })
+            .collect();
+        Self {
+            streams,
+            par: Par::rayon(threads),
+            started: Instant::now(),
+            faults: Arc::default(),
+        }
+    }
+
+    fn enqueue(&self, stream: usize, job: Job) {
+        let s = &self.streams[stream % self.streams.len()];
+        s.queued.fetch_add(1, Ordering::Relaxed);
+        s.queue
+            .lock()
+            .expect("stream queue lock")
+            .send(job)
+            .expect("stream workers live as long as the backend");
+    }
+
+    /// Ops waiting or running on each stream, for least-loaded assignment.
+    pub fn queued(&self) -> Vec<usize> {
+        self.streams
+            .iter()
+            .map(|s| s.queued.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// Runs `op` on host data; the CPU backend's ops and the synchronous path share this.
+pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, ComputeError> {
+    let arity = |n: usize| {
+        if inputs.len() < n {
+            Err(ComputeError::Shape(format!(
+                "{op:?} takes {n} inputs, got {}",
+                inputs.len()
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    match op {
+        Op::Conv2d(p) => {
+            arity(2)?;
+            Ok(vec![conv::forward(
+                &p,
+                inputs[0],
+                inputs[1],
+                inputs.get(2).copied(),
+                par,
+            )?])
+        }
+        Op::Conv2dBackward(p) => {
+            arity(3)?;
+            let g = conv::backward(&p, inputs[0], inputs[1], inputs[2], par)?;
+            Ok(vec![g.dx, g.dw, g.db])
+        }
+        Op::Relu => {
+            arity(1)?;
+            let mut y = inputs[0].to_vec();
+            ops::relu(&mut y);
+            Ok(vec![y])
+        }
+        Op::ReluBackward => {
+            arity(2)?;
+            let mut dy = inputs[1].to_vec();
+            ops::relu_backward(inputs[0], &mut dy);
+            Ok(vec![dy])
+        }
+        Op::Mse => {
+            arity(2)?;
+            let (loss, grad) = ops::mse(inputs[0], inputs[1]);
+            Ok(vec![vec![loss], grad])
+        }
+        Op::Sgd {
+            learning_rate,
+            momentum,
+        } => {
+            arity(3)?;
+            let (mut w, mut v) = (inputs[0].to_vec(), inputs[2].to_vec());
+            ops::sgd(&mut w, inputs[1], &mut v, learning_rate, momentum);
+            Ok(vec![w, v])
+        }
+        Op::Axpy { alpha } => {
+            arity(2)?;
+            Ok(vec![
+                inputs[0]
+                    .iter()
+                    .zip(inputs[1])
+                    .map(|(a, b)| alpha * a + b)
+                    .collect(),
+            ])
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn upload(&self, stream: usize, data: Arc<Vec<f32>>) -> CpuBuffer {
+        let buffer = CpuBuffer::default();
+        let slot = buffer.0.clone();
+        self.enqueue(stream, Box::new(move || drop(slot.set(Ok(data)))));
+        buffer
+    }
+
+    fn launch(&self, stream: usize, op: Op, inputs: &[&CpuBuffer]) -> Vec<CpuBuffer> {
+        let outputs: Vec<CpuBuffer> = (0..op.outputs()).map(|_| CpuBuffer::default()).collect();
+        let inputs: Vec<CpuBuffer> = inputs.iter().map(|b| (*b).clone()).collect();
+        let slots: Vec<Arc<Slot>> = outputs.iter().map(|b| b.0.clone()).collect();
+        let (par, faults) = (self.par, self.faults.clone());
+        self.enqueue(
+            stream,
+            Box::new(move || {
+                let result = inputs
+                    .iter()
+                    .map(CpuBuffer::read)
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|data| {
+                        if faults.trips() {
+                            return Err(ComputeError::Injected);
+                        }
+                        let views: Vec<&[f32]> = data.iter().map(|d| d.as_slice()).collect();
+                        run_op(op, &views, par)
+                    });
+                match result {
+                    Ok(values) => slots
+                        .iter()
+                        .zip(values)
+                        .for_each(|(s, v)| drop(s.set(Ok(Arc::new(v))))),
+                    Err(e) => slots.iter().for_each(|s| drop(s.set(Err(e.clone())))),
+                }
+            }),
+        );
+        outputs
+    }
+
+    fn download(&self, stream: usize, buffer: &CpuBuffer) -> (Event, Download) {
+        let event = Event::default();
+        let out: Download = Arc::default();
+        let (buffer, sink, signal) = (buffer.clone(), out.clone(), event.clone());
+        self.enqueue(
+            stream,
+            Box::new(move || {
+                *sink.lock().expect("download lock") =
+                    Some(buffer.read().map(|d| d.as_ref().clone()));
+                signal.fire();
+            }),
+        );
+        (event, out)
+    }
+
+    fn record(&self, stream: usize) -> Event {
+        let event = Event::default();
+        let signal = event.clone();
+        self.enqueue(stream, Box::new(move || signal.fire()));
+        event
+    }
+
+    fn wait(&self, stream: usize, event: &Event) {
+        let event = event.clone();
+        // Blocks this stream's worker thread, never an async runtime thread.
+        self.enqueue(stream, Box::new(move || event.wait_blocking()));
+    }
+
+    fn utilization(&self) -> Vec<f64> {
+        let wall = self.started.elapsed().as_nanos().max(1) as f64;
+        self.streams
+            .iter()
+            .map(|s| s.busy_nanos.load(Ordering::Relaxed) as f64 / wall)
+            .collect()
+    }
+}

@@ -1,0 +1,333 @@
+//! The async API: ops from many tasks spread over a backend's stream pool, with a cap on ops
+//! in flight and an optional synchronous fallback. Futures never block a runtime thread: they
+//! await completion events that stream workers (or the GPU) fire.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use faer::Par;
+use kernelflow_crds::kernel_deployment::RolloutFlags;
+use tokio::sync::Semaphore;
+
+use super::ComputeError;
+use super::backend::{Backend, Op};
+use super::cpu::run_op;
+
+/// How an engine runs: the rollout flags that size and shape it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub max_concurrent_ops: usize,
+    pub fallback_on_error: bool,
+}
+
+impl From<&RolloutFlags> for EngineConfig {
+    fn from(f: &RolloutFlags) -> Self {
+        Self {
+            max_concurrent_ops: f.max_concurrent_ops as usize,
+            fallback_on_error: f.fallback_on_error,
+        }
+    }
+}
+
+/// Counters of an engine's work.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub ops: AtomicU64,
+    pub errors: AtomicU64,
+    pub fallbacks: AtomicU64,
+}
+
+/// Runs ops on a backend's streams.
+pub struct Engine<B: Backend> {
+    backend: Arc<B>,
+    limit: Arc<Semaphore>,
+    in_flight: Arc<Vec<AtomicUsize>>,
+    config: EngineConfig,
+    pub stats: Arc<EngineStats>,
+}
+
+impl<B: Backend> Clone for Engine<B> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            limit: self.limit.clone(),
+            in_flight: self.in_flight.clone(),
+            config: self.config,
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+/// A stream chosen for one op; frees its slot when dropped.
+struct Lease {
+    stream: usize,
+    in_flight: Arc<Vec<AtomicUsize>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.in_flight[self.stream].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: Arc<B>, config: EngineConfig) -> Self {
+        let in_flight = Arc::new(
+            (0..backend.streams())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+        );
+        Self {
+            backend,
+            limit: Arc::new(Semaphore::new(config.max_concurrent_ops.max(1))),
+            in_flight,
+            config,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// The least-loaded stream (ties to the lowest id).
+    fn lease(&self) -> Lease {
+        let stream = self
+            .in_flight
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| n.load(Ordering::Relaxed))
+            .map_or(0, |(i, _)| i);
+        self.in_flight[stream].fetch_add(1, Ordering::Relaxed);
+        Lease {
+            stream,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
+    /// Runs `op` asynchronously on the least-loaded stream and returns its outputs. With
+    /// `fallbackOnError`, a failed op is re-run on the synchronous path and counted.
+    pub async fn run(
+        &self,
+        op: Op,
+        inputs: Vec<Arc<Vec<f32>>>,
+    ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        let _permit = self
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| ComputeError::Stopped("the engine is closed".into()))?;
+        self.stats.ops.fetch_add(1, Ordering::Relaxed);
+        let result = {
+            let lease = self.lease();
+            self.on_stream(lease.stream, op, &inputs).await
+        };
+        match result {
+            Err(e) if self.config.fallback_on_error => {
+                tracing::debug!(error = %e, ?op, "async op failed; re-running synchronously");
+                self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let sync = tokio::task::spawn_blocking(move || run_sync(op, &inputs)).await;
+                sync.map_err(|e| ComputeError::Stopped(e.to_string()))?
+                    .inspect_err(|_| {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    })
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    /// conv2d forward: `y = conv2d(x, w) + b`.
+    pub async fn conv2d(
+        &self,
+        p: super::conv::Conv2dParams,
+        x: Arc<Vec<f32>>,
+        w: Arc<Vec<f32>>,
+        b: Option<Arc<Vec<f32>>>,
+    ) -> Result<Vec<f32>, ComputeError> {
+        let inputs = [Some(x), Some(w), b].into_iter().flatten().collect();
+        Ok(self.run(Op::Conv2d(p), inputs).await?.swap_remove(0))
+    }
+
+    async fn on_stream(
+        &self,
+        stream: usize,
+        op: Op,
+        inputs: &[Arc<Vec<f32>>],
+    ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        let buffers: Vec<B::Buffer> = inputs
+            .iter()
+            .map(|d| self.backend.upload(stream, d.clone()))
+            .collect();
+        let refs: Vec<&B::Buffer> = buffers.iter().collect();
+        let outputs = self.backend.launch(stream, op, &refs);
+        let downloads: Vec<_> = outputs
+            .iter()
+            .map(|o| self.backend.download(stream, o))
+            .collect();
+        // Streams run in order: the last download's event covers the others.
+        if let Some((event, _)) = downloads.last() {
+            event.fired().await;
+        }
+        downloads
+            .into_iter()
+            .map(|(_, sink)| {
+                sink.lock()
+                    .expect("download lock")
+                    .take()
+                    .unwrap_or_else(|| Err(ComputeError::Stopped("download lost".into())))
+            })
+            .collect()
+    }
+}
+
+/// The synchronous path: `op` runs to completion on the calling thread, on all cores.
+pub fn run_sync(op: Op, inputs: &[Arc<Vec<f32>>]) -> Result<Vec<Vec<f32>>, ComputeError> {
+    let views: Vec<&[f32]> = inputs.iter().map(|d| d.as_slice()).collect();
+    run_op(op, &views, Par::rayon(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::conv::Conv2dParams;
+    use crate::compute::cpu::CpuBackend;
+    use crate::compute::ops::uniform;
+
+    fn params(batch: usize) -> Conv2dParams {
+        Conv2dParams {
+            batch,
+            in_channels: 8,
+            height: 12,
+            width: 12,
+            out_channels: 8,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+
+    fn engine(streams: usize, fallback: bool) -> Engine<CpuBackend> {
+        Engine::new(
+            Arc::new(CpuBackend::new(streams, 1)),
+            EngineConfig {
+                max_concurrent_ops: 8,
+                fallback_on_error: fallback,
+            },
+        )
+    }
+
+    /// Many tasks at once on a two-thread runtime: every result equals the synchronous path's.
+    #[test]
+    fn concurrent_ops_match_the_synchronous_path() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let engine = engine(3, false);
+        let p = params(2);
+        let w = Arc::new(uniform(p.weight_len(), 1, 0.5));
+        let results = rt.block_on(async {
+            let tasks: Vec<_> = (0..64u64)
+                .map(|i| {
+                    let (engine, w) = (engine.clone(), w.clone());
+                    tokio::spawn(async move {
+                        let x = Arc::new(uniform(p.input_len(), 100 + i, 1.0));
+                        let y = engine.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
+                        (x, y)
+                    })
+                })
+                .collect();
+            futures_join(tasks).await
+        });
+        for (x, y) in results {
+            let sync = run_sync(Op::Conv2d(p), &[x, w.clone()]).unwrap();
+            assert_eq!(y, sync[0]);
+        }
+        assert_eq!(engine.stats.ops.load(Ordering::Relaxed), 64);
+        assert!(
+            engine.backend().utilization().iter().all(|u| *u > 0.0),
+            "every stream got work"
+        );
+    }
+
+    async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn failures_fall_back_to_the_synchronous_path_when_allowed() {
+        let p = params(1);
+        let x = Arc::new(uniform(p.input_len(), 1, 1.0));
+        let w = Arc::new(uniform(p.weight_len(), 2, 1.0));
+        let expected = run_sync(Op::Conv2d(p), &[x.clone(), w.clone()])
+            .unwrap()
+            .swap_remove(0);
+
+        let with = engine(2, true);
+        with.backend().faults.fail_every(1);
+        assert_eq!(
+            with.conv2d(p, x.clone(), w.clone(), None).await.unwrap(),
+            expected
+        );
+        assert_eq!(with.stats.fallbacks.load(Ordering::Relaxed), 1);
+
+        let without = engine(2, false);
+        without.backend().faults.fail_every(1);
+        assert_eq!(
+            without.conv2d(p, x, w, None).await.unwrap_err(),
+            ComputeError::Injected
+        );
+        assert_eq!(without.stats.errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn shape_errors_are_typed() {
+        let e = engine(1, false);
+        let err = e
+            .conv2d(
+                params(1),
+                Arc::new(vec![0.0; 3]),
+                Arc::new(vec![0.0; 3]),
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ComputeError::Shape(_)), "{err}");
+    }
+
+    /// A future dropped while its op waits in the stream: the op still runs later on buffers
+    /// kept alive by the queue, and the engine stays usable.
+    #[tokio::test]
+    async fn dropping_a_future_is_safe() {
+        let e = engine(1, false);
+        let p = params(2);
+        let (x, w) = (
+            Arc::new(uniform(p.input_len(), 1, 1.0)),
+            Arc::new(uniform(p.weight_len(), 2, 1.0)),
+        );
+        let gate = crate::compute::backend::Event::default();
+        e.backend().wait(0, &gate);
+        let abandoned = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            e.conv2d(p, x.clone(), w.clone(), None),
+        )
+        .await;
+        assert!(
+            abandoned.is_err(),
+            "the op cannot finish while the stream waits on the gate"
+        );
+        gate.fire();
+        let y = e.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
+        assert_eq!(y, run_sync(Op::Conv2d(p), &[x, w]).unwrap()[0]);
+    }
+}

@@ -1,0 +1,39 @@
+//! The compute engine: async conv2d on stream pools, its gradients, training steps and
+//! pipelines. No Kubernetes in here: the agent's controllers drive it.
+
+pub mod backend;
+pub mod conv;
+pub mod cpu;
+pub mod engine;
+pub mod ops;
+pub mod pipeline;
+pub mod train;
+
+/// Errors of compute work.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ComputeError {
+    /// Tensors or parameters that do not fit together.
+    #[error("shape: {0}")]
+    Shape(String),
+    /// Work read a buffer before the op producing it ran.
+    #[error("ordering: {0}")]
+    Ordering(String),
+    /// A fault injected by a test.
+    #[error("injected fault")]
+    Injected,
+    /// The engine or a pipeline stopped before the work finished.
+    #[error("stopped: {0}")]
+    Stopped(String),
+}
+
+impl ComputeError {
+    /// A short, stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ComputeError::Shape(_) => "shape",
+            ComputeError::Ordering(_) => "ordering",
+            ComputeError::Injected => "injected",
+            ComputeError::Stopped(_) => "stopped",
+        }
+    }
+}
