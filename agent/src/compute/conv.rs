@@ -53,8 +53,8 @@ impl Conv2dParams {
     pub fn check(&self) -> Result<(), ComputeError> {
         let bad = |why: &str| Err(ComputeError::Shape(format!("{why}: {self:?}")));
         if self.groups == 0
-            || self.in_channels % self.groups != 0
-            || self.out_channels % self.groups != 0
+            || !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
         {
             return bad("groups must divide both channel counts");
         }

@@ -25,7 +25,7 @@ pub type Stage<'a, T> = Box<dyn FnMut(T) -> Result<T, ComputeError> + Send + 'a>
 /// Which stages each lane runs.
 pub fn lanes(mode: PipelineMode) -> Vec<Range<usize>> {
     match mode {
-        PipelineMode::Sequential => Vec::from([0..4]),
+        PipelineMode::Sequential => std::iter::once(0..4).collect(),
         PipelineMode::Double => vec![0..2, 2..4],
         PipelineMode::Triple => vec![0..2, 2..3, 3..4],
     }
