@@ -1,6 +1,7 @@
 //! The kernelflow node agent. Runs on every GPU node (a DaemonSet), learns its node from
 //! `NODE_NAME`, and publishes the node's `NodeReport`, the only kernelflow object it writes.
 
+pub mod artifact;
 pub mod compute;
 pub mod report;
 

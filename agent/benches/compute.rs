@@ -1,0 +1,291 @@
+//! Compute engine benchmarks: `cargo bench -p kernelflow-agent --bench compute`.
+//! Prints markdown tables for docs/benchmarks.md. Set `KF_BENCH=conv,train,async,pipeline,streams`
+//! to run a subset and `KF_PIPELINE_MS=load,upload,compute,download` for the stage mix.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use faer::Par;
+use kernelflow_agent::compute::backend::Op;
+use kernelflow_agent::compute::conv::{self, Conv2dParams};
+use kernelflow_agent::compute::cpu::CpuBackend;
+use kernelflow_agent::compute::engine::{Engine, EngineConfig, run_sync};
+use kernelflow_agent::compute::ops::uniform;
+use kernelflow_agent::compute::pipeline::{self, STAGES, Stage};
+use kernelflow_agent::compute::train::{Model, gradients};
+use kernelflow_crds::training_job::PipelineMode;
+use kernelflow_crds::{Conv2dSpec, DType};
+
+fn shape(
+    n: usize,
+    c: usize,
+    h: usize,
+    k: usize,
+    r: usize,
+    stride: usize,
+    pad: usize,
+) -> Conv2dParams {
+    Conv2dParams {
+        batch: n,
+        in_channels: c,
+        height: h,
+        width: h,
+        out_channels: k,
+        kernel: [r, r],
+        stride: [stride, stride],
+        padding: [pad, pad],
+        dilation: [1, 1],
+        groups: 1,
+    }
+}
+
+/// Median seconds of `f` over enough runs to fill about `budget`, after one warm-up.
+fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed() < budget && times.len() < 200) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn conv_throughput() {
+    println!(
+        "## conv2d forward, 2 threads\n\n| N, C, H, W, K, RxS, stride, pad | ms | GFLOP/s |\n|---|---|---|"
+    );
+    let shapes = [
+        shape(8, 64, 56, 64, 3, 1, 1),
+        shape(8, 128, 28, 128, 3, 1, 1),
+        shape(8, 256, 14, 256, 1, 1, 0),
+        shape(8, 3, 224, 64, 7, 2, 3),
+        shape(1, 32, 32, 32, 3, 1, 1),
+    ];
+    for p in shapes {
+        let x = uniform(p.input_len(), 1, 1.0);
+        let w = uniform(p.weight_len(), 2, 0.1);
+        let b = uniform(p.out_channels, 3, 0.1);
+        let s = median(Duration::from_secs(3), || {
+            std::hint::black_box(conv::forward(&p, &x, &w, Some(&b), Par::rayon(2)).unwrap());
+        });
+        println!(
+            "| {}, {}, {}, {}, {}, {}x{}, {}, {} | {:.2} | {:.1} |",
+            p.batch,
+            p.in_channels,
+            p.height,
+            p.width,
+            p.out_channels,
+            p.kernel[0],
+            p.kernel[1],
+            p.stride[0],
+            p.padding[0],
+            s * 1e3,
+            p.flops() / s / 1e9
+        );
+    }
+}
+
+fn spec(c: u32, k: u32) -> Conv2dSpec {
+    Conv2dSpec {
+        in_channels: c,
+        out_channels: k,
+        kernel_size: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+        bias: true,
+        dtype: DType::F32,
+    }
+}
+
+fn training_step(rt: &tokio::runtime::Runtime) {
+    println!(
+        "\n## training step against forward (2 layers 32->64->32, 3x3, 28x28, batch 16)\n\n| what | ms |\n|---|---|"
+    );
+    let specs = [spec(32, 64), spec(64, 32)];
+    let mut model = Model::new(&specs, [32, 28, 28], 1).unwrap();
+    let x = uniform(16 * 32 * 28 * 28, 2, 1.0);
+    let target = uniform(16 * 32 * 28 * 28, 3, 1.0);
+    let engine = Engine::new(
+        Arc::new(CpuBackend::new(1, 2)),
+        EngineConfig {
+            max_concurrent_ops: 64,
+            fallback_on_error: false,
+        },
+    );
+    let fwd = median(Duration::from_secs(3), || {
+        std::hint::black_box(model.predict(&x, 16).unwrap());
+    });
+    let step = median(Duration::from_secs(3), || {
+        let r = rt
+            .block_on(gradients(&engine, &model, &x, &target, 16, 1))
+            .unwrap();
+        model.apply(&r.grads, 1e-4, 0.9);
+    });
+    println!(
+        "| forward | {:.2} |\n| step (forward, backward, update) | {:.2} |\n| step / forward | {:.2}x |",
+        fwd * 1e3,
+        step * 1e3,
+        step / fwd
+    );
+}
+
+fn async_overhead(rt: &tokio::runtime::Runtime) {
+    println!(
+        "\n## async path overhead (1, 32, 32, 32, 32, 3x3; one stream, one op at a time)\n\n| path | µs/op |\n|---|---|"
+    );
+    let p = shape(1, 32, 32, 32, 3, 1, 1);
+    let x = Arc::new(uniform(p.input_len(), 1, 1.0));
+    let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
+    let engine = Engine::new(
+        Arc::new(CpuBackend::new(1, 2)),
+        EngineConfig {
+            max_concurrent_ops: 1,
+            fallback_on_error: false,
+        },
+    );
+    let ops = 300;
+    let mut sync = Vec::new();
+    let mut asynchronous = Vec::new();
+    // Interleaved rounds, so drift in machine load hits both paths alike.
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..ops {
+            std::hint::black_box(run_sync(Op::Conv2d(p), &[x.clone(), w.clone()]).unwrap());
+        }
+        sync.push(t.elapsed().as_secs_f64() / ops as f64);
+        let t = Instant::now();
+        rt.block_on(async {
+            for _ in 0..ops {
+                std::hint::black_box(engine.conv2d(p, x.clone(), w.clone(), None).await.unwrap());
+            }
+        });
+        asynchronous.push(t.elapsed().as_secs_f64() / ops as f64);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s, a) = (med(&mut sync), med(&mut asynchronous));
+    println!(
+        "| synchronous call | {:.1} |\n| async engine | {:.1} |\n| overhead | {:.1} µs ({:+.2}%) |",
+        s * 1e6,
+        a * 1e6,
+        (a - s) * 1e6,
+        (a / s - 1.0) * 100.0
+    );
+}
+
+fn pipelines() {
+    let mix: Vec<u64> = std::env::var("KF_PIPELINE_MS")
+        .unwrap_or_else(|_| "2,3,8,3".into())
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .expect("KF_PIPELINE_MS: four integers (ms)")
+        })
+        .collect();
+    assert_eq!(
+        mix.len(),
+        4,
+        "KF_PIPELINE_MS: load,upload,compute,download in ms"
+    );
+    println!(
+        "\n## pipeline overlap (stages sleep {} ms; 40 batches, prefetch 2)\n\n| mode | wall s | theoretical | measured | efficiency |\n|---|---|---|---|---|",
+        STAGES
+            .iter()
+            .zip(&mix)
+            .map(|(s, m)| format!("{s} {m}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for mode in [
+        PipelineMode::Sequential,
+        PipelineMode::Double,
+        PipelineMode::Triple,
+    ] {
+        let stage = |ms: u64| -> Stage<'static, ()> {
+            Box::new(move |()| {
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(())
+            })
+        };
+        let stages = [stage(mix[0]), stage(mix[1]), stage(mix[2]), stage(mix[3])];
+        let r = pipeline::run(mode, 2, (0..40).map(|_| ()), stages, drop).unwrap();
+        println!(
+            "| {mode:?} | {:.3} | {:.2}x | {:.2}x | {:.1}% |",
+            r.wall_seconds,
+            r.theoretical_speedup,
+            r.measured_speedup,
+            r.overlap_efficiency() * 100.0
+        );
+    }
+}
+
+fn stream_scaling(rt: &tokio::runtime::Runtime) {
+    println!(
+        "\n## stream scaling (1, 32, 32, 32, 32, 3x3; 64 ops in flight; 1 thread per op)\n\n| streams | ops/s |\n|---|---|"
+    );
+    let p = shape(1, 32, 32, 32, 3, 1, 1);
+    let x = Arc::new(uniform(p.input_len(), 1, 1.0));
+    let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
+    for streams in [1, 2, 4] {
+        let engine = Engine::new(
+            Arc::new(CpuBackend::new(streams, 1)),
+            EngineConfig {
+                max_concurrent_ops: 64,
+                fallback_on_error: false,
+            },
+        );
+        let total = 512;
+        let s = median(Duration::from_secs(3), || {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..total)
+                    .map(|_| {
+                        let (e, x, w) = (engine.clone(), x.clone(), w.clone());
+                        tokio::spawn(async move { e.conv2d(p, x, w, None).await.unwrap() })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            })
+        });
+        println!("| {streams} | {:.0} |", total as f64 / s);
+    }
+}
+
+fn main() {
+    let only =
+        std::env::var("KF_BENCH").unwrap_or_else(|_| "conv,train,async,pipeline,streams".into());
+    let on = |name: &str| only.split(',').any(|s| s.trim() == name);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "# kernelflow compute benchmarks ({} cores)\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    if on("conv") {
+        conv_throughput();
+    }
+    if on("train") {
+        training_step(&rt);
+    }
+    if on("async") {
+        async_overhead(&rt);
+    }
+    if on("pipeline") {
+        pipelines();
+    }
+    if on("streams") {
+        stream_scaling(&rt);
+    }
+}

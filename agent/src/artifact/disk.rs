@@ -1,0 +1,219 @@
+//! L2: artifacts on the node's disk, content-addressed by digest, bounded in bytes (least
+//! recently used out). Files are written to a temporary name, fsynced and renamed, so a crash
+//! never leaves a partial file under a digest's name; a file whose bytes no longer match its
+//! name is deleted. Survives agent restarts: a restarted agent is warm at once.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::format::sha256_hex;
+use super::metrics::{CacheMetrics, Tier};
+
+/// The disk tier, rooted at a directory of its own.
+pub struct DiskCache {
+    dir: PathBuf,
+    capacity: u64,
+    metrics: CacheMetrics,
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache under `root`, removing temporary files a crash left.
+    pub fn open(root: &Path, capacity: u64, metrics: CacheMetrics) -> std::io::Result<Self> {
+        let dir = root.join("sha256");
+        fs::create_dir_all(&dir)?;
+        for entry in fs::read_dir(&dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let cache = Self {
+            dir,
+            capacity,
+            metrics,
+        };
+        cache.publish_size()?;
+        Ok(cache)
+    }
+
+    fn path(&self, digest: &str) -> Option<PathBuf> {
+        // Only well-formed digests name files: nothing else can reach the file system.
+        (digest.len() == 64
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| self.dir.join(digest))
+    }
+
+    /// The artifact's bytes if they are here and still match their digest.
+    pub fn get(&self, digest: &str) -> Option<Vec<u8>> {
+        let path = self.path(digest)?;
+        let found = match fs::read(&path) {
+            Ok(bytes) if sha256_hex(&bytes) == digest => {
+                // The modification time orders eviction: touch on use.
+                let _ = File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(SystemTime::now()));
+                Some(bytes)
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    digest,
+                    "cached artifact no longer matches its digest; deleting it"
+                );
+                let _ = fs::remove_file(&path);
+                let _ = self.publish_size();
+                None
+            }
+            Err(_) => None,
+        };
+        self.metrics.count(Tier::Disk, found.is_some());
+        found
+    }
+
+    /// Stores verified bytes under their digest, then evicts down to the capacity.
+    pub fn put(&self, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let Some(path) = self.path(digest) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a sha256 digest",
+            ));
+        };
+        if bytes.len() as u64 > self.capacity {
+            return Ok(());
+        }
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{digest}-{}", std::process::id()));
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, &path)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.evict(digest)?;
+        self.publish_size()
+    }
+
+    fn entries(&self) -> std::io::Result<Vec<(PathBuf, u64, SystemTime)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            out.push((entry.path(), meta.len(), meta.modified()?));
+        }
+        Ok(out)
+    }
+
+    fn evict(&self, keep: &str) -> std::io::Result<()> {
+        let mut entries = self.entries()?;
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        entries.sort_by_key(|e| e.2);
+        for (path, size, _) in entries {
+            if total <= self.capacity {
+                break;
+            }
+            if path.file_name().is_some_and(|n| n == keep) {
+                continue;
+            }
+            fs::remove_file(&path)?;
+            total -= size;
+            self.metrics
+                .evictions
+                .with_label_values(&[Tier::Disk.label()])
+                .inc();
+        }
+        Ok(())
+    }
+
+    fn publish_size(&self) -> std::io::Result<()> {
+        let total: u64 = self.entries()?.iter().map(|e| e.1).sum();
+        self.metrics
+            .bytes
+            .with_label_values(&[Tier::Disk.label()])
+            .set(total as i64);
+        Ok(())
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.entries()
+            .map(|e| e.iter().map(|e| e.1).sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "kf-disk-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn stores_verifies_and_survives_reopening() {
+        let root = dir();
+        let bytes = b"kernel bytes".to_vec();
+        let digest = sha256_hex(&bytes);
+        let cache = DiskCache::open(&root, 1 << 20, CacheMetrics::default()).unwrap();
+        assert_eq!(cache.get(&digest), None);
+        cache.put(&digest, &bytes).unwrap();
+        drop(cache);
+        // A crash mid-write leaves only a temporary file, removed on open.
+        fs::write(
+            root.join("sha256").join(format!(".tmp-{digest}-1")),
+            b"partial",
+        )
+        .unwrap();
+        let reopened = DiskCache::open(&root, 1 << 20, CacheMetrics::default()).unwrap();
+        assert_eq!(reopened.get(&digest), Some(bytes));
+        assert_eq!(fs::read_dir(root.join("sha256")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_corrupted_file_is_deleted() {
+        let root = dir();
+        let cache = DiskCache::open(&root, 1 << 20, CacheMetrics::default()).unwrap();
+        let digest = sha256_hex(b"good");
+        cache.put(&digest, b"good").unwrap();
+        fs::write(root.join("sha256").join(&digest), b"evil").unwrap();
+        assert_eq!(cache.get(&digest), None);
+        assert!(!root.join("sha256").join(&digest).exists());
+    }
+
+    #[test]
+    fn evicts_least_recently_used_down_to_capacity() {
+        let root = dir();
+        let cache = DiskCache::open(&root, 25, CacheMetrics::default()).unwrap();
+        let blobs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 10]).collect();
+        let digests: Vec<String> = blobs.iter().map(|b| sha256_hex(b)).collect();
+        cache.put(&digests[0], &blobs[0]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.put(&digests[1], &blobs[1]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(cache.get(&digests[0]).is_some()); // Now 1 is the least recently used.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.put(&digests[2], &blobs[2]).unwrap();
+        assert!(cache.get(&digests[1]).is_none());
+        assert!(cache.get(&digests[0]).is_some() && cache.get(&digests[2]).is_some());
+        assert_eq!(cache.bytes(), 20);
+    }
+
+    #[test]
+    fn only_digests_name_files() {
+        let cache = DiskCache::open(&dir(), 1 << 20, CacheMetrics::default()).unwrap();
+        assert!(cache.put("../../etc/passwd", b"x").is_err());
+        assert_eq!(cache.get("../../etc/passwd"), None);
+    }
+}

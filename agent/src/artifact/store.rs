@@ -1,0 +1,166 @@
+//! The kernel store: memory, then the node's disk, then the artifact's store. Every byte is
+//! verified against its digest and validated before a kernel is handed out, and concurrent
+//! requests for one digest share a single fetch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use kernelflow_crds::{ArtifactRef, Conv2dSpec};
+
+use super::disk::DiskCache;
+use super::format::{self, ArtifactError, Kernel, Limits};
+use super::memory::MemoryCache;
+use super::metrics::{CacheMetrics, Tier};
+use super::remote::{Remote, RetryPolicy};
+
+/// Sizes and policies of the store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub memory_bytes: usize,
+    /// Directory of the disk tier (a hostPath in the chart); `None` keeps memory only.
+    pub disk_dir: Option<PathBuf>,
+    pub disk_bytes: u64,
+    pub limits: Limits,
+    pub retry: RetryPolicy,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 512 << 20,
+            disk_dir: None,
+            disk_bytes: 10 << 30,
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+type Pending = Shared<BoxFuture<'static, Result<Arc<Kernel>, ArtifactError>>>;
+
+/// Kernels by digest, through the three tiers.
+pub struct KernelStore {
+    memory: MemoryCache,
+    disk: Option<DiskCache>,
+    remote: Remote,
+    limits: Limits,
+    inflight: Mutex<HashMap<String, Pending>>,
+    pub metrics: CacheMetrics,
+}
+
+impl KernelStore {
+    pub fn new(config: StoreConfig, metrics: CacheMetrics) -> std::io::Result<Arc<Self>> {
+        let disk = config
+            .disk_dir
+            .as_deref()
+            .map(|d| DiskCache::open(d, config.disk_bytes, metrics.clone()))
+            .transpose()?;
+        Ok(Arc::new(Self {
+            memory: MemoryCache::new(config.memory_bytes, metrics.clone()),
+            disk,
+            remote: Remote::new(config.retry, metrics.clone()),
+            limits: config.limits,
+            inflight: Mutex::default(),
+            metrics,
+        }))
+    }
+
+    /// The kernel of `artifact`, validated against the declared `conv2d`.
+    pub async fn get(
+        self: &Arc<Self>,
+        artifact: &ArtifactRef,
+        conv2d: &Conv2dSpec,
+    ) -> Result<Arc<Kernel>, ArtifactError> {
+        let started = Instant::now();
+        if let Some(k) = self
+            .memory
+            .get(&artifact.sha256)
+            .filter(|k| k.conv2d == *conv2d)
+        {
+            return Ok(k);
+        }
+        let key = format!("{}:{conv2d:?}", artifact.sha256);
+        let pending = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            inflight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let (store, artifact, conv2d) =
+                        (self.clone(), artifact.clone(), conv2d.clone());
+                    async move { store.load(&artifact, &conv2d).await.map(Arc::new) }
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        let result = pending.await;
+        self.inflight.lock().expect("inflight lock").remove(&key);
+        match &result {
+            Ok(k) => {
+                self.memory.insert(k.clone());
+                self.metrics
+                    .load_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(e) if !e.retryable() => self
+                .metrics
+                .validation_failures
+                .with_label_values(&[e.reason()])
+                .inc(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn load(
+        self: &Arc<Self>,
+        artifact: &ArtifactRef,
+        conv2d: &Conv2dSpec,
+    ) -> Result<Kernel, ArtifactError> {
+        let cached = match &self.disk {
+            Some(_) => {
+                let store = self.clone();
+                let digest = artifact.sha256.clone();
+                tokio::task::spawn_blocking(move || {
+                    store.disk.as_ref().and_then(|d| d.get(&digest))
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            None => None,
+        };
+        if let Some(bytes) = cached {
+            // The disk tier checked the digest on read.
+            return format::parse(&bytes, &artifact.sha256, conv2d, &self.limits);
+        }
+        let fetched = self
+            .remote
+            .fetch(&artifact.url, self.limits.max_bytes)
+            .await;
+        self.metrics.count(Tier::Remote, fetched.is_ok());
+        let bytes = fetched?;
+        let kernel = format::verify(&bytes, &artifact.sha256, conv2d, &self.limits)?;
+        if self.disk.is_some() {
+            let store = self.clone();
+            let digest = artifact.sha256.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Some(Err(e)) = store.disk.as_ref().map(|d| d.put(&digest, &bytes)) {
+                    tracing::warn!(error = %e, digest, "writing the disk cache failed; serving from memory");
+                }
+            })
+            .await
+            .ok();
+        }
+        Ok(kernel)
+    }
+
+    /// The remote tier, for breaker state.
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+}

@@ -1,0 +1,230 @@
+//! The store against a real HTTP server on loopback that serves artifacts well, and badly:
+//! failing, hanging, truncating, sending wrong bytes, and claiming gigabytes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kernelflow_crds::ArtifactRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::format::tests::{artifact, conv};
+use super::format::{ArtifactError, sha256_hex};
+use super::metrics::CacheMetrics;
+use super::remote::{BreakerState, RetryPolicy};
+use super::store::{KernelStore, StoreConfig};
+
+/// A loopback HTTP/1.1 server; the path picks the behaviour. Counts requests.
+struct Server {
+    addr: std::net::SocketAddr,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(good: Vec<u8>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = requests.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let good = good.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let ok = |len: usize| {
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
+                };
+                match path.as_str() {
+                    "/ok" => {
+                        let _ = sock.write_all(ok(good.len()).as_bytes()).await;
+                        let _ = sock.write_all(&good).await;
+                    }
+                    "/slow" => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = sock.write_all(ok(good.len()).as_bytes()).await;
+                        let _ = sock.write_all(&good).await;
+                    }
+                    "/fail" => {
+                        let _ = sock.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    }
+                    "/hang" => tokio::time::sleep(Duration::from_secs(3600)).await,
+                    "/truncated" => {
+                        let _ = sock.write_all(ok(good.len()).as_bytes()).await;
+                        let _ = sock.write_all(&good[..good.len() / 2]).await;
+                    }
+                    "/wrong" => {
+                        let mut bad = good.clone();
+                        let last = bad.len() - 1;
+                        bad[last] ^= 0xff;
+                        let _ = sock.write_all(ok(bad.len()).as_bytes()).await;
+                        let _ = sock.write_all(&bad).await;
+                    }
+                    "/gigabytes" => {
+                        let _ = sock.write_all(ok(5 << 30).as_bytes()).await;
+                        let _ = sock.write_all(&good).await;
+                    }
+                    _ => {
+                        let _ = sock.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    }
+                }
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Server {
+        addr,
+        requests,
+        task,
+    }
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+        attempt_timeout: Duration::from_millis(500),
+        breaker_threshold: 5,
+        breaker_cooldown: Duration::from_secs(60),
+    }
+}
+
+fn store(disk: Option<std::path::PathBuf>) -> Arc<KernelStore> {
+    KernelStore::new(
+        StoreConfig {
+            disk_dir: disk,
+            retry: policy(),
+            ..StoreConfig::default()
+        },
+        CacheMetrics::default(),
+    )
+    .unwrap()
+}
+
+fn reference(server: &Server, path: &str, sha256: &str) -> ArtifactRef {
+    ArtifactRef {
+        url: format!("http://{}{path}", server.addr),
+        sha256: sha256.into(),
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kf-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[tokio::test]
+async fn fetches_once_then_serves_from_memory_and_disk() {
+    let (bytes, digest) = artifact(1);
+    let server = serve(bytes).await;
+    let dir = temp_dir("tiers");
+    let s = store(Some(dir.clone()));
+    let a = reference(&server, "/slow", &digest);
+    // Ten concurrent requests share one fetch.
+    let c = conv();
+    let all = futures::future::join_all((0..10).map(|_| s.get(&a, &c))).await;
+    assert!(all.iter().all(Result::is_ok));
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+    s.get(&a, &conv()).await.unwrap();
+    assert_eq!(s.metrics.hits.with_label_values(&["memory"]).get(), 1);
+
+    // A restarted agent (a new store on the same disk) is warm without the server.
+    drop(server);
+    let restarted = store(Some(dir));
+    let k = restarted.get(&a, &conv()).await.unwrap();
+    assert_eq!(k.sha256, digest);
+    assert_eq!(restarted.metrics.hits.with_label_values(&["disk"]).get(), 1);
+}
+
+#[tokio::test]
+async fn bad_answers_are_typed_refusals() {
+    let (bytes, digest) = artifact(2);
+    let server = serve(bytes).await;
+    let s = store(None);
+    let cases = [
+        ("/wrong", "DigestMismatch"),
+        ("/truncated", "FetchFailed"),
+        ("/gigabytes", "TooLarge"),
+        ("/hang", "FetchFailed"),
+        ("/missing", "NotFound"),
+    ];
+    for (path, reason) in cases {
+        let err = s
+            .get(&reference(&server, path, &digest), &conv())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), reason, "{path}: {err}");
+    }
+    assert_eq!(
+        s.metrics
+            .validation_failures
+            .with_label_values(&["DigestMismatch"])
+            .get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_header_claiming_gigabytes_is_refused_cheaply() {
+    let (mut bytes, _) = artifact(3);
+    bytes[..8].copy_from_slice(&(4u64 << 30).to_le_bytes());
+    let digest = sha256_hex(&bytes);
+    let server = serve(bytes).await;
+    let err = store(None)
+        .get(&reference(&server, "/ok", &digest), &conv())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ArtifactError::HeaderTooLarge { claimed, .. } if claimed == 4 << 30),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_breaker_opens_and_cached_kernels_keep_serving() {
+    let (bytes, digest) = artifact(4);
+    let server = serve(bytes).await;
+    let s = store(None);
+    let good = reference(&server, "/ok", &digest);
+    s.get(&good, &conv()).await.unwrap();
+    let failing = reference(&server, "/fail", &"1".repeat(64));
+    // Two attempts per get: the fifth consecutive failure opens the breaker.
+    for _ in 0..2 {
+        assert_eq!(
+            s.get(&failing, &conv()).await.unwrap_err().reason(),
+            "FetchFailed"
+        );
+    }
+    let before = server.requests.load(Ordering::SeqCst);
+    let err = s.get(&failing, &conv()).await.unwrap_err();
+    assert_eq!(s.remote().breaker(&failing.url), Some(BreakerState::Open));
+    assert_eq!(err.reason(), "StoreUnavailable", "{err}");
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        before + 1,
+        "an open breaker sends nothing more"
+    );
+    assert_eq!(
+        s.metrics
+            .breaker_open
+            .with_label_values(&[&format!("http://{}", server.addr)])
+            .get(),
+        1
+    );
+    // The cached kernel still serves.
+    assert!(s.get(&good, &conv()).await.is_ok());
+}
