@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod compute;
 pub mod report;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,6 +30,18 @@ pub struct Args {
     /// Seconds between node reports; bounds the agent's write rate to the API server.
     #[arg(long, env = "KERNELFLOW_REPORT_INTERVAL", default_value_t = 10)]
     pub report_interval_seconds: u64,
+    /// Directory of the on-disk kernel cache (a hostPath in the chart); none keeps memory only.
+    #[arg(long, env = "KERNELFLOW_CACHE_DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Bytes of kernels kept in memory.
+    #[arg(long, env = "KERNELFLOW_MEMORY_CACHE_BYTES", default_value_t = 512 << 20)]
+    pub memory_cache_bytes: usize,
+    /// Bytes of artifacts kept on disk.
+    #[arg(long, env = "KERNELFLOW_DISK_CACHE_BYTES", default_value_t = 10 << 30)]
+    pub disk_cache_bytes: u64,
+    /// Largest parameter count an artifact may hold.
+    #[arg(long, env = "KERNELFLOW_MAX_PARAMETERS", default_value_t = 10_000_000)]
+    pub max_parameters: usize,
 }
 
 /// The agent's metrics.
@@ -90,12 +103,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.http_addr))?;
     let http = tokio::spawn(async move { axum::serve(listener, app).await });
 
+    let cache_metrics = artifact::metrics::CacheMetrics::default();
+    cache_metrics.register(&metrics.registry)?;
+    let store_config = artifact::store::StoreConfig {
+        memory_bytes: args.memory_cache_bytes,
+        disk_dir: args.cache_dir.clone(),
+        disk_bytes: args.disk_cache_bytes,
+        limits: artifact::format::Limits {
+            max_parameters: args.max_parameters,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let store = artifact::store::KernelStore::new(store_config, cache_metrics)
+        .context("opening the kernel cache")?;
+    let warmer = warm::Warmer::new(store);
+    let warming = tokio::spawn(warm::run(
+        client.clone(),
+        args.node_name.clone(),
+        warmer.clone(),
+    ));
+
     let reporter = report::Reporter::new(client, &args.node_name, backend);
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval_seconds.max(1)));
     let reports = async {
         loop {
             tick.tick().await;
-            match reporter.publish().await {
+            match reporter.publish(warmer.report()).await {
                 Ok(()) => metrics.reports.inc(),
                 Err(e) => {
                     metrics.report_errors.inc();
@@ -108,6 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::select! {
         () = reports => {}
         r = http => r??,
+        r = warming => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

@@ -2,6 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kernelflow_crds::node_report::KernelReport;
 use kernelflow_crds::{NodeReport, NodeReportSpec};
 use kube::api::{Api, Patch, PatchParams};
 
@@ -24,7 +25,7 @@ impl Reporter {
     }
 
     /// The report as of now.
-    pub fn build(&self) -> NodeReport {
+    pub fn build(&self, kernels: Vec<KernelReport>) -> NodeReport {
         NodeReport::new(
             &self.node,
             NodeReportSpec {
@@ -32,17 +33,17 @@ impl Reporter {
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 backend: self.backend.clone(),
                 heartbeat_time: Time(Timestamp::now()),
-                kernel_count: 0,
-                kernels: Vec::new(),
+                kernel_count: kernels.len() as u32,
+                kernels,
             },
         )
     }
 
     /// Applies the report, creating it on the first call.
-    pub async fn publish(&self) -> Result<(), kube::Error> {
+    pub async fn publish(&self, kernels: Vec<KernelReport>) -> Result<(), kube::Error> {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         self.api
-            .patch(&self.node, &pp, &Patch::Apply(&self.build()))
+            .patch(&self.node, &pp, &Patch::Apply(&self.build(kernels)))
             .await?;
         Ok(())
     }

@@ -1,0 +1,160 @@
+//! Packs conv2d weights into a kernel artifact and prints its digest and the KernelDeployment
+//! stanza that names it.
+//!
+//! kernelflow-pack --in-channels 64 --out-channels 64 --kernel-size 3,3 --padding 1,1 \
+//!     --weights w.f32 [--bias b.f32] --out conv.safetensors
+//!
+//! Weights are raw little-endian f32, `[out, in/groups, kh, kw]` row-major; `--seed` makes
+//! deterministic random ones instead (for demos and tests).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kernelflow_agent::artifact::format::{Limits, pack, sha256_hex, verify};
+use kernelflow_agent::compute::ops::uniform;
+use kernelflow_crds::{Conv2dSpec, DType};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kernelflow-pack",
+    version,
+    about = "Pack conv2d weights into a kernelflow kernel artifact"
+)]
+struct Args {
+    #[arg(long)]
+    in_channels: u32,
+    #[arg(long)]
+    out_channels: u32,
+    /// Kernel height and width, as `H,W`.
+    #[arg(long, value_parser = pair)]
+    kernel_size: [u32; 2],
+    #[arg(long, value_parser = pair, default_value = "1,1")]
+    stride: [u32; 2],
+    #[arg(long, value_parser = pair, default_value = "0,0")]
+    padding: [u32; 2],
+    #[arg(long, value_parser = pair, default_value = "1,1")]
+    dilation: [u32; 2],
+    #[arg(long, default_value_t = 1)]
+    groups: u32,
+    /// Pack no bias tensor.
+    #[arg(long)]
+    no_bias: bool,
+    /// Raw little-endian f32 weights.
+    #[arg(long, conflicts_with = "seed", required_unless_present = "seed")]
+    weights: Option<PathBuf>,
+    /// Raw little-endian f32 bias.
+    #[arg(long, conflicts_with = "seed")]
+    bias: Option<PathBuf>,
+    /// Deterministic random weights and bias from this seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Multiply the weights by this factor (for example to make a revision that overflows).
+    #[arg(long, default_value_t = 1.0)]
+    weight_scale: f32,
+    /// Declare the artifact to compute the same function as the artifact with this sha256.
+    #[arg(long)]
+    equivalent_to: Option<String>,
+    /// Where to write the artifact.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn pair(s: &str) -> Result<[u32; 2], String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    match parts.as_slice() {
+        [a, b] => Ok([
+            a.trim().parse().map_err(|e| format!("{e}"))?,
+            b.trim().parse().map_err(|e| format!("{e}"))?,
+        ]),
+        [a] => a.trim().parse().map(|v| [v, v]).map_err(|e| format!("{e}")),
+        _ => Err(format!("expected H,W, got {s:?}")),
+    }
+}
+
+fn read_f32(path: &PathBuf, expected: usize, what: &str) -> anyhow::Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() != 4 * expected {
+        bail!(
+            "{} holds {} bytes; the {what} needs {expected} f32 values ({} bytes)",
+            path.display(),
+            bytes.len(),
+            4 * expected
+        );
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect())
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let conv = Conv2dSpec {
+        in_channels: a.in_channels,
+        out_channels: a.out_channels,
+        kernel_size: a.kernel_size,
+        stride: a.stride,
+        padding: a.padding,
+        dilation: a.dilation,
+        groups: a.groups,
+        bias: !a.no_bias,
+        dtype: DType::F32,
+    };
+    if a.groups == 0
+        || !a.in_channels.is_multiple_of(a.groups)
+        || !a.out_channels.is_multiple_of(a.groups)
+    {
+        bail!(
+            "--groups {} must divide --in-channels {} and --out-channels {}",
+            a.groups,
+            a.in_channels,
+            a.out_channels
+        );
+    }
+    let weight_len =
+        (a.out_channels * a.in_channels / a.groups * a.kernel_size[0] * a.kernel_size[1]) as usize;
+    let (mut weight, bias) = match (a.seed, &a.weights) {
+        (Some(seed), _) => {
+            let scale = 1.0 / ((weight_len / a.out_channels as usize) as f32).sqrt();
+            (
+                uniform(weight_len, seed, scale),
+                conv.bias
+                    .then(|| uniform(a.out_channels as usize, seed + 1, scale)),
+            )
+        }
+        (None, Some(path)) => {
+            let bias = match (&a.bias, conv.bias) {
+                (Some(b), true) => Some(read_f32(b, a.out_channels as usize, "bias")?),
+                (None, true) => Some(vec![0.0; a.out_channels as usize]),
+                (Some(_), false) => bail!("--bias given with --no-bias"),
+                (None, false) => None,
+            };
+            (read_f32(path, weight_len, "weight")?, bias)
+        }
+        (None, None) => bail!("give --weights or --seed"),
+    };
+    weight.iter_mut().for_each(|w| *w *= a.weight_scale);
+    let bytes = pack(&conv, &weight, bias.as_deref(), a.equivalent_to.as_deref())?;
+    let digest = sha256_hex(&bytes);
+    verify(
+        &bytes,
+        &digest,
+        &conv,
+        &Limits {
+            max_parameters: usize::MAX,
+            max_bytes: usize::MAX,
+            ..Limits::default()
+        },
+    )
+    .context("the packed artifact does not validate")?;
+    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    let path = std::fs::canonicalize(&a.out)?;
+    println!(
+        "wrote {} ({} bytes)\nsha256: {digest}\n\nartifact:\n  url: file://{}\n  sha256: {digest}",
+        a.out.display(),
+        bytes.len(),
+        path.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Warming: every KernelDeployment whose `nodeSelector` matches this node's labels gets its
+//! kernel fetched, verified, validated and loaded ahead of traffic. Failures are reported
+//! with their reason and retried with backoff; kernels already warm keep serving.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kernelflow_crds::node_report::KernelReport;
+use kernelflow_crds::{ArtifactRef, Conv2dSpec, KernelDeployment};
+use kube::api::Api;
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::artifact::format::{ArtifactError, Kernel};
+use crate::artifact::store::KernelStore;
+
+/// A kernel's state on this node.
+#[derive(Clone, Debug)]
+enum State {
+    Warming,
+    Warm(Arc<Kernel>),
+    Failed {
+        error: ArtifactError,
+        attempts: u32,
+        retry_at: Instant,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    artifact: ArtifactRef,
+    conv2d: Conv2dSpec,
+    state: State,
+}
+
+/// The kernels this node should serve, and where each stands.
+pub struct Warmer {
+    store: Arc<KernelStore>,
+    entries: Mutex<BTreeMap<(String, String), Entry>>,
+}
+
+/// Wait before retry `attempts` (1-based): doubling from 2 s, capped at a minute for store
+/// failures and at five for artifacts that failed validation (their bytes rarely change).
+fn retry_delay(error: &ArtifactError, attempts: u32) -> Duration {
+    let cap = if error.retryable() { 60 } else { 300 };
+    Duration::from_secs((2u64 << attempts.saturating_sub(1).min(8)).min(cap))
+}
+
+impl Warmer {
+    pub fn new(store: Arc<KernelStore>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            entries: Mutex::default(),
+        })
+    }
+
+    /// Brings the entries in line with the KernelDeployments selecting a node with `labels`,
+    /// starting warm-ups that are due.
+    pub fn sync(
+        self: &Arc<Self>,
+        deployments: &[Arc<KernelDeployment>],
+        labels: &BTreeMap<String, String>,
+    ) {
+        let now = Instant::now();
+        let mut wanted = BTreeMap::new();
+        for kd in deployments {
+            let selects =
+                Selector::try_from(kd.spec.node_selector.clone()).is_ok_and(|s| s.matches(labels));
+            if selects && kd.metadata.deletion_timestamp.is_none() {
+                wanted.insert(
+                    (kd.namespace().unwrap_or_default(), kd.name_any()),
+                    (
+                        kd.spec.kernel.artifact.clone(),
+                        kd.spec.kernel.conv2d.clone(),
+                    ),
+                );
+            }
+        }
+        let mut entries = self.entries.lock().expect("entries lock");
+        entries.retain(|key, _| wanted.contains_key(key));
+        for (key, (artifact, conv2d)) in wanted {
+            let due = match entries.get(&key) {
+                Some(e) if e.artifact != artifact || e.conv2d != conv2d => true,
+                Some(Entry {
+                    state: State::Failed { retry_at, .. },
+                    ..
+                }) => *retry_at <= now,
+                Some(_) => false,
+                None => true,
+            };
+            if !due {
+                continue;
+            }
+            let attempts = match entries.get(&key) {
+                Some(Entry {
+                    state: State::Failed { attempts, .. },
+                    artifact: a,
+                    ..
+                }) if *a == artifact => *attempts,
+                _ => 0,
+            };
+            entries.insert(
+                key.clone(),
+                Entry {
+                    artifact: artifact.clone(),
+                    conv2d: conv2d.clone(),
+                    state: State::Warming,
+                },
+            );
+            let warmer = self.clone();
+            tokio::spawn(async move {
+                let result = warmer.store.get(&artifact, &conv2d).await;
+                let mut entries = warmer.entries.lock().expect("entries lock");
+                // The deployment may have changed or gone while this ran.
+                let Some(entry) = entries
+                    .get_mut(&key)
+                    .filter(|e| e.artifact == artifact && e.conv2d == conv2d)
+                else {
+                    return;
+                };
+                entry.state = match result {
+                    Ok(kernel) => {
+                        tracing::info!(
+                            namespace = key.0,
+                            name = key.1,
+                            digest = artifact.sha256,
+                            "kernel warm"
+                        );
+                        State::Warm(kernel)
+                    }
+                    Err(error) => {
+                        let attempts = attempts + 1;
+                        tracing::warn!(namespace = key.0, name = key.1, reason = error.reason(), %error, attempts, "kernel failed to warm");
+                        let retry_at = Instant::now() + retry_delay(&error, attempts);
+                        State::Failed {
+                            error,
+                            attempts,
+                            retry_at,
+                        }
+                    }
+                };
+            });
+        }
+    }
+
+    /// The warm kernel of a KernelDeployment, if any.
+    pub fn kernel(&self, namespace: &str, name: &str) -> Option<Arc<Kernel>> {
+        match &self
+            .entries
+            .lock()
+            .expect("entries lock")
+            .get(&(namespace.to_string(), name.to_string()))?
+            .state
+        {
+            State::Warm(k) => Some(k.clone()),
+            _ => None,
+        }
+    }
+
+    /// Per-kernel entries of the node report.
+    pub fn report(&self) -> Vec<KernelReport> {
+        self.entries
+            .lock()
+            .expect("entries lock")
+            .iter()
+            .map(|((namespace, name), e)| {
+                let (state, reason, message) = match &e.state {
+                    State::Warming => ("Warming", None, None),
+                    State::Warm(_) => ("Warm", None, None),
+                    State::Failed { error, .. } => (
+                        "Failed",
+                        Some(error.reason().to_string()),
+                        Some(error.to_string()),
+                    ),
+                };
+                KernelReport {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    canary_sha256: e.artifact.sha256.clone(),
+                    state: state.into(),
+                    reason,
+                    message,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Watches KernelDeployments and this node's Node, keeping the warmer in sync, until dropped.
+pub async fn run(client: Client, node: String, warmer: Arc<Warmer>) {
+    let (kds, kd_writer) = reflector::store::<KernelDeployment>();
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let kd_events = reflector::reflector(
+        kd_writer,
+        watcher(
+            Api::<KernelDeployment>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|_| ());
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|_| ());
+    let mut events = std::pin::pin!(futures::stream::select(kd_events, node_events));
+    // A tick retries failures whose backoff has passed.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            Some(()) = events.next() => {}
+            _ = tick.tick() => {}
+        }
+        warmer.sync(&kds.state(), &labels(&nodes, &node));
+    }
+}
+
+fn labels(nodes: &Store<Node>, node: &str) -> BTreeMap<String, String> {
+    nodes
+        .state()
+        .iter()
+        .find(|n| n.name_any() == node)
+        .map(|n| n.labels().clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::format::{pack, sha256_hex};
+    use crate::artifact::metrics::CacheMetrics;
+    use crate::artifact::store::StoreConfig;
+    use crate::compute::ops::uniform;
+    use kernelflow_crds::DType;
+
+    fn conv() -> Conv2dSpec {
+        Conv2dSpec {
+            in_channels: 2,
+            out_channels: 2,
+            kernel_size: [1, 1],
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+            bias: true,
+            dtype: DType::F32,
+        }
+    }
+
+    fn kd(name: &str, url: &str, sha256: &str, selector: &str) -> Arc<KernelDeployment> {
+        let value = serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"kernel": {"artifact": {"url": url, "sha256": sha256},
+                                "conv2d": {"inChannels": 2, "outChannels": 2, "kernelSize": [1, 1]}},
+                     "nodeSelector": {"matchLabels": {"pool": selector}}}
+        });
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    async fn settle(w: &Arc<Warmer>) -> Vec<KernelReport> {
+        for _ in 0..200 {
+            let r = w.report();
+            if r.iter().all(|k| k.state != "Warming") {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("warming did not settle: {:?}", w.report());
+    }
+
+    #[tokio::test]
+    async fn warms_selected_kernels_and_reports_failures() {
+        let dir = std::env::temp_dir().join(format!("kf-warm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes = pack(&conv(), &uniform(4, 1, 1.0), Some(&[0.0, 0.0]), None).unwrap();
+        let good = dir.join("good.safetensors");
+        std::fs::write(&good, &bytes).unwrap();
+        let url = format!("file://{}", good.display());
+        let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
+        let warmer = Warmer::new(store);
+        let labels: BTreeMap<String, String> = [("pool".to_string(), "a".to_string())].into();
+        let deployments = vec![
+            kd("ok", &url, &sha256_hex(&bytes), "a"),
+            kd("corrupt", &url, &"0".repeat(64), "a"),
+            kd("elsewhere", &url, &sha256_hex(&bytes), "b"),
+        ];
+        warmer.sync(&deployments, &labels);
+        let report = settle(&warmer).await;
+        let by_name: BTreeMap<_, _> = report.iter().map(|k| (k.name.as_str(), k)).collect();
+        assert_eq!(by_name.len(), 2, "only selected deployments: {report:?}");
+        assert_eq!(by_name["ok"].state, "Warm");
+        assert_eq!(by_name["corrupt"].state, "Failed");
+        assert_eq!(by_name["corrupt"].reason.as_deref(), Some("DigestMismatch"));
+        assert!(warmer.kernel("ns", "ok").is_some());
+
+        // The node's labels change: it leaves one rollout and joins another.
+        let moved: BTreeMap<String, String> = [("pool".to_string(), "b".to_string())].into();
+        warmer.sync(&deployments, &moved);
+        let report = settle(&warmer).await;
+        assert_eq!(
+            report.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["elsewhere"]
+        );
+    }
+
+    #[test]
+    fn retries_back_off_within_caps() {
+        let store = ArtifactError::FetchFailed("x".into());
+        let bad = ArtifactError::NonFinite {
+            tensor: "weight".into(),
+            index: 0,
+        };
+        assert_eq!(retry_delay(&store, 1), Duration::from_secs(2));
+        assert_eq!(retry_delay(&store, 3), Duration::from_secs(8));
+        assert_eq!(retry_delay(&store, 30), Duration::from_secs(60));
+        assert_eq!(retry_delay(&bad, 30), Duration::from_secs(300));
+    }
+}
