@@ -85,6 +85,8 @@ impl Metrics {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // object_store links aws-lc-rs beside kube's ring: pick one for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;

@@ -8,15 +8,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kernelflow_crds::kernel_deployment::{KernelDeploymentStatus, RolloutPhase};
 use kernelflow_crds::validate::{self, FieldError};
-use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
+use kernelflow_crds::{AsyncTrainingJob, KernelDeployment, NodeReport};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,41 +32,87 @@ use crate::metrics::Metrics;
 /// Finalizer that lets a KernelDeployment drain its traffic before it goes away.
 pub const KERNEL_DEPLOYMENT_FINALIZER: &str = "kernelflow.dev/drain";
 
+/// How old a node report may be before its node counts as not reporting.
+pub const REPORT_STALE_AFTER: Duration = Duration::from_secs(60);
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: kube::Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
-}
-
-impl Context {
-    pub fn new(client: kube::Client, identity: &str, metrics: Metrics) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(identity.into()),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-        }
-    }
+    pub nodes: Store<Node>,
+    pub reports: Store<NodeReport>,
 }
 
 /// Runs both controllers until the future is dropped. `namespace` limits them to one.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, concurrency: u16) {
+pub async fn run(
+    client: kube::Client,
+    identity: String,
+    metrics: Metrics,
+    namespace: Option<String>,
+    concurrency: u16,
+) {
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (reports, report_writer) = reflector::store::<NodeReport>();
+    let node_watch = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    let report_watch = reflector::reflector(
+        report_writer,
+        watcher(
+            Api::<NodeReport>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: Some(identity),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let ctx = Arc::new(Context {
+        recorder,
+        client,
+        metrics,
+        nodes,
+        reports,
+    });
     let config = Config::default().concurrency(concurrency);
     let kd: Api<KernelDeployment> = api(&ctx.client, namespace.as_deref());
     let atj: Api<AsyncTrainingJob> = api(&ctx.client, namespace.as_deref());
+    // A node report wakes the KernelDeployments it mentions.
+    let kernels_ctx = ctx.clone();
     let kernels = Controller::new(kd, watcher::Config::default())
         .with_config(config.clone())
+        .watches(
+            Api::<NodeReport>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            |report| {
+                report
+                    .spec
+                    .kernels
+                    .into_iter()
+                    .map(|k| ObjectRef::<KernelDeployment>::new(&k.name).within(&k.namespace))
+                    .collect::<Vec<_>>()
+            },
+        )
         .run(reconcile_kernel_deployment, error_policy, ctx.clone())
         .for_each(|_| async {});
+    // Statuses built before the Node and NodeReport caches fill would report no nodes.
+    let kernels = async move {
+        let _ = kernels_ctx.nodes.wait_until_ready().await;
+        let _ = kernels_ctx.reports.wait_until_ready().await;
+        kernels.await
+    };
     let jobs = Controller::new(atj, watcher::Config::default())
         .with_config(config)
         .run(reconcile_training_job, error_policy, ctx)
         .for_each(|_| async {});
-    futures::join!(kernels, jobs);
+    futures::join!(kernels, jobs, node_watch, report_watch);
 }
 
 fn api<K: Resource<Scope = kube::core::NamespaceResourceScope>>(
@@ -119,20 +168,7 @@ async fn reconcile_kernel_deployment(
             Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
         finalizer(&api, KERNEL_DEPLOYMENT_FINALIZER, kd, |event| async {
             match event {
-                Finalizer::Apply(kd) => {
-                    let current = kd
-                        .status
-                        .as_ref()
-                        .map(|s| (s.observed_generation, s.conditions.as_slice()));
-                    accept(
-                        &ctx,
-                        &*kd,
-                        validate::kernel_deployment(&kd.spec),
-                        current,
-                        "Pending",
-                    )
-                    .await
-                }
+                Finalizer::Apply(kd) => apply_kernel_deployment(&ctx, &kd).await,
                 // Nothing runs on the nodes yet, so there is no traffic to drain.
                 Finalizer::Cleanup(_) => Ok(Action::await_change()),
             }
@@ -141,6 +177,62 @@ async fn reconcile_kernel_deployment(
         .map_err(|e| Error::Finalizer(e.to_string()))
     })
     .await
+}
+
+/// Validates the spec and records what the selected nodes report of the kernel.
+async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result<Action> {
+    let old = kd.status.clone().unwrap_or_default();
+    let generation = kd.metadata.generation;
+    let verdict = validate::kernel_deployment(&kd.spec);
+    let mut status = KernelDeploymentStatus {
+        observed_generation: generation,
+        ..old.clone()
+    };
+    let mut conditions = vec![accepted(&verdict, generation, &old.conditions)];
+    let mut wait = Action::await_change();
+    if verdict.is_ok() {
+        let (counts, ready, unservable) = crate::nodes::summarize(
+            kd,
+            &ctx.nodes.state(),
+            &ctx.reports.state(),
+            Timestamp::now(),
+            REPORT_STALE_AFTER,
+        );
+        conditions.push(condition(
+            "KernelReady",
+            ready.status,
+            &ready.reason,
+            &ready.message,
+            generation,
+            &old.conditions,
+        ));
+        if unservable {
+            status.phase = RolloutPhase::Failed;
+        } else if ready.status != "True" && counts.selected > 0 {
+            status.phase = RolloutPhase::Warming;
+        }
+        status.nodes = counts;
+        if ready.status != "True" {
+            // Nodes change labels and reports go stale without an event on this object.
+            wait = Action::requeue(Duration::from_secs(10));
+        }
+    } else {
+        status.phase = RolloutPhase::Failed;
+    }
+    status.conditions = conditions;
+    if status != old {
+        let patch = serde_json::json!({"apiVersion": KernelDeployment::api_version(&()), "kind": "KernelDeployment", "status": status});
+        let api: Api<KernelDeployment> =
+            Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
+        api.patch_status(
+            &kd.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+        publish_transitions(ctx, kd, &old.conditions, &status.conditions).await;
+    }
+    Ok(wait)
 }
 
 #[instrument(skip_all, fields(namespace = job.namespace(), name = job.name_any()))]
@@ -180,13 +272,8 @@ where
 {
     let generation = obj.meta().generation;
     let (observed, conditions) = current.unwrap_or((None, &[]));
-    let (status, reason, message) = match &verdict {
-        Ok(()) => ("True", "Valid", "the spec is valid".to_string()),
-        Err(errors) => ("False", "InvalidSpec", validate::describe(errors)),
-    };
-    let accepted = condition("Accepted", status, reason, &message, generation, conditions);
-    let previous = conditions.iter().find(|c| c.type_ == "Accepted");
-    if observed == generation && previous == Some(&accepted) {
+    let accepted = accepted(&verdict, generation, conditions);
+    if observed == generation && conditions.contains(&accepted) {
         return Ok(Action::await_change());
     }
     let mut status_body = serde_json::json!({
@@ -208,25 +295,71 @@ where
         &Patch::Apply(patch),
     )
     .await?;
-    if previous.map(|c| (&c.status, &c.reason)) != Some((&accepted.status, &accepted.reason)) {
-        info!(reason, "spec verdict changed");
+    publish_transitions(ctx, obj, conditions, std::slice::from_ref(&accepted)).await;
+    // An invalid spec waits for the user to change it; a valid one for the next event.
+    Ok(Action::await_change())
+}
+
+/// The `Accepted` condition for a validation verdict.
+fn accepted(
+    verdict: &Result<(), Vec<FieldError>>,
+    generation: Option<i64>,
+    existing: &[Condition],
+) -> Condition {
+    match verdict {
+        Ok(()) => condition(
+            "Accepted",
+            "True",
+            "Valid",
+            "the spec is valid",
+            generation,
+            existing,
+        ),
+        Err(errors) => condition(
+            "Accepted",
+            "False",
+            "InvalidSpec",
+            &validate::describe(errors),
+            generation,
+            existing,
+        ),
+    }
+}
+
+/// An Event for each condition whose status or reason changed: Normal when it holds (or is
+/// settling), Warning when it does not.
+async fn publish_transitions<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    old: &[Condition],
+    new: &[Condition],
+) {
+    for c in new {
+        let before = old.iter().find(|o| o.type_ == c.type_);
+        if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+            continue;
+        }
+        info!(
+            condition = c.type_,
+            status = c.status,
+            reason = c.reason,
+            "condition changed"
+        );
         let event = Event {
-            type_: if verdict.is_ok() {
-                EventType::Normal
-            } else {
+            type_: if c.status == "False" {
                 EventType::Warning
+            } else {
+                EventType::Normal
             },
-            reason: reason.into(),
-            note: Some(truncate(&message, 1000)),
-            action: "Validate".into(),
+            reason: c.reason.clone(),
+            note: Some(truncate(&c.message, 1000)),
+            action: c.type_.clone(),
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, "publishing an event failed");
         }
     }
-    // An invalid spec waits for the user to change it; a valid one for the next event.
-    Ok(Action::await_change())
 }
 
 /// A condition, keeping the previous transition time when its status did not change.

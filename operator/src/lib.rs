@@ -6,6 +6,7 @@ pub mod controller;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod nodes;
 pub mod telemetry;
 pub mod webhook;
 
@@ -138,19 +139,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             shutdown_signal().await;
             return Ok(());
         }
-        let ctx = Arc::new(controller::Context::new(
-            client.clone(),
-            &identity,
-            metrics.clone(),
-        ));
         let lease = leader::LeaseConfig {
             namespace: &args.namespace,
             name: &args.lease_name,
             identity: &identity,
             duration_seconds: args.lease_duration_seconds,
         };
-        let controllers =
-            || controller::run(ctx.clone(), args.watch_namespace.clone(), args.concurrency);
+        let controllers = || {
+            let (namespace, concurrency) = (args.watch_namespace.clone(), args.concurrency);
+            controller::run(
+                client.clone(),
+                identity.clone(),
+                metrics.clone(),
+                namespace,
+                concurrency,
+            )
+        };
         leader::lead(&client, lease, &metrics, controllers, shutdown_signal()).await
     };
     let result = tokio::select! {

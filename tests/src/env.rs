@@ -221,7 +221,7 @@ impl Drop for Process {
 
 /// Path of a kernelflow binary: `$KERNELFLOW_BIN_DIR/<name>`, or beside the test executable's
 /// target directory (built by `cargo build --workspace --bins`).
-fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
+pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("KERNELFLOW_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => {

@@ -187,6 +187,9 @@ impl Remote {
     pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Vec<u8>, ArtifactError> {
         let (scheme, authority, path) = split(url)?;
         let (key, store) = self.store(&scheme, &authority)?;
+        if scheme == "file" && !std::path::Path::new(&format!("/{path}")).exists() {
+            return Err(ArtifactError::NotFound(url.to_string()));
+        }
         let location = if scheme == "file" {
             StorePath::from_filesystem_path(format!("/{path}"))
                 .map_err(|e| ArtifactError::FetchFailed(e.to_string()))?

@@ -83,7 +83,9 @@ impl KernelStore {
         {
             return Ok(k);
         }
-        let key = format!("{}:{conv2d:?}", artifact.sha256);
+        // Per URL: another deployment naming the same digest at a broken URL must not
+        // fail this one; whichever fetch succeeds fills the tiers for both.
+        let key = format!("{}:{}:{conv2d:?}", artifact.sha256, artifact.url);
         let pending = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             inflight

@@ -4,6 +4,7 @@
 mod admission;
 mod agent;
 mod controllers;
+mod kernels;
 mod leader;
 
 use std::future::Future;
