@@ -206,11 +206,15 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
             generation,
             &old.conditions,
         ));
-        if unservable {
-            status.phase = RolloutPhase::Failed;
+        // Until rollouts drive the phase: Failed for an artifact no node can serve,
+        // Warming while selected nodes load it, Pending once it is warm everywhere.
+        status.phase = if unservable {
+            RolloutPhase::Failed
         } else if ready.status != "True" && counts.selected > 0 {
-            status.phase = RolloutPhase::Warming;
-        }
+            RolloutPhase::Warming
+        } else {
+            RolloutPhase::Pending
+        };
         status.nodes = counts;
         if ready.status != "True" {
             // Nodes change labels and reports go stale without an event on this object.

@@ -165,6 +165,8 @@ impl ControlPlane {
 
     /// A client for this control plane, as the administrator.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        // The workspace links both rustls providers (kube's ring, object_store's aws-lc-rs).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let kc = Kubeconfig::read_from(&self.kubeconfig)?;
         let config =
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;

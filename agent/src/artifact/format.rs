@@ -488,4 +488,27 @@ pub(crate) mod tests {
             "{err}"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Hostile bytes (a valid artifact with bytes flipped, cut, or a forged header length)
+        /// are refused with an error, never a panic.
+        #[test]
+        fn mutated_artifacts_never_panic(
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..8),
+            cut in 0usize..4096,
+            header in proptest::option::of(proptest::prelude::any::<u64>()),
+        ) {
+            let (mut bytes, _) = artifact(9);
+            for (at, value) in flips {
+                let i = at % bytes.len();
+                bytes[i] = value;
+            }
+            if let Some(h) = header {
+                bytes[..8].copy_from_slice(&h.to_le_bytes());
+            }
+            bytes.truncate(cut.max(1) % (bytes.len() + 1));
+            let _ = parse(&bytes, &sha256_hex(&bytes), &conv(), &Limits::default());
+        }
+    }
 }

@@ -83,9 +83,15 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
     }
     wait_ready(&operator).await?;
 
+    let (url, sha256) = serve_artifact(env).await?;
+    println!("serving a packed kernel artifact at {url} (sha256 {sha256})");
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     for file in ["kerneldeployment.yaml", "asynctrainingjob.yaml"] {
-        apply(&client, &examples.join(file))
+        // The example names a placeholder artifact; the demo points it at the one it serves.
+        let artifact =
+            serde_json::json!({"spec": {"kernel": {"artifact": {"url": url, "sha256": sha256}}}});
+        let patch = (file == "kerneldeployment.yaml").then_some(artifact);
+        apply(&client, &examples.join(file), patch)
             .await
             .with_context(|| format!("applying examples/{file}"))?;
         println!("applied examples/{file}");
@@ -161,9 +167,70 @@ async fn wait_ready(operator: &kernelflow_e2e::env::Process) -> anyhow::Result<(
     Ok(())
 }
 
-async fn apply(client: &kube::Client, path: &Path) -> anyhow::Result<()> {
+/// Packs the example's 64->64 3x3 kernel with `kernelflow-pack` and serves it over HTTP on
+/// loopback, as an artifact store would.
+async fn serve_artifact(env: &Shared) -> anyhow::Result<(String, String)> {
+    let file = env.logs.join("conv3x3-64.safetensors");
+    let out = std::process::Command::new(kernelflow_e2e::env::binary_path("kernelflow-pack")?)
+        .args([
+            "--in-channels",
+            "64",
+            "--out-channels",
+            "64",
+            "--kernel-size",
+            "3,3",
+            "--padding",
+            "1,1",
+            "--seed",
+            "7",
+            "--out",
+        ])
+        .arg(&file)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kernelflow-pack failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    let sha256 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256: "))
+        .context("kernelflow-pack printed no digest")?
+        .to_string();
+    let body = std::sync::Arc::new(std::fs::read(&file)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    Ok((format!("http://{addr}/conv3x3-64.safetensors"), sha256))
+}
+
+async fn apply(
+    client: &kube::Client,
+    path: &Path,
+    patch: Option<serde_json::Value>,
+) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)?;
-    let object: DynamicObject = serde_yaml::from_str(&text)?;
+    let mut value: serde_json::Value = serde_yaml::from_str(&text)?;
+    if let Some(patch) = patch {
+        merge(&mut value, patch);
+    }
+    let object: DynamicObject = serde_json::from_value(value)?;
     let types = object.types.clone().context("no apiVersion/kind")?;
     let gvk = GroupVersionKind::try_from(&types)?;
     let plural = format!("{}s", gvk.kind.to_lowercase());
@@ -182,24 +249,42 @@ async fn apply(client: &kube::Client, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
 /// A table of the demo's resources.
 async fn render(client: &kube::Client) -> anyhow::Result<String> {
     let lp = ListParams::default();
     let mut out =
-        String::from("KERNELDEPLOYMENT            PHASE        STEP  TRAFFIC  ACCEPTED\n");
+        String::from("KERNELDEPLOYMENT            PHASE        STEP  TRAFFIC  WARM  KERNEL\n");
     for kd in Api::<KernelDeployment>::namespaced(client.clone(), NAMESPACE)
         .list(&lp)
         .await?
     {
         let s = kd.status.unwrap_or_default();
         let step = s.current_step_index.map_or("-".into(), |i| i.to_string());
+        let kernel = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "KernelReady")
+            .map_or("-".into(), |c| c.reason.clone());
         out += &format!(
-            "{:<27} {:<12} {:<5} {:>6}%  {}\n",
+            "{:<27} {:<12} {:<5} {:>6}%  {}/{}   {}\n",
             kd.metadata.name.unwrap_or_default(),
             format!("{:?}", s.phase),
             step,
             s.traffic_percent,
-            accepted(&s.conditions)
+            s.nodes.warmed,
+            s.nodes.selected,
+            kernel
         );
     }
     out += "\nASYNCTRAININGJOB            PHASE        PROGRESS  ACCEPTED\n";
