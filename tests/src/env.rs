@@ -245,6 +245,34 @@ pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Packs a 64->64 3x3 conv2d kernel (random weights from `seed`) into `path` with
+/// `kernelflow-pack`, as users do; returns its sha256.
+pub fn pack_kernel(path: &std::path::Path, seed: u64) -> anyhow::Result<String> {
+    let out = std::process::Command::new(binary_path("kernelflow-pack")?)
+        .args([
+            "--in-channels",
+            "64",
+            "--out-channels",
+            "64",
+            "--kernel-size",
+            "3,3",
+        ])
+        .args(["--padding", "1,1", "--seed", &seed.to_string(), "--out"])
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "kernelflow-pack failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    let sha256 = stdout.lines().find_map(|l| l.strip_prefix("sha256: "));
+    Ok(sha256
+        .context("kernelflow-pack printed no digest")?
+        .to_string())
+}
+
 /// Creates a namespace `<prefix>-<random>` labelled as a test namespace.
 pub async fn test_namespace(client: &kube::Client, prefix: &str) -> anyhow::Result<String> {
     let name = format!("{prefix}-{:08x}", rand_u32());

@@ -171,33 +171,7 @@ async fn wait_ready(operator: &kernelflow_e2e::env::Process) -> anyhow::Result<(
 /// loopback, as an artifact store would.
 async fn serve_artifact(env: &Shared) -> anyhow::Result<(String, String)> {
     let file = env.logs.join("conv3x3-64.safetensors");
-    let out = std::process::Command::new(kernelflow_e2e::env::binary_path("kernelflow-pack")?)
-        .args([
-            "--in-channels",
-            "64",
-            "--out-channels",
-            "64",
-            "--kernel-size",
-            "3,3",
-            "--padding",
-            "1,1",
-            "--seed",
-            "7",
-            "--out",
-        ])
-        .arg(&file)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "kernelflow-pack failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout)?;
-    let sha256 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256: "))
-        .context("kernelflow-pack printed no digest")?
-        .to_string();
+    let sha256 = kernelflow_e2e::env::pack_kernel(&file, 7)?;
     let body = std::sync::Arc::new(std::fs::read(&file)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

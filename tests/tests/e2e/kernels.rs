@@ -12,38 +12,10 @@ use crate::{eventually, kernel_deployment, merged, setup};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Packs a 64->64 3x3 kernel with `kernelflow-pack`; returns its file URL and sha256.
+/// Packs a kernel into the logs directory; returns its file URL and sha256.
 fn pack(env: &kernelflow_e2e::env::Shared, name: &str, seed: u64) -> (String, String) {
     let out = env.logs.join(format!("{name}.safetensors"));
-    let output =
-        std::process::Command::new(kernelflow_e2e::env::binary_path("kernelflow-pack").unwrap())
-            .args([
-                "--in-channels",
-                "64",
-                "--out-channels",
-                "64",
-                "--kernel-size",
-                "3,3",
-                "--padding",
-                "1,1",
-                "--seed",
-                &seed.to_string(),
-                "--out",
-            ])
-            .arg(&out)
-            .output()
-            .expect("running kernelflow-pack");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let sha = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256: "))
-        .expect("a digest line")
-        .to_string();
+    let sha = kernelflow_e2e::env::pack_kernel(&out, seed).expect("packing a kernel");
     (format!("file://{}", out.display()), sha)
 }
 

@@ -44,20 +44,19 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     })
     .await;
 
-    // Exactly one replica says it leads.
-    let mut leading = Vec::new();
-    for r in &replicas {
-        let value = eventually(Duration::from_secs(30), "the leader metric", || {
-            r.metric("kernelflow_operator_leader")
-        })
-        .await;
-        leading.push(value);
-    }
-    assert_eq!(
-        leading.iter().sum::<f64>(),
-        1.0,
-        "leader gauges {leading:?}"
-    );
+    // Exactly one replica says it leads (gauges follow the Lease within moments).
+    let leading = eventually(
+        Duration::from_secs(30),
+        "exactly one leader gauge at 1",
+        || async {
+            let mut gauges = Vec::new();
+            for r in &replicas {
+                gauges.push(r.metric("kernelflow_operator_leader").await?);
+            }
+            (gauges.iter().sum::<f64>() == 1.0).then_some(gauges)
+        },
+    )
+    .await;
     let (leader, standby) = if first == "a" { (0, 1) } else { (1, 0) };
     assert_eq!(leading[leader], 1.0);
 
