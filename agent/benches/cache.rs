@@ -9,7 +9,7 @@ use kernelflow_agent::artifact::format::{pack, sha256_hex};
 use kernelflow_agent::artifact::metrics::CacheMetrics;
 use kernelflow_agent::artifact::store::{KernelStore, StoreConfig};
 use kernelflow_agent::compute::ops::uniform;
-use kernelflow_crds::{ArtifactRef, Conv2dSpec, DType};
+use kernelflow_crds::{ArtifactRef, Conv2dSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -46,15 +46,8 @@ fn main() {
         .unwrap();
     // 512 -> 512 channels, 3x3: 2.36M parameters, 9.4 MB.
     let conv = Conv2dSpec {
-        in_channels: 512,
-        out_channels: 512,
-        kernel_size: [3, 3],
-        stride: [1, 1],
         padding: [1, 1],
-        dilation: [1, 1],
-        groups: 1,
-        bias: true,
-        dtype: DType::F32,
+        ..Conv2dSpec::new(512, 512, [3, 3])
     };
     let bytes = pack(
         &conv,

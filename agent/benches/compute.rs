@@ -13,8 +13,8 @@ use kernelflow_agent::compute::engine::{Engine, EngineConfig, run_sync};
 use kernelflow_agent::compute::ops::uniform;
 use kernelflow_agent::compute::pipeline::{self, STAGES, Stage};
 use kernelflow_agent::compute::train::{Model, gradients};
+use kernelflow_crds::Conv2dSpec;
 use kernelflow_crds::training_job::PipelineMode;
-use kernelflow_crds::{Conv2dSpec, DType};
 
 fn shape(
     n: usize,
@@ -90,15 +90,8 @@ fn conv_throughput() {
 
 fn spec(c: u32, k: u32) -> Conv2dSpec {
     Conv2dSpec {
-        in_channels: c,
-        out_channels: k,
-        kernel_size: [3, 3],
-        stride: [1, 1],
         padding: [1, 1],
-        dilation: [1, 1],
-        groups: 1,
-        bias: true,
-        dtype: DType::F32,
+        ..Conv2dSpec::new(c, k, [3, 3])
     }
 }
 

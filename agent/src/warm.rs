@@ -243,20 +243,9 @@ mod tests {
     use crate::artifact::metrics::CacheMetrics;
     use crate::artifact::store::StoreConfig;
     use crate::compute::ops::uniform;
-    use kernelflow_crds::DType;
 
     fn conv() -> Conv2dSpec {
-        Conv2dSpec {
-            in_channels: 2,
-            out_channels: 2,
-            kernel_size: [1, 1],
-            stride: [1, 1],
-            padding: [0, 0],
-            dilation: [1, 1],
-            groups: 1,
-            bias: true,
-            dtype: DType::F32,
-        }
+        Conv2dSpec::new(2, 2, [1, 1])
     }
 
     fn kd(name: &str, url: &str, sha256: &str, selector: &str) -> Arc<KernelDeployment> {

@@ -73,6 +73,22 @@ fn yes() -> bool {
 }
 
 impl Conv2dSpec {
+    /// A conv2d with the API's defaults: stride 1, no padding, no dilation, one group,
+    /// with bias, f32.
+    pub fn new(in_channels: u32, out_channels: u32, kernel_size: [u32; 2]) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride: ones(),
+            padding: [0, 0],
+            dilation: ones(),
+            groups: one(),
+            bias: yes(),
+            dtype: DType::F32,
+        }
+    }
+
     /// Output height and width for an input of `input` (height, width), or `None`
     /// when the kernel, dilated, does not fit the padded input.
     pub fn output_size(&self, input: [u32; 2]) -> Option<[u32; 2]> {
@@ -105,15 +121,10 @@ mod tests {
 
     pub(crate) fn conv(k: u32, stride: u32, pad: u32, dil: u32) -> Conv2dSpec {
         Conv2dSpec {
-            in_channels: 4,
-            out_channels: 8,
-            kernel_size: [k, k],
             stride: [stride, stride],
             padding: [pad, pad],
             dilation: [dil, dil],
-            groups: 1,
-            bias: true,
-            dtype: DType::F32,
+            ..Conv2dSpec::new(4, 8, [k, k])
         }
     }
 

@@ -3,20 +3,14 @@
 #![no_main]
 
 use kernelflow_agent::artifact::format::{Limits, parse, sha256_hex, verify};
-use kernelflow_crds::{Conv2dSpec, DType};
+use kernelflow_crds::Conv2dSpec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let conv = Conv2dSpec {
-        in_channels: 4,
-        out_channels: 8,
-        kernel_size: [3, 3],
-        stride: [1, 1],
         padding: [1, 1],
-        dilation: [1, 1],
-        groups: 1,
         bias: data.first().is_some_and(|b| b & 1 == 1),
-        dtype: DType::F32,
+        ..Conv2dSpec::new(4, 8, [3, 3])
     };
     let limits = Limits::default();
     let _ = parse(data, &sha256_hex(data), &conv, &limits);

@@ -346,15 +346,8 @@ pub(crate) mod tests {
 
     pub fn conv() -> Conv2dSpec {
         Conv2dSpec {
-            in_channels: 4,
-            out_channels: 8,
-            kernel_size: [3, 3],
-            stride: [1, 1],
             padding: [1, 1],
-            dilation: [1, 1],
-            groups: 1,
-            bias: true,
-            dtype: DType::F32,
+            ..Conv2dSpec::new(4, 8, [3, 3])
         }
     }
 

@@ -393,9 +393,31 @@ pub(crate) mod reference {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Stride 1, no padding, no dilation, one group; tests adjust with struct update.
+    pub(crate) fn plain(
+        batch: usize,
+        c: usize,
+        hw: [usize; 2],
+        k: usize,
+        kernel: usize,
+    ) -> Conv2dParams {
+        Conv2dParams {
+            batch,
+            in_channels: c,
+            height: hw[0],
+            width: hw[1],
+            out_channels: k,
+            kernel: [kernel, kernel],
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
         super::super::ops::uniform(len, seed, 1.0)
@@ -495,16 +517,8 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         let base = Conv2dParams {
-            batch: 2,
-            in_channels: 4,
-            height: 6,
-            width: 5,
-            out_channels: 6,
-            kernel: [3, 3],
-            stride: [1, 1],
             padding: [1, 1],
-            dilation: [1, 1],
-            groups: 1,
+            ..plain(2, 4, [6, 5], 6, 3)
         };
         check_gradients(base);
         check_gradients(Conv2dParams {
@@ -528,16 +542,8 @@ mod tests {
     #[test]
     fn pointwise_convolutions_skip_im2col_and_agree() {
         let p = Conv2dParams {
-            batch: 2,
-            in_channels: 8,
-            height: 5,
-            width: 5,
-            out_channels: 4,
-            kernel: [1, 1],
-            stride: [1, 1],
-            padding: [0, 0],
-            dilation: [1, 1],
             groups: 2,
+            ..plain(2, 8, [5, 5], 4, 1)
         };
         assert!(p.pointwise());
         let (x, w) = (random(p.input_len(), 1), random(p.weight_len(), 2));
@@ -547,18 +553,7 @@ mod tests {
 
     #[test]
     fn wrong_buffer_sizes_are_typed_errors() {
-        let p = Conv2dParams {
-            batch: 1,
-            in_channels: 2,
-            height: 4,
-            width: 4,
-            out_channels: 2,
-            kernel: [3, 3],
-            stride: [1, 1],
-            padding: [0, 0],
-            dilation: [1, 1],
-            groups: 1,
-        };
+        let p = plain(1, 2, [4, 4], 2, 3);
         let err = forward(&p, &[0.0; 3], &[0.0; 36], None, Par::Seq).unwrap_err();
         assert!(matches!(err, ComputeError::Shape(_)), "{err}");
         let err = forward(

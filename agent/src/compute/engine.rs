@@ -193,22 +193,14 @@ pub fn run_sync(op: Op, inputs: &[Arc<Vec<f32>>]) -> Result<Vec<Vec<f32>>, Compu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::conv::Conv2dParams;
+    use crate::compute::conv::{self, Conv2dParams};
     use crate::compute::cpu::CpuBackend;
     use crate::compute::ops::uniform;
 
     fn params(batch: usize) -> Conv2dParams {
         Conv2dParams {
-            batch,
-            in_channels: 8,
-            height: 12,
-            width: 12,
-            out_channels: 8,
-            kernel: [3, 3],
-            stride: [1, 1],
             padding: [1, 1],
-            dilation: [1, 1],
-            groups: 1,
+            ..conv::tests::plain(batch, 8, [12, 12], 8, 3)
         }
     }
 

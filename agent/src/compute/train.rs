@@ -266,19 +266,11 @@ mod tests {
     use super::*;
     use crate::compute::cpu::CpuBackend;
     use crate::compute::engine::EngineConfig;
-    use kernelflow_crds::DType;
 
     fn specs() -> Vec<Conv2dSpec> {
         let conv = |c, k| Conv2dSpec {
-            in_channels: c,
-            out_channels: k,
-            kernel_size: [3, 3],
-            stride: [1, 1],
             padding: [1, 1],
-            dilation: [1, 1],
-            groups: 1,
-            bias: true,
-            dtype: DType::F32,
+            ..Conv2dSpec::new(c, k, [3, 3])
         };
         vec![conv(3, 8), conv(8, 3)]
     }
