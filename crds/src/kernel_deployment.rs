@@ -44,6 +44,54 @@ pub struct KernelDeploymentSpec {
     pub paused: bool,
 }
 
+/// Annotation through which a user (or `kubectl kernelflow`) asks for a manual action:
+/// `promote`, `promote-full`, `abort` or `retry`, optionally followed by `:` and any id that
+/// makes the value new. The operator acts once per distinct value.
+pub const ACTION_ANNOTATION: &str = "kernelflow.dev/action";
+
+/// A manual action on a rollout, in the style of Argo Rollouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManualAction {
+    /// Skip the rest of the current step (its pause and analysis), or leave Degraded.
+    Promote,
+    /// Go straight to 100%.
+    PromoteFull,
+    /// Send all traffic back to the stable revision.
+    Abort,
+    /// Start a rolled-back or degraded rollout again from its first step.
+    Retry,
+}
+
+impl ManualAction {
+    pub const ALL: [ManualAction; 4] = [
+        ManualAction::Promote,
+        ManualAction::PromoteFull,
+        ManualAction::Abort,
+        ManualAction::Retry,
+    ];
+
+    /// The verb as written in the annotation.
+    pub fn verb(self) -> &'static str {
+        match self {
+            ManualAction::Promote => "promote",
+            ManualAction::PromoteFull => "promote-full",
+            ManualAction::Abort => "abort",
+            ManualAction::Retry => "retry",
+        }
+    }
+
+    /// Parses an annotation value, `verb` or `verb:id`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let verb = value.split_once(':').map_or(value, |(verb, _)| verb);
+        Self::ALL
+            .into_iter()
+            .find(|a| a.verb() == verb)
+            .ok_or_else(|| {
+                format!("unknown action {verb:?}: use promote, promote-full, abort or retry, optionally followed by :<id>")
+            })
+    }
+}
+
 /// A kernel artifact and the op it implements.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -245,14 +293,36 @@ pub enum RolloutPhase {
     Failed,
 }
 
-/// A revision: an artifact digest plus the flags it runs with.
+/// A revision: an artifact plus the flags it runs with. The artifact's URL is kept so that
+/// nodes can fetch the stable revision after the spec has moved on.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Revision {
-    /// SHA-256 of the artifact.
-    pub artifact_sha256: String,
+    /// The artifact.
+    pub artifact: ArtifactRef,
     /// Flags the artifact runs with.
     pub flags: RolloutFlags,
+}
+
+impl Revision {
+    /// The revision the spec asks for.
+    pub fn of(spec: &KernelDeploymentSpec) -> Self {
+        Self {
+            artifact: spec.kernel.artifact.clone(),
+            flags: spec.flags.clone(),
+        }
+    }
+
+    /// The same artifact on the safe synchronous path: the baseline of a first revision.
+    pub fn baseline(&self) -> Self {
+        Self {
+            artifact: self.artifact.clone(),
+            flags: RolloutFlags {
+                async_enabled: false,
+                ..self.flags.clone()
+            },
+        }
+    }
 }
 
 /// Node counts across the selected nodes.
@@ -286,6 +356,17 @@ pub struct AnalysisFigures {
     pub max_numeric_diff: Option<f64>,
     /// Failed windows at the current step.
     pub failures: u32,
+    /// When the latest failed window was counted; failures count at most once per interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Nodes whose figures for the current step went into this analysis.
+    #[serde(default)]
+    pub nodes: u32,
+    /// Whether numeric agreement is checked: `Checked` when canary and stable compute the
+    /// same function (same artifact, or one declared equivalent), `NotApplicable` for new
+    /// weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numeric_agreement: Option<String>,
     /// `Passed`, `Failed` or `Inconclusive`, with the figure that decided it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
@@ -319,6 +400,20 @@ pub struct KernelDeploymentStatus {
     /// Figures of the latest analysis window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<AnalysisFigures>,
+    /// Increments whenever the traffic split changes (a step, a rollback, a new canary).
+    /// Agents key their figures on it, so that a step's analysis sees only its own ops.
+    #[serde(default)]
+    pub step_epoch: u64,
+    /// When the current step began; its pause runs from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_start_time: Option<Time>,
+    /// When the current rollout began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_start_time: Option<Time>,
+    /// The `kernelflow.dev/action` annotation value last acted on, so that each manual
+    /// action (promote, abort, retry) runs exactly once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<String>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

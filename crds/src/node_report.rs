@@ -56,4 +56,59 @@ pub struct KernelReport {
     /// Details of the failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The KernelDeployment's `status.stepEpoch` the figures below belong to; absent until
+    /// the node serves a split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Percent of this node's conv2d operations sent to the canary.
+    #[serde(default)]
+    pub traffic_percent: u8,
+    /// When this node began the current epoch's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<Time>,
+    /// When the figures were taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_end: Option<Time>,
+    /// The canary revision's operations in the window.
+    #[serde(default)]
+    pub canary: RevisionFigures,
+    /// The stable revision's operations in the window.
+    #[serde(default)]
+    pub stable: RevisionFigures,
+    /// The shadow load's paired runs in the window.
+    #[serde(default)]
+    pub shadow: ShadowFigures,
+}
+
+/// One revision's operations on one node in one window.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionFigures {
+    /// Operations of real traffic routed to the revision by the split.
+    pub traffic_ops: u64,
+    /// All operations, traffic and shadow.
+    pub ops: u64,
+    /// Operations that errored, timed out or produced a non-finite output.
+    pub failures: u64,
+    /// Failed asynchronous operations re-run on the synchronous path.
+    pub fallbacks: u64,
+    /// Total latency of the successful operations, in seconds.
+    pub latency_seconds_sum: f64,
+}
+
+/// The shadow load: identical inputs through canary and stable.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowFigures {
+    /// Pairs where both revisions succeeded.
+    pub pairs: u64,
+    /// Total canary latency over those pairs, in seconds.
+    pub canary_seconds_sum: f64,
+    /// Total stable latency over those pairs, in seconds.
+    pub stable_seconds_sum: f64,
+    /// Whether both revisions compute the same function, so their outputs must agree.
+    pub comparable: bool,
+    /// Largest absolute output difference over the pairs, where comparable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_numeric_diff: Option<f64>,
 }

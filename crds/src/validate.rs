@@ -6,7 +6,7 @@ use std::fmt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::common::{ArtifactRef, Conv2dSpec};
-use crate::kernel_deployment::KernelDeploymentSpec;
+use crate::kernel_deployment::{ACTION_ANNOTATION, KernelDeploymentSpec, ManualAction};
 use crate::training_job::{AsyncTrainingJobSpec, PipelineMode};
 
 /// One violated rule: the field's path (as `kubectl explain` spells it) and what is allowed.
@@ -108,6 +108,38 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
         e.push(
             "spec.rollout.analysis.maxNumericDiff",
             "must be a finite number of at least 0",
+        );
+    }
+    finish(e)
+}
+
+/// Checks a change to a KernelDeployment: the op's shape is fixed for its life, because
+/// canary and stable must take the same inputs.
+pub fn kernel_deployment_update(
+    old: &KernelDeploymentSpec,
+    new: &KernelDeploymentSpec,
+) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    if old.kernel.conv2d != new.kernel.conv2d {
+        e.push(
+            "spec.kernel.conv2d",
+            "is immutable: canary and stable revisions must implement the same conv2d; create a new KernelDeployment for a different op",
+        );
+    }
+    finish(e)
+}
+
+/// Checks the manual-action annotation, if present.
+pub fn action_annotation(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    if let Some(value) = annotations.get(ACTION_ANNOTATION)
+        && let Err(message) = ManualAction::parse(value)
+    {
+        e.push(
+            format!("metadata.annotations[{ACTION_ANNOTATION}]"),
+            message,
         );
     }
     finish(e)
@@ -340,6 +372,38 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         let mut v: serde_json::Value = serde_yaml::from_str(base).unwrap();
         merge(&mut v, serde_yaml::from_str(yaml).unwrap());
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_op_is_immutable_but_artifact_and_flags_may_change() {
+        let old = kd("{}");
+        let new_weights = kd(
+            r#"{kernel: {artifact: {sha256: "1111111111111111111111111111111111111111111111111111111111111111"}}, flags: {asyncEnabled: true}}"#,
+        );
+        assert_eq!(kernel_deployment_update(&old, &new_weights), Ok(()));
+        let reshaped = kd("{kernel: {conv2d: {outChannels: 16}}}");
+        let errors = kernel_deployment_update(&old, &reshaped).unwrap_err();
+        assert_eq!(errors[0].field, "spec.kernel.conv2d");
+        assert!(errors[0].message.contains("immutable"), "{errors:?}");
+    }
+
+    #[test]
+    fn action_annotations_name_a_known_verb() {
+        let with = |v: &str| [(ACTION_ANNOTATION.to_string(), v.to_string())].into();
+        for ok in ["promote", "promote-full:17", "abort:x", "retry"] {
+            assert_eq!(action_annotation(&with(ok)), Ok(()), "{ok}");
+        }
+        let errors = action_annotation(&with("promot:1")).unwrap_err();
+        assert_eq!(
+            errors[0].field,
+            "metadata.annotations[kernelflow.dev/action]"
+        );
+        assert!(errors[0].message.contains("\"promot\""), "{errors:?}");
+        assert_eq!(action_annotation(&Default::default()), Ok(()));
+        assert_eq!(
+            ManualAction::parse("promote-full:9"),
+            Ok(ManualAction::PromoteFull)
+        );
     }
 
     fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {

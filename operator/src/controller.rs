@@ -11,7 +11,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kernelflow_crds::kernel_deployment::{KernelDeploymentStatus, RolloutPhase};
+use kernelflow_crds::kernel_deployment::{
+    ACTION_ANNOTATION, KernelDeploymentStatus, ManualAction, RolloutPhase,
+};
 use kernelflow_crds::validate::{self, FieldError};
 use kernelflow_crds::{AsyncTrainingJob, KernelDeployment, NodeReport};
 use kube::api::{Api, Patch, PatchParams};
@@ -28,6 +30,7 @@ use tracing::{info, instrument, warn};
 use crate::FIELD_MANAGER;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::rollout;
 
 /// Finalizer that lets a KernelDeployment drain its traffic before it goes away.
 pub const KERNEL_DEPLOYMENT_FINALIZER: &str = "kernelflow.dev/drain";
@@ -129,6 +132,9 @@ where
 }
 
 fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
+    if let Error::Draining(_) = error {
+        return Action::requeue(Duration::from_secs(1));
+    }
     warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -149,7 +155,9 @@ async fn measured<F: Future<Output = Result<Action>>>(
         .reconcile_duration
         .with_label_values(&[controller])
         .observe(start.elapsed().as_secs_f64());
-    if let Err(e) = &result {
+    if let Err(e) = &result
+        && !matches!(e, Error::Draining(_))
+    {
         ctx.metrics
             .reconcile_errors
             .with_label_values(&[controller, e.label()])
@@ -169,74 +177,175 @@ async fn reconcile_kernel_deployment(
         finalizer(&api, KERNEL_DEPLOYMENT_FINALIZER, kd, |event| async {
             match event {
                 Finalizer::Apply(kd) => apply_kernel_deployment(&ctx, &kd).await,
-                // Nothing runs on the nodes yet, so there is no traffic to drain.
-                Finalizer::Cleanup(_) => Ok(Action::await_change()),
+                Finalizer::Cleanup(kd) => drain(&ctx, &kd),
             }
         })
         .await
-        .map_err(|e| Error::Finalizer(e.to_string()))
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::CleanupFailed(e @ Error::Draining(_)) => e,
+            e => Error::Finalizer(e.to_string()),
+        })
     })
     .await
 }
 
-/// Validates the spec and records what the selected nodes report of the kernel.
+/// Lets a deleted KernelDeployment go once no reporting node still lists it: agents stop
+/// routing to a deployment marked for deletion and drop it from their report when its
+/// operations in flight have finished.
+fn drain(ctx: &Context, kd: &KernelDeployment) -> Result<Action> {
+    let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
+    let now = Timestamp::now();
+    let serving = ctx
+        .reports
+        .state()
+        .iter()
+        .filter(|r| crate::nodes::fresh(r, now, REPORT_STALE_AFTER))
+        .filter(|r| {
+            r.spec
+                .kernels
+                .iter()
+                .any(|k| k.namespace == namespace && k.name == name)
+        })
+        .count();
+    if serving > 0 {
+        return Err(Error::Draining(serving));
+    }
+    ctx.metrics.forget_rollout(&namespace, &name);
+    info!("drained from every node");
+    Ok(Action::await_change())
+}
+
+/// Validates the spec, runs the rollout state machine on what the nodes report, and applies
+/// the resulting status, Events and metrics.
 async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result<Action> {
     let old = kd.status.clone().unwrap_or_default();
     let generation = kd.metadata.generation;
     let verdict = validate::kernel_deployment(&kd.spec);
-    let mut status = KernelDeploymentStatus {
-        observed_generation: generation,
-        ..old.clone()
-    };
-    let mut conditions = vec![accepted(&verdict, generation, &old.conditions)];
-    let mut wait = Action::await_change();
-    if verdict.is_ok() {
-        let (counts, ready, unservable) = crate::nodes::summarize(
+    let accepted = accepted(&verdict, generation, &old.conditions);
+    let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
+    let (mut status, notes, wait) = if verdict.is_ok() {
+        let now = Timestamp::now();
+        // The canary, if any, is always the spec's revision, and with no canary the stable
+        // one is: either way the nodes should be warm with the spec's artifact.
+        let summary = crate::nodes::summarize(
             kd,
+            &kd.spec.kernel.artifact.sha256,
+            old.step_epoch,
             &ctx.nodes.state(),
             &ctx.reports.state(),
-            Timestamp::now(),
+            now,
             REPORT_STALE_AFTER,
         );
-        conditions.push(condition(
-            "KernelReady",
-            ready.status,
-            &ready.reason,
-            &ready.message,
-            generation,
-            &old.conditions,
-        ));
-        // Until rollouts drive the phase: Failed for an artifact no node can serve,
-        // Warming while selected nodes load it, Pending once it is warm everywhere.
-        status.phase = if unservable {
-            RolloutPhase::Failed
-        } else if ready.status != "True" && counts.selected > 0 {
-            RolloutPhase::Warming
-        } else {
-            RolloutPhase::Pending
-        };
-        status.nodes = counts;
-        if ready.status != "True" {
-            // Nodes change labels and reports go stale without an event on this object.
-            wait = Action::requeue(Duration::from_secs(10));
+        let action = kd
+            .annotations()
+            .get(ACTION_ANNOTATION)
+            .and_then(|v| Some((v.as_str(), ManualAction::parse(v).ok()?)));
+        let decision = rollout::decide(
+            &kd.spec,
+            &old,
+            &rollout::Observations {
+                now,
+                summary: &summary,
+                action,
+            },
+        );
+        if let Some(v) = &decision.verdict {
+            ctx.metrics.analysis(&namespace, &name, v.label());
         }
+        if let Some((outcome, took)) = decision.finished {
+            ctx.metrics.finished(&namespace, &name, outcome, took);
+        }
+        let mut status = decision.status;
+        status.conditions = vec![
+            accepted,
+            condition(
+                "KernelReady",
+                summary.readiness.status,
+                &summary.readiness.reason,
+                &summary.readiness.message,
+                generation,
+                &old.conditions,
+            ),
+            progressing(&status, &decision.notes, generation, &old.conditions),
+        ];
+        let wait = decision
+            .requeue
+            .map_or_else(Action::await_change, Action::requeue);
+        (status, decision.notes, wait)
     } else {
+        let mut status = old.clone();
         status.phase = RolloutPhase::Failed;
-    }
-    status.conditions = conditions;
+        status.conditions = vec![accepted];
+        // An invalid spec waits for the user to change it.
+        (status, Vec::new(), Action::await_change())
+    };
+    status.observed_generation = generation;
+    ctx.metrics.rollout(&namespace, &name, &status);
     if status != old {
         let patch = serde_json::json!({"apiVersion": KernelDeployment::api_version(&()), "kind": "KernelDeployment", "status": status});
-        let api: Api<KernelDeployment> =
-            Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
+        let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
         api.patch_status(
-            &kd.name_any(),
+            &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(patch),
         )
         .await?;
-        publish_transitions(ctx, kd, &old.conditions, &status.conditions).await;
+        // Rollout events come from the machine's notes; these from the other conditions.
+        let others = |c: &[Condition]| -> Vec<Condition> {
+            c.iter()
+                .filter(|c| c.type_ != "Progressing")
+                .cloned()
+                .collect()
+        };
+        publish_transitions(
+            ctx,
+            kd,
+            &others(&old.conditions),
+            &others(&status.conditions),
+        )
+        .await;
+        for note in notes {
+            info!(reason = note.reason, message = note.message, "rollout");
+            publish(ctx, kd, note.warning, note.reason, "Rollout", &note.message).await;
+        }
     }
     Ok(wait)
+}
+
+/// The `Progressing` condition: True while a rollout runs, False once it has ended, with
+/// the reason and figures of the ending (a rollback names the figure and the limit).
+fn progressing(
+    status: &KernelDeploymentStatus,
+    notes: &[rollout::Note],
+    generation: Option<i64>,
+    existing: &[Condition],
+) -> Condition {
+    use RolloutPhase::*;
+    let (state, reason) = match status.phase {
+        Pending => ("Unknown", "WaitingForNodes"),
+        Warming => ("True", "Warming"),
+        Progressing => ("True", "StepRunning"),
+        Paused => ("True", "Paused"),
+        Healthy => ("False", "RolloutCompleted"),
+        Degraded => ("False", "Degraded"),
+        RolledBack => ("False", "RolledBack"),
+        Failed => ("False", "Failed"),
+    };
+    let ending = matches!(status.phase, Degraded | RolledBack | Failed);
+    let message = notes
+        .iter()
+        .rev()
+        .find(|n| n.warning && ending)
+        .map(|n| n.message.clone())
+        .or_else(|| {
+            existing
+                .iter()
+                .find(|c| ending && c.type_ == "Progressing" && c.reason == reason)
+                .map(|c| c.message.clone())
+        })
+        .or_else(|| status.message.clone())
+        .unwrap_or_default();
+    condition("Progressing", state, reason, &message, generation, existing)
 }
 
 #[instrument(skip_all, fields(namespace = job.namespace(), name = job.name_any()))]
@@ -349,20 +458,40 @@ async fn publish_transitions<K: Resource<DynamicType = ()>>(
             reason = c.reason,
             "condition changed"
         );
-        let event = Event {
-            type_: if c.status == "False" {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: c.reason.clone(),
-            note: Some(truncate(&c.message, 1000)),
-            action: c.type_.clone(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-            warn!(error = %e, "publishing an event failed");
-        }
+        publish(
+            ctx,
+            obj,
+            c.status == "False",
+            &c.reason,
+            &c.type_,
+            &c.message,
+        )
+        .await;
+    }
+}
+
+/// Publishes one Event; a failure is logged, never fatal to the reconcile.
+async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    warning: bool,
+    reason: &str,
+    action: &str,
+    message: &str,
+) {
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(truncate(message, 1000)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(error = %e, "publishing an event failed");
     }
 }
 

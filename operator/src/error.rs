@@ -9,6 +9,9 @@ pub enum Error {
     Finalizer(String),
     #[error("serialising status: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// Not a failure: a deleted KernelDeployment waits for its nodes to drain.
+    #[error("waiting for {0} nodes to drain their traffic")]
+    Draining(usize),
 }
 
 impl Error {
@@ -18,6 +21,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Finalizer(_) => "finalizer",
             Error::Serialize(_) => "serialize",
+            Error::Draining(_) => "draining",
         }
     }
 }

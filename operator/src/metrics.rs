@@ -1,8 +1,25 @@
 //! Prometheus metrics of the operator, on its own registry.
 
+use std::time::Duration;
+
+use kernelflow_crds::kernel_deployment::{KernelDeploymentStatus, RolloutPhase};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::rollout::Outcome;
+
+const PHASES: [RolloutPhase; 8] = [
+    RolloutPhase::Pending,
+    RolloutPhase::Warming,
+    RolloutPhase::Progressing,
+    RolloutPhase::Paused,
+    RolloutPhase::Healthy,
+    RolloutPhase::Degraded,
+    RolloutPhase::RolledBack,
+    RolloutPhase::Failed,
+];
 
 /// The operator's metrics.
 #[derive(Clone)]
@@ -13,6 +30,13 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     pub leader: IntGauge,
     pub admission_reviews: IntCounterVec,
+    rollout_info: IntGaugeVec,
+    rollout_step: IntGaugeVec,
+    rollout_traffic: IntGaugeVec,
+    rollout_step_started: GaugeVec,
+    rollout_analysis: IntCounterVec,
+    rollout_rollbacks: IntCounterVec,
+    rollout_duration: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -51,12 +75,76 @@ impl Default for Metrics {
             &["kind", "allowed"],
         )
         .expect("valid metric");
+        let kd = &["namespace", "name"];
+        let rollout_info = IntGaugeVec::new(
+            Opts::new(
+                "rollout_info",
+                "1 for the phase a KernelDeployment's rollout is in.",
+            ),
+            &["namespace", "name", "phase"],
+        )
+        .expect("valid metric");
+        let rollout_step = IntGaugeVec::new(
+            Opts::new("rollout_step", "Index of the current rollout step."),
+            kd,
+        )
+        .expect("valid metric");
+        let rollout_traffic = IntGaugeVec::new(
+            Opts::new(
+                "rollout_traffic_percent",
+                "Percent of conv2d operations on the canary revision.",
+            ),
+            kd,
+        )
+        .expect("valid metric");
+        let rollout_step_started = GaugeVec::new(
+            Opts::new(
+                "rollout_step_started_timestamp_seconds",
+                "Unix time the current rollout step began.",
+            ),
+            kd,
+        )
+        .expect("valid metric");
+        let rollout_analysis = IntCounterVec::new(
+            Opts::new(
+                "rollout_analysis_total",
+                "Analyses run, by result: pass, fail or inconclusive.",
+            ),
+            &["namespace", "name", "result"],
+        )
+        .expect("valid metric");
+        let rollout_rollbacks = IntCounterVec::new(
+            Opts::new(
+                "rollout_rollbacks_total",
+                "Rollouts rolled back by analysis.",
+            ),
+            kd,
+        )
+        .expect("valid metric");
+        let rollout_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "rollout_duration_seconds",
+                "Time from a rollout's start to its end, by outcome.",
+            )
+            .buckets(vec![
+                10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
+            ]),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(leader.clone()),
             Box::new(admission_reviews.clone()),
+            Box::new(rollout_info.clone()),
+            Box::new(rollout_step.clone()),
+            Box::new(rollout_traffic.clone()),
+            Box::new(rollout_step_started.clone()),
+            Box::new(rollout_analysis.clone()),
+            Box::new(rollout_rollbacks.clone()),
+            Box::new(rollout_duration.clone()),
         ] {
             registry.register(m).expect("metrics registered once");
         }
@@ -67,11 +155,84 @@ impl Default for Metrics {
             reconcile_duration,
             leader,
             admission_reviews,
+            rollout_info,
+            rollout_step,
+            rollout_traffic,
+            rollout_step_started,
+            rollout_analysis,
+            rollout_rollbacks,
+            rollout_duration,
         }
     }
 }
 
 impl Metrics {
+    /// Sets the gauges of one KernelDeployment's rollout from its status.
+    pub fn rollout(&self, namespace: &str, name: &str, status: &KernelDeploymentStatus) {
+        for phase in PHASES {
+            let phase_label = format!("{phase:?}");
+            let labels = [namespace, name, phase_label.as_str()];
+            if phase == status.phase {
+                self.rollout_info.with_label_values(&labels).set(1);
+            } else {
+                let _ = self.rollout_info.remove_label_values(&labels);
+            }
+        }
+        let kd = [namespace, name];
+        self.rollout_step
+            .with_label_values(&kd)
+            .set(status.current_step_index.map_or(-1, i64::from));
+        self.rollout_traffic
+            .with_label_values(&kd)
+            .set(status.traffic_percent.into());
+        if let Some(t) = &status.step_start_time {
+            self.rollout_step_started
+                .with_label_values(&kd)
+                .set(t.0.as_millisecond() as f64 / 1e3);
+        }
+    }
+
+    pub fn analysis(&self, namespace: &str, name: &str, result: &str) {
+        self.rollout_analysis
+            .with_label_values(&[namespace, name, result])
+            .inc();
+    }
+
+    pub fn finished(&self, namespace: &str, name: &str, outcome: Outcome, took: Duration) {
+        if outcome == Outcome::RolledBack {
+            self.rollout_rollbacks
+                .with_label_values(&[namespace, name])
+                .inc();
+        }
+        self.rollout_duration
+            .with_label_values(&[outcome.label()])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Drops every series of a deleted KernelDeployment.
+    pub fn forget_rollout(&self, namespace: &str, name: &str) {
+        for phase in PHASES {
+            let phase_label = format!("{phase:?}");
+            let _ = self
+                .rollout_info
+                .remove_label_values(&[namespace, name, phase_label.as_str()]);
+        }
+        for result in ["pass", "fail", "inconclusive"] {
+            let _ = self
+                .rollout_analysis
+                .remove_label_values(&[namespace, name, result]);
+        }
+        for g in [&self.rollout_step, &self.rollout_traffic] {
+            let _ = g.remove_label_values(&[namespace, name]);
+        }
+        let _ = self
+            .rollout_step_started
+            .remove_label_values(&[namespace, name]);
+        let _ = self
+            .rollout_rollbacks
+            .remove_label_values(&[namespace, name]);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -1,5 +1,6 @@
 //! What the selected nodes say about a KernelDeployment's kernel: a pure summary of Nodes
-//! and NodeReports, so that it is tested without a cluster.
+//! and NodeReports (warm state and the figures of the current step), so that it is tested
+//! without a cluster.
 
 use std::borrow::Borrow;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kernelflow_crds::kernel_deployment::NodeCounts;
+use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -24,20 +26,76 @@ fn fatal(reason: &str) -> bool {
     !matches!(reason, "FetchFailed" | "NotFound" | "StoreUnavailable")
 }
 
-/// Summary of the kernel on the nodes `kd` selects. Reports older than `stale_after` count
-/// as not reporting.
+/// The figures of one step, summed over the nodes that reported them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Nodes whose figures are included.
+    pub nodes: u32,
+    pub canary: RevisionFigures,
+    pub stable: RevisionFigures,
+    pub shadow: ShadowFigures,
+}
+
+impl Figures {
+    fn add(&mut self, k: &KernelReport) {
+        fn sum(a: &mut RevisionFigures, b: &RevisionFigures) {
+            a.traffic_ops += b.traffic_ops;
+            a.ops += b.ops;
+            a.failures += b.failures;
+            a.fallbacks += b.fallbacks;
+            a.latency_seconds_sum += b.latency_seconds_sum;
+        }
+        sum(&mut self.canary, &k.canary);
+        sum(&mut self.stable, &k.stable);
+        let (s, o) = (&mut self.shadow, &k.shadow);
+        // Comparable only if every node says so: nodes agree unless an artifact is lying.
+        s.comparable = o.comparable && (self.nodes == 0 || s.comparable);
+        s.pairs += o.pairs;
+        s.canary_seconds_sum += o.canary_seconds_sum;
+        s.stable_seconds_sum += o.stable_seconds_sum;
+        s.max_numeric_diff = match (s.max_numeric_diff, o.max_numeric_diff) {
+            (Some(a), Some(b)) => Some(if b.is_nan() { b } else { a.max(b) }),
+            (a, b) => a.or(b),
+        };
+        self.nodes += 1;
+    }
+}
+
+/// What the selected nodes say about one KernelDeployment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub counts: NodeCounts,
+    pub readiness: Readiness,
+    /// Some node refused the artifact for a reason that fetching again will not fix.
+    pub unservable: bool,
+    /// The epoch the figures are for.
+    pub epoch: u64,
+    /// Figures for `epoch`, from the reporting selected nodes that serve it.
+    pub figures: Figures,
+}
+
+/// Whether a node's report is recent enough to count; a heartbeat from the future (clock
+/// skew) counts as fresh.
+pub fn fresh(report: &NodeReport, now: Timestamp, stale_after: Duration) -> bool {
+    let stale_after = SignedDuration::try_from(stale_after).unwrap_or(SignedDuration::MAX);
+    now.duration_since(report.spec.heartbeat_time.0) <= stale_after
+}
+
+/// Summary of the kernel with artifact `digest` on the nodes `kd` selects, with the figures
+/// the nodes report for `epoch`. Reports older than `stale_after` count as not reporting.
 pub fn summarize(
     kd: &KernelDeployment,
+    digest: &str,
+    epoch: u64,
     nodes: &[impl Borrow<Node>],
     reports: &[impl Borrow<NodeReport>],
     now: Timestamp,
     stale_after: Duration,
-) -> (NodeCounts, Readiness, bool) {
-    let stale_after = SignedDuration::try_from(stale_after).unwrap_or(SignedDuration::MAX);
+) -> Summary {
     let selector = Selector::try_from(kd.spec.node_selector.clone()).ok();
     let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
-    let digest = &kd.spec.kernel.artifact.sha256;
     let mut counts = NodeCounts::default();
+    let mut figures = Figures::default();
     let mut failures = Vec::new();
     for node in nodes.iter().map(Borrow::borrow) {
         if !selector.as_ref().is_some_and(|s| s.matches(node.labels())) {
@@ -52,8 +110,7 @@ pub fn summarize(
         else {
             continue;
         };
-        // A heartbeat from the future (clock skew) counts as fresh.
-        if now.duration_since(report.spec.heartbeat_time.0) > stale_after {
+        if !fresh(report, now, stale_after) {
             continue;
         }
         counts.reporting += 1;
@@ -61,7 +118,10 @@ pub fn summarize(
             .spec
             .kernels
             .iter()
-            .find(|k| k.namespace == namespace && k.name == name && k.canary_sha256 == *digest);
+            .find(|k| k.namespace == namespace && k.name == name && k.canary_sha256 == digest);
+        if let Some(k) = kernel.filter(|k| k.epoch == Some(epoch)) {
+            figures.add(k);
+        }
         match kernel.map(|k| k.state.as_str()) {
             Some("Warm") => counts.warmed += 1,
             Some("Failed") => {
@@ -112,7 +172,13 @@ pub fn summarize(
         }
     };
     let unservable = failures.iter().any(|(_, reason, _)| fatal(reason));
-    (counts, readiness, unservable)
+    Summary {
+        counts,
+        readiness,
+        unservable,
+        epoch,
+        figures,
+    }
 }
 
 #[cfg(test)]
@@ -165,9 +231,9 @@ mod tests {
             report("c", "Warm", None, old),
             report("d", "Warm", None, now),
         ];
-        let (counts, ready, unservable) = summarize(&kd(), &nodes, &reports, now, STALE);
+        let summary = summarize(&kd(), &"a".repeat(64), 1, &nodes, &reports, now, STALE);
         assert_eq!(
-            counts,
+            summary.counts,
             NodeCounts {
                 selected: 3,
                 warmed: 1,
@@ -176,10 +242,10 @@ mod tests {
             }
         );
         assert_eq!(
-            (ready.status, ready.reason.as_str()),
+            (summary.readiness.status, summary.readiness.reason.as_str()),
             ("Unknown", "Warming")
         );
-        assert!(!unservable);
+        assert!(!summary.unservable);
     }
 
     #[test]
@@ -190,40 +256,134 @@ mod tests {
             report("a", "Failed", Some("DigestMismatch"), now),
             report("b", "Failed", Some("FetchFailed"), now),
         ];
-        let (counts, ready, unservable) = summarize(&kd(), &nodes, &reports, now, STALE);
-        assert_eq!(counts.failed, 2);
+        let summary = summarize(&kd(), &"a".repeat(64), 1, &nodes, &reports, now, STALE);
+        assert_eq!(summary.counts.failed, 2);
         assert_eq!(
-            ready,
+            summary.readiness,
             Readiness {
                 status: "False",
                 reason: "DigestMismatch".into(),
                 message: "node a: DigestMismatch details (and 1 more nodes)".into()
             }
         );
-        assert!(unservable);
-        let (_, _, unservable) = summarize(&kd(), &nodes[1..], &reports[1..], now, STALE);
-        assert!(!unservable, "a store failure is retried, not fatal");
+        assert!(summary.unservable);
+        let summary = summarize(
+            &kd(),
+            &"a".repeat(64),
+            1,
+            &nodes[1..],
+            &reports[1..],
+            now,
+            STALE,
+        );
+        assert!(!summary.unservable, "a store failure is retried, not fatal");
     }
 
     #[test]
     fn all_warm_and_none_selected() {
         let now = Timestamp::now();
-        let (_, ready, _) = summarize(
+        let digest = "a".repeat(64);
+        let summary = summarize(
             &kd(),
+            &digest,
+            1,
             &[node("a", "gpu")],
             &[report("a", "Warm", None, now)],
             now,
             STALE,
         );
         assert_eq!(
-            (ready.status, ready.reason.as_str()),
+            (summary.readiness.status, summary.readiness.reason.as_str()),
             ("True", "AllNodesWarm")
         );
-        let (counts, ready, _) =
-            summarize(&kd(), &[node("a", "cpu")], &[] as &[NodeReport], now, STALE);
+        let summary = summarize(
+            &kd(),
+            &digest,
+            1,
+            &[node("a", "cpu")],
+            &[] as &[NodeReport],
+            now,
+            STALE,
+        );
         assert_eq!(
-            (counts.selected, ready.reason.as_str()),
+            (summary.counts.selected, summary.readiness.reason.as_str()),
             (0, "NoNodesSelected")
+        );
+    }
+
+    fn with_figures(
+        mut r: NodeReport,
+        epoch: u64,
+        ops: u64,
+        failures: u64,
+        diff: f64,
+    ) -> NodeReport {
+        let k = &mut r.spec.kernels[0];
+        k.epoch = Some(epoch);
+        k.canary.ops = ops;
+        k.canary.failures = failures;
+        k.stable.ops = ops;
+        k.shadow = ShadowFigures {
+            pairs: ops,
+            canary_seconds_sum: 1.0,
+            stable_seconds_sum: 2.0,
+            comparable: true,
+            max_numeric_diff: Some(diff),
+        };
+        r
+    }
+
+    #[test]
+    fn figures_sum_the_current_epoch_of_fresh_selected_nodes() {
+        let now = Timestamp::now();
+        let old = now - k8s_openapi::jiff::SignedDuration::from_secs(120);
+        let nodes = [
+            node("a", "gpu"),
+            node("b", "gpu"),
+            node("c", "gpu"),
+            node("d", "gpu"),
+            node("e", "cpu"),
+        ];
+        let reports = [
+            with_figures(report("a", "Warm", None, now), 7, 10, 1, 1e-6),
+            with_figures(report("b", "Warm", None, now), 7, 30, 0, 3e-6),
+            with_figures(report("c", "Warm", None, now), 6, 1000, 0, 1.0),
+            with_figures(report("d", "Warm", None, old), 7, 1000, 0, 1.0),
+            with_figures(report("e", "Warm", None, now), 7, 1000, 0, 1.0),
+        ];
+        let f = summarize(&kd(), &"a".repeat(64), 7, &nodes, &reports, now, STALE).figures;
+        assert_eq!(
+            f.nodes, 2,
+            "only a and b: c is at an old epoch, d stale, e not selected"
+        );
+        assert_eq!(
+            (f.canary.ops, f.canary.failures, f.shadow.pairs),
+            (40, 1, 40)
+        );
+        assert_eq!(f.shadow.max_numeric_diff, Some(3e-6));
+        assert_eq!(
+            (f.shadow.canary_seconds_sum, f.shadow.stable_seconds_sum),
+            (2.0, 4.0)
+        );
+        assert!(f.shadow.comparable);
+
+        let mut mixed = reports[1].clone();
+        mixed.spec.kernels[0].shadow.comparable = false;
+        mixed.spec.kernels[0].shadow.max_numeric_diff = Some(f64::NAN);
+        let f = summarize(
+            &kd(),
+            &"a".repeat(64),
+            7,
+            &nodes[..2],
+            &[reports[0].clone(), mixed],
+            now,
+            STALE,
+        )
+        .figures;
+        assert!(!f.shadow.comparable);
+        assert!(
+            f.shadow.max_numeric_diff.unwrap().is_nan(),
+            "a NaN difference is never hidden by max"
         );
     }
 }

@@ -13,6 +13,7 @@ use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use kernelflow_crds::validate::{self, FieldError};
 use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -235,9 +236,17 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         return response;
     };
     let verdict = match request.kind.kind.as_str() {
-        "KernelDeployment" => {
-            typed::<KernelDeployment>(object).and_then(|kd| validate::kernel_deployment(&kd.spec))
-        }
+        "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| {
+            validate::kernel_deployment(&kd.spec)?;
+            validate::action_annotation(kd.annotations())?;
+            match request.old_object.as_ref() {
+                Some(old) => validate::kernel_deployment_update(
+                    &typed::<KernelDeployment>(old)?.spec,
+                    &kd.spec,
+                ),
+                None => Ok(()),
+            }
+        }),
         "AsyncTrainingJob" => {
             typed::<AsyncTrainingJob>(object).and_then(|j| validate::training_job(&j.spec))
         }

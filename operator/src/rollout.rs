@@ -1,0 +1,578 @@
+//! The rollout state machine: the spec, the current status, what the nodes report and the
+//! time in; the new status and what happened out. No I/O, so that every path is driven by
+//! unit tests, and an operator restarted mid-rollout resumes from the status alone.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kernelflow_crds::KernelDeploymentSpec;
+use kernelflow_crds::kernel_deployment::{
+    AnalysisFigures, AnalysisSpec, KernelDeploymentStatus, ManualAction, Revision, RolloutPhase,
+};
+
+use crate::nodes::{Figures, Summary};
+
+/// What the operator observed for one reconcile.
+pub struct Observations<'a> {
+    pub now: Timestamp,
+    /// What the selected nodes report for the digest and epoch of the current status.
+    pub summary: &'a Summary,
+    /// The `kernelflow.dev/action` annotation: its value and the action it names.
+    pub action: Option<(&'a str, ManualAction)>,
+}
+
+/// How a finished rollout ended, for the duration metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Healthy,
+    RolledBack,
+    Aborted,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Healthy => "healthy",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// An analysis verdict, with the figures that decided it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Not enough data: wait, never pass.
+    Inconclusive(String),
+    Failed(String),
+    Passed(String),
+}
+
+impl Verdict {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Inconclusive(_) => "inconclusive",
+            Verdict::Failed(_) => "fail",
+            Verdict::Passed(_) => "pass",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Verdict::Inconclusive(m) => format!("Inconclusive: {m}"),
+            Verdict::Failed(m) => format!("Failed: {m}"),
+            Verdict::Passed(m) => format!("Passed: {m}"),
+        }
+    }
+}
+
+/// Something worth an Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The machine's output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub status: KernelDeploymentStatus,
+    pub notes: Vec<Note>,
+    /// The analysis run in this reconcile, if any.
+    pub verdict: Option<Verdict>,
+    /// A rollout that ended in this reconcile, and how long it took.
+    pub finished: Option<(Outcome, Duration)>,
+    /// When to look again without an event; None waits for a change.
+    pub requeue: Option<Duration>,
+}
+
+/// Bounds how long the machine sleeps while something time-driven is pending.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// How often to look while nodes warm (their reports also wake the controller).
+const WARMING_WAIT: Duration = Duration::from_secs(10);
+
+struct Machine<'a> {
+    spec: &'a KernelDeploymentSpec,
+    now: Timestamp,
+    s: KernelDeploymentStatus,
+    notes: Vec<Note>,
+    verdict: Option<Verdict>,
+    finished: Option<(Outcome, Duration)>,
+    requeue: Option<Duration>,
+}
+
+/// One step of the machine.
+pub fn decide(
+    spec: &KernelDeploymentSpec,
+    status: &KernelDeploymentStatus,
+    obs: &Observations,
+) -> Decision {
+    let mut m = Machine {
+        spec,
+        now: obs.now,
+        s: status.clone(),
+        notes: Vec::new(),
+        verdict: None,
+        finished: None,
+        requeue: None,
+    };
+    m.s.nodes = obs.summary.counts.clone();
+    m.follow_spec();
+    if let Some((value, action)) = obs.action
+        && m.s.last_action.as_deref() != Some(value)
+    {
+        m.s.last_action = Some(value.to_string());
+        m.manual(action);
+    }
+    m.progress(obs.summary);
+    m.s.message = Some(m.summary_message());
+    Decision {
+        status: m.s,
+        notes: m.notes,
+        verdict: m.verdict,
+        finished: m.finished,
+        requeue: m.requeue,
+    }
+}
+
+impl Machine<'_> {
+    fn note(&mut self, warning: bool, reason: &'static str, message: String) {
+        self.notes.push(Note {
+            warning,
+            reason,
+            message,
+        });
+    }
+
+    fn wait(&mut self, d: Duration) {
+        let d = d.clamp(Duration::from_secs(1), MAX_WAIT);
+        self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));
+    }
+
+    fn since(&self, t: &Option<Time>) -> Duration {
+        t.as_ref()
+            .and_then(|t| Duration::try_from(self.now.duration_since(t.0)).ok())
+            .unwrap_or_default()
+    }
+
+    /// Starts a rollout when the spec names a revision that is neither stable nor canary.
+    fn follow_spec(&mut self) {
+        let desired = Revision::of(self.spec);
+        let Some(stable) = self.s.stable_revision.clone() else {
+            // A first revision: its baseline is the same artifact on the synchronous path.
+            self.s.stable_revision = Some(desired.baseline());
+            self.start(desired);
+            return;
+        };
+        if stable == desired {
+            if self.s.canary_revision.take().is_some() {
+                self.note(
+                    false,
+                    "RolloutCancelled",
+                    "the spec is back at the stable revision; it takes all traffic".into(),
+                );
+                self.s.phase = RolloutPhase::Healthy;
+                self.s.traffic_percent = 100;
+                self.s.step_epoch += 1;
+                self.s.analysis = None;
+            }
+            return;
+        }
+        if self.s.canary_revision.as_ref() != Some(&desired) {
+            let interrupted = matches!(
+                self.s.phase,
+                RolloutPhase::Warming | RolloutPhase::Progressing | RolloutPhase::Paused
+            );
+            self.note(
+                false,
+                "RolloutStarted",
+                format!(
+                    "new revision {}{} against stable {}",
+                    describe(&desired),
+                    if interrupted {
+                        " (replaces the rollout in progress)"
+                    } else {
+                        ""
+                    },
+                    describe(&stable)
+                ),
+            );
+            self.start(desired);
+        }
+    }
+
+    /// A new canary: it warms first and takes no traffic until it is warm everywhere.
+    fn start(&mut self, canary: Revision) {
+        let same = self.s.stable_revision.as_ref() == Some(&canary);
+        self.s.canary_revision = (!same).then_some(canary);
+        self.s.phase = RolloutPhase::Warming;
+        self.s.current_step_index = None;
+        self.s.traffic_percent = 0;
+        self.s.step_epoch += 1;
+        self.s.step_start_time = None;
+        self.s.rollout_start_time = Some(Time(self.now));
+        self.s.analysis = None;
+    }
+
+    fn manual(&mut self, action: ManualAction) {
+        use RolloutPhase::*;
+        let rolling = self.s.canary_revision.is_some();
+        match (action, self.s.phase) {
+            (ManualAction::Abort, Warming | Progressing | Paused | Degraded) if rolling => {
+                self.roll_back(Outcome::Aborted, "Aborted", "aborted by a user".into());
+            }
+            (ManualAction::Retry, RolledBack | Degraded | Failed) if rolling => {
+                let canary = self.s.canary_revision.clone().expect("rolling");
+                self.note(false, "Retried", format!("retrying {}", describe(&canary)));
+                self.start(canary);
+            }
+            (ManualAction::Promote, Progressing | Paused | Degraded) => {
+                self.note(false, "Promoted", "promoted past the current step".into());
+                self.advance();
+            }
+            (ManualAction::PromoteFull, Progressing | Paused | Degraded) => {
+                self.note(false, "Promoted", "promoted to 100%".into());
+                self.complete();
+            }
+            (action, phase) => self.note(
+                true,
+                "ActionIgnored",
+                format!("{} does nothing in phase {phase:?}", action.verb()),
+            ),
+        }
+    }
+
+    fn progress(&mut self, summary: &Summary) {
+        use RolloutPhase::*;
+        match self.s.phase {
+            Pending | Warming => self.warm(summary),
+            Progressing | Paused => {
+                let was = self.s.phase;
+                if self.spec.paused {
+                    self.s.phase = Paused;
+                    return;
+                }
+                self.s.phase = Progressing;
+                // Figures of another epoch belong to a split this reconcile just replaced.
+                let none = Figures::default();
+                let figures = if summary.epoch == self.s.step_epoch {
+                    &summary.figures
+                } else {
+                    &none
+                };
+                self.analyse(figures, was);
+            }
+            Healthy | Degraded | RolledBack | Failed => {}
+        }
+    }
+
+    fn warm(&mut self, summary: &Summary) {
+        let counts = &summary.counts;
+        if summary.unservable {
+            self.s.phase = RolloutPhase::Failed;
+            self.s.traffic_percent = 0;
+            self.note(
+                true,
+                "RolloutFailed",
+                format!(
+                    "the revision cannot be served, the stable revision keeps all traffic: {}",
+                    summary.readiness.message
+                ),
+            );
+            return;
+        }
+        if counts.reporting == 0 || counts.warmed < counts.reporting {
+            self.s.phase = if counts.reporting == 0 {
+                RolloutPhase::Pending
+            } else {
+                RolloutPhase::Warming
+            };
+            self.wait(WARMING_WAIT);
+            return;
+        }
+        if self.s.canary_revision.is_none() {
+            self.s.phase = RolloutPhase::Healthy;
+            self.s.traffic_percent = 100;
+            self.note(
+                false,
+                "RolloutCompleted",
+                format!("serving on {} nodes", counts.warmed),
+            );
+            return;
+        }
+        self.enter_step(0);
+    }
+
+    fn enter_step(&mut self, index: usize) {
+        let step = &self.spec.rollout.steps[index];
+        self.s.phase = RolloutPhase::Progressing;
+        self.s.current_step_index = Some(index as u32);
+        self.s.traffic_percent = step.traffic_percent;
+        self.s.step_epoch += 1;
+        self.s.step_start_time = Some(Time(self.now));
+        self.s.analysis = None;
+        self.note(
+            false,
+            "StepStarted",
+            format!(
+                "step {} of {}: {}% of conv2d operations on the canary",
+                index + 1,
+                self.spec.rollout.steps.len(),
+                step.traffic_percent
+            ),
+        );
+        self.wait(self.spec.rollout.analysis.interval.into());
+    }
+
+    fn advance(&mut self) {
+        let next = self.s.current_step_index.map_or(0, |i| i as usize + 1);
+        if next < self.spec.rollout.steps.len() {
+            self.enter_step(next);
+        } else {
+            self.complete();
+        }
+    }
+
+    fn complete(&mut self) {
+        let Some(canary) = self.s.canary_revision.take() else {
+            return;
+        };
+        self.note(
+            false,
+            "RolloutCompleted",
+            format!("{} takes all traffic", describe(&canary)),
+        );
+        self.s.stable_revision = Some(canary);
+        self.s.phase = RolloutPhase::Healthy;
+        self.s.traffic_percent = 100;
+        self.s.step_epoch += 1;
+        self.finished = Some((Outcome::Healthy, self.since(&self.s.rollout_start_time)));
+    }
+
+    fn roll_back(&mut self, outcome: Outcome, reason: &'static str, message: String) {
+        self.s.phase = RolloutPhase::RolledBack;
+        self.s.traffic_percent = 0;
+        self.s.step_epoch += 1;
+        self.note(true, reason, message);
+        self.finished = Some((outcome, self.since(&self.s.rollout_start_time)));
+    }
+
+    /// Runs analysis on the step's figures, and advances, waits, or fails.
+    fn analyse(&mut self, figures: &Figures, was: RolloutPhase) {
+        let spec = &self.spec.rollout.analysis;
+        let interval: Duration = spec.interval.into();
+        let index = self.s.current_step_index.unwrap_or_default() as usize;
+        let step = &self.spec.rollout.steps[index.min(self.spec.rollout.steps.len() - 1)];
+        let comparable = figures.shadow.comparable;
+        let (verdict, mut recorded) = analyse(spec, figures);
+        let previous = self.s.analysis.take().unwrap_or_default();
+        recorded.failures = previous.failures;
+        recorded.last_failure_time = previous.last_failure_time;
+        recorded.time = Some(Time(self.now));
+        recorded.verdict = Some(verdict.describe());
+        recorded.numeric_agreement = Some(
+            if comparable {
+                "Checked"
+            } else {
+                "NotApplicable: canary and stable do not compute the same function (new weights)"
+            }
+            .into(),
+        );
+        match &verdict {
+            Verdict::Failed(why) => {
+                // A failing window counts once per interval, however often this runs.
+                let due = recorded.last_failure_time.is_none()
+                    || self.since(&recorded.last_failure_time) >= interval;
+                if due {
+                    recorded.failures += 1;
+                    recorded.last_failure_time = Some(Time(self.now));
+                    self.note(
+                        true,
+                        "AnalysisFailed",
+                        format!(
+                            "{why} ({} of {} failed windows)",
+                            recorded.failures, spec.failure_limit
+                        ),
+                    );
+                }
+                let failures = recorded.failures;
+                self.s.analysis = Some(recorded);
+                if failures >= spec.failure_limit {
+                    let message = format!(
+                        "analysis failed {failures} times at {}%: {why}",
+                        step.traffic_percent
+                    );
+                    if self.spec.rollout.auto_rollback {
+                        self.roll_back(
+                            Outcome::RolledBack,
+                            "RolledBack",
+                            format!("{message}; all traffic is back on the stable revision"),
+                        );
+                    } else {
+                        self.s.phase = RolloutPhase::Degraded;
+                        self.note(
+                            true,
+                            "Degraded",
+                            format!("{message}; held at this step (autoRollback is off)"),
+                        );
+                    }
+                } else {
+                    self.wait(interval);
+                }
+            }
+            Verdict::Inconclusive(_) => {
+                self.s.analysis = Some(recorded);
+                self.wait(interval);
+            }
+            Verdict::Passed(_) => {
+                self.s.analysis = Some(recorded);
+                match step.pause {
+                    None => {
+                        if was != RolloutPhase::Paused {
+                            self.note(
+                                false,
+                                "AwaitingPromotion",
+                                "analysis passed; the step has no pause, so it waits for a promote"
+                                    .into(),
+                            );
+                        }
+                        self.s.phase = RolloutPhase::Paused;
+                    }
+                    Some(pause) => {
+                        let pause: Duration = pause.into();
+                        let elapsed = self.since(&self.s.step_start_time);
+                        if elapsed >= pause {
+                            self.advance();
+                        } else {
+                            self.wait(pause - elapsed);
+                        }
+                    }
+                }
+            }
+        }
+        self.verdict = Some(verdict);
+    }
+
+    fn summary_message(&self) -> String {
+        use RolloutPhase::*;
+        let canary = self.s.canary_revision.as_ref().map(describe);
+        match (self.s.phase, canary) {
+            (Progressing | Paused | Degraded, Some(c)) => format!(
+                "{c}: step {} of {} at {}%",
+                self.s.current_step_index.unwrap_or_default() + 1,
+                self.spec.rollout.steps.len(),
+                self.s.traffic_percent
+            ),
+            (Warming, Some(c)) => format!(
+                "{c}: warming on {} of {} nodes",
+                self.s.nodes.warmed, self.s.nodes.reporting
+            ),
+            (RolledBack, Some(c)) => {
+                format!("{c} rolled back; the stable revision takes all traffic")
+            }
+            (Failed, Some(c)) => {
+                format!("{c} cannot be served; the stable revision takes all traffic")
+            }
+            (Pending, _) => "waiting for a selected node with an agent reporting".into(),
+            _ => match &self.s.stable_revision {
+                Some(s) => format!("{} takes all traffic", describe(s)),
+                None => String::new(),
+            },
+        }
+    }
+}
+
+/// A revision in a line: the digest's first 12 digits and the async flag.
+pub fn describe(r: &Revision) -> String {
+    let digest = r.artifact.sha256.get(..12).unwrap_or(&r.artifact.sha256);
+    format!(
+        "{digest} ({}, {} streams)",
+        if r.flags.async_enabled {
+            "async"
+        } else {
+            "sync"
+        },
+        r.flags.stream_pool_size
+    )
+}
+
+/// Judges one step's figures against the analysis spec. Too few samples, or nothing to
+/// compare against, is inconclusive: it never passes on missing data or divides by zero.
+pub fn analyse(spec: &AnalysisSpec, f: &Figures) -> (Verdict, AnalysisFigures) {
+    let samples = f.canary.ops;
+    let success_rate = (samples > 0).then(|| 1.0 - f.canary.failures as f64 / samples as f64);
+    let overhead_ratio = overhead(f);
+    let max_numeric_diff = f
+        .shadow
+        .comparable
+        .then_some(f.shadow.max_numeric_diff)
+        .flatten();
+    let figures = AnalysisFigures {
+        samples,
+        success_rate,
+        overhead_ratio,
+        max_numeric_diff,
+        nodes: f.nodes,
+        ..AnalysisFigures::default()
+    };
+    if samples < spec.min_samples {
+        let why = format!("{samples} of {} canary samples", spec.min_samples);
+        return (Verdict::Inconclusive(why), figures);
+    }
+    let mut broken = Vec::new();
+    let rate = success_rate.expect("samples > 0");
+    if rate < spec.min_success_rate {
+        broken.push(format!(
+            "success rate {rate:.4} is under minSuccessRate {}",
+            spec.min_success_rate
+        ));
+    }
+    if let Some(ratio) = overhead_ratio.filter(|r| !(*r <= spec.max_overhead_ratio)) {
+        broken.push(format!(
+            "overhead ratio {ratio:.3} is over maxOverheadRatio {}",
+            spec.max_overhead_ratio
+        ));
+    }
+    if let Some(diff) = max_numeric_diff.filter(|d| !(*d <= spec.max_numeric_diff)) {
+        broken.push(format!(
+            "numeric difference {diff:e} is over maxNumericDiff {:e}",
+            spec.max_numeric_diff
+        ));
+    }
+    if !broken.is_empty() {
+        return (Verdict::Failed(broken.join("; ")), figures);
+    }
+    let Some(ratio) = overhead_ratio else {
+        let why = "no successful stable operations to compare latency with".into();
+        return (Verdict::Inconclusive(why), figures);
+    };
+    if f.shadow.comparable && max_numeric_diff.is_none() {
+        let why = "no paired outputs to compare yet".into();
+        return (Verdict::Inconclusive(why), figures);
+    }
+    let numeric = max_numeric_diff.map_or_else(
+        || "numeric agreement not applicable".to_string(),
+        |d| format!("numeric difference {d:e}"),
+    );
+    let why =
+        format!("{samples} samples, success rate {rate:.4}, overhead ratio {ratio:.3}, {numeric}");
+    (Verdict::Passed(why), figures)
+}
+
+/// Canary latency over stable latency: from the shadow pairs (identical inputs, back to
+/// back) when there are any, else from the mean latency of each revision's operations.
+fn overhead(f: &Figures) -> Option<f64> {
+    if f.shadow.pairs > 0 && f.shadow.stable_seconds_sum > 0.0 {
+        return Some(f.shadow.canary_seconds_sum / f.shadow.stable_seconds_sum);
+    }
+    let mean = |r: &kernelflow_crds::node_report::RevisionFigures| {
+        let ok = r.ops.saturating_sub(r.failures);
+        (ok > 0 && r.latency_seconds_sum > 0.0).then(|| r.latency_seconds_sum / ok as f64)
+    };
+    Some(mean(&f.canary)? / mean(&f.stable)?)
+}
+
+#[cfg(test)]
+mod tests;

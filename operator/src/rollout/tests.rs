@@ -1,0 +1,632 @@
+use k8s_openapi::jiff::SignedDuration;
+use kernelflow_crds::kernel_deployment::NodeCounts;
+use kernelflow_crds::node_report::{RevisionFigures, ShadowFigures};
+
+use super::*;
+use crate::nodes::Readiness;
+
+const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+/// A spec with async on, the default 1/10/50/100 steps, `pause` at each and a 10 s interval.
+fn spec(digest: &str, extra: serde_json::Value) -> KernelDeploymentSpec {
+    let mut v = serde_json::json!({
+        "kernel": {"artifact": {"url": format!("http://store/{digest}"), "sha256": digest},
+                   "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]}},
+        "nodeSelector": {"matchLabels": {"gpu": "true"}},
+        "flags": {"asyncEnabled": true},
+        "rollout": {"steps": [{"trafficPercent": 1, "pause": "20s"}, {"trafficPercent": 10, "pause": "20s"},
+                              {"trafficPercent": 50, "pause": "20s"}, {"trafficPercent": 100, "pause": "20s"}],
+                    "analysis": {"interval": "10s", "minSamples": 100}}
+    });
+    merge(&mut v, extra);
+    serde_json::from_value(v).unwrap()
+}
+
+fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+fn nodes(reporting: u32, warmed: u32) -> Summary {
+    Summary {
+        counts: NodeCounts {
+            selected: reporting,
+            warmed,
+            failed: 0,
+            reporting,
+        },
+        readiness: Readiness {
+            status: "Unknown",
+            reason: "Warming".into(),
+            message: String::new(),
+        },
+        unservable: false,
+        epoch: 0,
+        figures: Figures::default(),
+    }
+}
+
+/// Healthy figures: `samples` canary ops, none failing, canary as fast as stable, equal
+/// outputs up to `diff`.
+fn healthy(samples: u64, diff: f64) -> Summary {
+    let mut s = nodes(3, 3);
+    s.figures = Figures {
+        nodes: 3,
+        canary: RevisionFigures {
+            ops: samples,
+            latency_seconds_sum: samples as f64 * 1e-3,
+            ..Default::default()
+        },
+        stable: RevisionFigures {
+            ops: samples,
+            latency_seconds_sum: samples as f64 * 1e-3,
+            ..Default::default()
+        },
+        shadow: ShadowFigures {
+            pairs: samples,
+            canary_seconds_sum: 1.0,
+            stable_seconds_sum: 1.0,
+            comparable: true,
+            max_numeric_diff: Some(diff),
+        },
+    };
+    s
+}
+
+/// Drives the machine through time, keeping the status between calls as the API would.
+struct Run {
+    spec: KernelDeploymentSpec,
+    status: KernelDeploymentStatus,
+    now: Timestamp,
+    notes: Vec<Note>,
+    last: Option<Decision>,
+}
+
+impl Run {
+    fn new(spec: KernelDeploymentSpec) -> Self {
+        Self {
+            spec,
+            status: KernelDeploymentStatus::default(),
+            now: Timestamp::from_second(1_800_000_000).unwrap(),
+            notes: Vec::new(),
+            last: None,
+        }
+    }
+
+    fn at(&mut self, secs: i64, summary: &Summary) -> &Decision {
+        self.act(secs, summary, None)
+    }
+
+    fn act(&mut self, secs: i64, summary: &Summary, action: Option<&str>) -> &Decision {
+        self.now += SignedDuration::from_secs(secs);
+        // The nodes have caught up with the status's split.
+        let summary = &Summary {
+            epoch: self.status.step_epoch,
+            ..summary.clone()
+        };
+        let action = action.map(|v| (v, ManualAction::parse(v).unwrap()));
+        let d = decide(
+            &self.spec,
+            &self.status,
+            &Observations {
+                now: self.now,
+                summary,
+                action,
+            },
+        );
+        self.status = d.status.clone();
+        self.notes.extend(d.notes.clone());
+        self.last.insert(d)
+    }
+
+    fn phase(&self) -> RolloutPhase {
+        self.status.phase
+    }
+
+    fn step(&self) -> (Option<u32>, u8) {
+        (self.status.current_step_index, self.status.traffic_percent)
+    }
+
+    fn reasons(&self) -> Vec<&'static str> {
+        self.notes.iter().map(|n| n.reason).collect()
+    }
+}
+
+/// Warms and walks a run through all four steps with passing figures.
+fn walk_to_healthy(run: &mut Run) {
+    run.at(0, &nodes(3, 0));
+    assert_eq!(run.phase(), RolloutPhase::Warming);
+    run.at(1, &nodes(3, 3));
+    for (i, pct) in [1u8, 10, 50, 100].into_iter().enumerate() {
+        assert_eq!(run.step(), (Some(i as u32), pct));
+        // Passing before the pause has run does not advance.
+        run.at(10, &healthy(500, 0.0));
+        assert_eq!(
+            run.step(),
+            (Some(i as u32), pct),
+            "advanced before the pause"
+        );
+        run.at(10, &healthy(500, 0.0));
+    }
+}
+
+#[test]
+fn a_first_revision_turns_async_on_step_by_step_over_the_sync_baseline() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    run.at(0, &nodes(3, 0));
+    let baseline = run.status.stable_revision.clone().unwrap();
+    assert_eq!(baseline.artifact.sha256, A);
+    assert!(
+        !baseline.flags.async_enabled,
+        "the baseline is the sync path"
+    );
+    assert!(
+        run.status
+            .canary_revision
+            .as_ref()
+            .unwrap()
+            .flags
+            .async_enabled
+    );
+    assert_eq!(run.status.traffic_percent, 0, "no traffic before warm");
+
+    let mut epochs = vec![run.status.step_epoch];
+    run.at(1, &nodes(3, 3));
+    epochs.push(run.status.step_epoch);
+    for _ in 0..4 {
+        run.at(10, &healthy(500, 0.0));
+        run.at(10, &healthy(500, 0.0));
+        epochs.push(run.status.step_epoch);
+    }
+    assert!(
+        epochs.windows(2).all(|w| w[1] > w[0]),
+        "every split change is a new epoch: {epochs:?}"
+    );
+    assert_eq!(run.phase(), RolloutPhase::Healthy);
+    assert_eq!(run.status.traffic_percent, 100);
+    assert!(run.status.canary_revision.is_none());
+    assert!(
+        run.status
+            .stable_revision
+            .as_ref()
+            .unwrap()
+            .flags
+            .async_enabled
+    );
+    assert_eq!(
+        run.reasons(),
+        [
+            "StepStarted",
+            "StepStarted",
+            "StepStarted",
+            "StepStarted",
+            "RolloutCompleted"
+        ]
+    );
+    let (outcome, took) = run.last.as_ref().unwrap().finished.unwrap();
+    assert_eq!((outcome, took), (Outcome::Healthy, Duration::from_secs(81)));
+    assert_eq!(
+        run.last.as_ref().unwrap().requeue,
+        None,
+        "nothing left to time"
+    );
+}
+
+#[test]
+fn a_new_artifact_then_rolls_out_over_the_healthy_revision() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    walk_to_healthy(&mut run);
+    let stable = run.status.stable_revision.clone().unwrap();
+    run.spec = spec(B, serde_json::json!({}));
+    run.at(1, &nodes(3, 0));
+    assert_eq!(run.phase(), RolloutPhase::Warming);
+    assert_eq!(run.status.stable_revision.as_ref(), Some(&stable));
+    assert_eq!(
+        run.status.canary_revision.as_ref().unwrap().artifact.sha256,
+        B
+    );
+    walk_to_healthy(&mut run);
+    assert_eq!(run.phase(), RolloutPhase::Healthy);
+    assert_eq!(
+        run.status.stable_revision.as_ref().unwrap().artifact.sha256,
+        B
+    );
+}
+
+#[test]
+fn a_first_revision_already_on_the_sync_path_has_nothing_to_roll_out() {
+    let mut run = Run::new(spec(
+        A,
+        serde_json::json!({"flags": {"asyncEnabled": false}}),
+    ));
+    run.at(0, &nodes(2, 1));
+    assert_eq!(run.phase(), RolloutPhase::Warming);
+    assert!(run.status.canary_revision.is_none());
+    run.at(1, &nodes(2, 2));
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::Healthy, 100)
+    );
+}
+
+#[test]
+fn no_reporting_node_means_pending() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    let d = run.at(0, &nodes(0, 0));
+    assert_eq!(d.status.phase, RolloutPhase::Pending);
+    assert_eq!(d.requeue, Some(WARMING_WAIT));
+}
+
+#[test]
+fn too_few_samples_or_no_stable_latency_never_pass() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.at(60, &healthy(99, 0.0));
+    assert_eq!(run.step(), (Some(0), 1), "99 of 100 samples");
+    assert!(matches!(
+        run.last.as_ref().unwrap().verdict,
+        Some(Verdict::Inconclusive(_))
+    ));
+
+    let mut no_stable = healthy(500, 0.0);
+    no_stable.figures.shadow = ShadowFigures {
+        comparable: false,
+        ..Default::default()
+    };
+    no_stable.figures.stable = RevisionFigures::default();
+    run.at(60, &no_stable);
+    assert_eq!(run.step(), (Some(0), 1));
+    let recorded = run.status.analysis.as_ref().unwrap();
+    assert_eq!(recorded.overhead_ratio, None, "no division by zero");
+    assert!(
+        recorded
+            .verdict
+            .as_ref()
+            .unwrap()
+            .starts_with("Inconclusive"),
+        "{recorded:?}"
+    );
+    assert_eq!(recorded.failures, 0);
+}
+
+#[test]
+fn failing_analysis_counts_once_per_interval_then_rolls_back_naming_the_figure() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    let mut bad = healthy(1000, 0.0);
+    bad.figures.canary.failures = 50;
+    for _ in 0..5 {
+        run.at(1, &bad);
+    }
+    assert_eq!(
+        run.status.analysis.as_ref().unwrap().failures,
+        1,
+        "five looks in one interval"
+    );
+    run.at(10, &bad);
+    assert_eq!(run.phase(), RolloutPhase::Progressing);
+    run.at(10, &bad);
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+    assert_eq!(run.status.traffic_percent, 0);
+    let note = run.notes.last().unwrap();
+    assert_eq!((note.warning, note.reason), (true, "RolledBack"));
+    assert!(
+        note.message
+            .contains("success rate 0.9500 is under minSuccessRate 0.999"),
+        "{note:?}"
+    );
+    assert!(note.message.contains("failed 3 times at 1%"), "{note:?}");
+    assert_eq!(
+        run.last.as_ref().unwrap().finished.unwrap().0,
+        Outcome::RolledBack
+    );
+    assert_eq!(
+        run.last.as_ref().unwrap().verdict.as_ref().unwrap().label(),
+        "fail"
+    );
+
+    // Rolled back stays rolled back, whatever the figures say.
+    run.at(100, &healthy(1000, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+}
+
+#[test]
+fn without_auto_rollback_it_holds_as_degraded_until_told() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"autoRollback": false, "analysis": {"failureLimit": 1}}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    let mut slow = healthy(1000, 0.0);
+    slow.figures.shadow.canary_seconds_sum = 2.0;
+    run.at(10, &slow);
+    assert_eq!(run.phase(), RolloutPhase::Degraded);
+    assert_eq!(run.step(), (Some(0), 1), "traffic held at the step");
+    assert!(
+        run.notes
+            .last()
+            .unwrap()
+            .message
+            .contains("overhead ratio 2.000 is over maxOverheadRatio 1.1")
+    );
+    run.at(100, &healthy(1000, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::Degraded, "waits for a decision");
+    run.act(1, &healthy(1000, 0.0), Some("promote:1"));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Progressing, (Some(1), 10))
+    );
+}
+
+#[test]
+fn abort_and_retry() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    run.at(10, &healthy(500, 0.0));
+    assert_eq!(run.step(), (Some(1), 10));
+    run.act(1, &healthy(500, 0.0), Some("abort:1"));
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::RolledBack, 0)
+    );
+    assert_eq!(
+        run.last.as_ref().unwrap().finished.unwrap().0,
+        Outcome::Aborted
+    );
+    assert_eq!(run.notes.last().unwrap().reason, "Aborted");
+
+    run.act(1, &nodes(3, 2), Some("retry:2"));
+    assert_eq!(
+        run.phase(),
+        RolloutPhase::Warming,
+        "a node lost the canary meanwhile"
+    );
+    run.at(1, &nodes(3, 3));
+    assert_eq!(
+        run.step(),
+        (Some(0), 1),
+        "a retry starts from the first step"
+    );
+}
+
+#[test]
+fn each_action_value_acts_once() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.act(1, &nodes(3, 3), Some("promote:7"));
+    assert_eq!(run.step(), (Some(1), 10));
+    // The annotation is still there at the next reconcile (and after an operator restart).
+    run.act(1, &nodes(3, 3), Some("promote:7"));
+    assert_eq!(run.step(), (Some(1), 10));
+    run.act(1, &nodes(3, 3), Some("promote:8"));
+    assert_eq!(run.step(), (Some(2), 50));
+    run.act(1, &nodes(3, 3), Some("promote-full:9"));
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::Healthy, 100)
+    );
+    run.act(1, &nodes(3, 3), Some("abort:10"));
+    assert_eq!(run.phase(), RolloutPhase::Healthy);
+    assert_eq!(run.notes.last().unwrap().reason, "ActionIgnored");
+}
+
+#[test]
+fn an_indefinite_pause_waits_for_promote() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"steps": [{"trafficPercent": 10}, {"trafficPercent": 100, "pause": "1s"}]}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Paused, (Some(0), 10))
+    );
+    run.at(1000, &healthy(500, 0.0));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Paused, (Some(0), 10))
+    );
+    assert_eq!(
+        run.reasons()
+            .iter()
+            .filter(|r| **r == "AwaitingPromotion")
+            .count(),
+        1
+    );
+    run.act(1, &healthy(500, 0.0), Some("promote"));
+    assert_eq!(run.step(), (Some(1), 100));
+    run.at(1, &healthy(500, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::Healthy);
+}
+
+#[test]
+fn spec_paused_holds_the_step_and_resuming_continues() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.spec.paused = true;
+    run.at(100, &healthy(500, 0.0));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Paused, (Some(0), 1))
+    );
+    run.spec.paused = false;
+    run.at(1, &healthy(500, 0.0));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Progressing, (Some(1), 10))
+    );
+}
+
+#[test]
+fn a_new_digest_mid_rollout_restarts_against_the_last_healthy_revision() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    walk_to_healthy(&mut run);
+    let healthy_rev = run.status.stable_revision.clone();
+    run.spec = spec(B, serde_json::json!({}));
+    run.at(1, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    run.at(10, &healthy(500, 0.0));
+    assert_eq!(run.step(), (Some(1), 10));
+    let c = "c".repeat(64);
+    run.spec = spec(&c, serde_json::json!({}));
+    run.at(1, &nodes(3, 0));
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::Warming, 0)
+    );
+    assert_eq!(run.status.stable_revision, healthy_rev);
+    assert_eq!(
+        run.status.canary_revision.as_ref().unwrap().artifact.sha256,
+        c
+    );
+    assert!(
+        run.notes
+            .last()
+            .unwrap()
+            .message
+            .contains("replaces the rollout in progress")
+    );
+    run.at(1, &nodes(3, 3));
+    assert_eq!(run.step(), (Some(0), 1));
+}
+
+#[test]
+fn going_back_to_the_stable_spec_cancels_the_rollout() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    walk_to_healthy(&mut run);
+    run.spec = spec(B, serde_json::json!({}));
+    run.at(1, &nodes(3, 3));
+    assert_eq!(run.step(), (Some(0), 1));
+    run.spec = spec(A, serde_json::json!({}));
+    run.at(1, &nodes(3, 3));
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::Healthy, 100)
+    );
+    assert!(run.status.canary_revision.is_none());
+    assert_eq!(run.notes.last().unwrap().reason, "RolloutCancelled");
+}
+
+#[test]
+fn an_artifact_no_node_can_serve_fails_and_leaves_traffic_on_stable() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    walk_to_healthy(&mut run);
+    run.spec = spec(B, serde_json::json!({}));
+    let mut broken = nodes(3, 0);
+    broken.unservable = true;
+    broken.readiness.message = "node a: DigestMismatch".into();
+    run.at(1, &broken);
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::Failed, 0)
+    );
+    assert!(run.notes.last().unwrap().message.contains("DigestMismatch"));
+    assert_eq!(
+        run.status.stable_revision.as_ref().unwrap().artifact.sha256,
+        A
+    );
+}
+
+#[test]
+fn deciding_again_on_the_same_inputs_changes_nothing() {
+    // What an operator restarted mid-rollout does: it reads the status and decides again.
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    run.at(10, &healthy(500, 0.0));
+    let before = run.status.clone();
+    let notes = run.notes.len();
+    run.at(0, &healthy(10, 0.0));
+    let mut after = run.status.clone();
+    after.analysis = before.analysis.clone();
+    after.message = before.message.clone();
+    assert_eq!(after, before, "no step skipped or repeated");
+    assert_eq!(run.notes.len(), notes);
+}
+
+fn figures(failures: u64, canary_seconds: f64, diff: Option<f64>, comparable: bool) -> Figures {
+    let mut f = healthy(1000, 0.0).figures;
+    f.canary.failures = failures;
+    f.shadow.canary_seconds_sum = canary_seconds;
+    f.shadow.max_numeric_diff = diff;
+    f.shadow.comparable = comparable;
+    f
+}
+
+#[test]
+fn analysis_verdicts() {
+    let spec = AnalysisSpec::default();
+    let verdict = |f: Figures| analyse(&spec, &f).0;
+    assert!(matches!(
+        verdict(figures(0, 1.0, Some(0.0), true)),
+        Verdict::Passed(_)
+    ));
+    assert!(
+        matches!(
+            verdict(figures(1, 1.0, Some(0.0), true)),
+            Verdict::Passed(_)
+        ),
+        "0.999 is enough"
+    );
+    assert!(
+        matches!(verdict(figures(2, 1.0, Some(0.0), true)), Verdict::Failed(m) if m.contains("success rate"))
+    );
+    assert!(
+        matches!(verdict(figures(0, 1.2, Some(0.0), true)), Verdict::Failed(m) if m.contains("overhead ratio 1.200"))
+    );
+    assert!(
+        matches!(verdict(figures(0, 1.0, Some(1e-3), true)), Verdict::Failed(m) if m.contains("numeric difference 1e-3"))
+    );
+    assert!(
+        matches!(verdict(figures(0, 1.0, Some(f64::NAN), true)), Verdict::Failed(m) if m.contains("NaN"))
+    );
+    assert!(
+        matches!(verdict(figures(0, 1.0, None, true)), Verdict::Inconclusive(m) if m.contains("paired"))
+    );
+    let (v, recorded) = analyse(&spec, &figures(0, 1.0, Some(1.0), false));
+    assert!(
+        matches!(v, Verdict::Passed(m) if m.contains("not applicable")),
+        "new weights differ by design"
+    );
+    assert_eq!(recorded.max_numeric_diff, None);
+    // Every broken figure is named.
+    assert!(
+        matches!(verdict(figures(500, 5.0, Some(1.0), true)), Verdict::Failed(m) if m.matches(';').count() == 2)
+    );
+}
+
+#[test]
+fn overhead_falls_back_to_mean_latency_without_shadow_pairs() {
+    let mut f = healthy(1000, 0.0).figures;
+    f.shadow = ShadowFigures::default();
+    f.canary.latency_seconds_sum = 3.0;
+    f.stable.latency_seconds_sum = 2.0;
+    assert_eq!(overhead(&f), Some(1.5));
+    f.stable.latency_seconds_sum = 0.0;
+    assert_eq!(overhead(&f), None);
+}
+
+#[test]
+fn figures_of_the_split_a_promote_replaced_do_not_count_against_the_next_step() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    let mut bad = healthy(1000, 0.0);
+    bad.figures.canary.failures = 500;
+    run.act(1, &bad, Some("promote:1"));
+    assert_eq!(run.step(), (Some(1), 10));
+    let recorded = run.status.analysis.as_ref().unwrap();
+    assert_eq!(
+        (recorded.samples, recorded.failures),
+        (0, 0),
+        "{recorded:?}"
+    );
+}
