@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod compute;
 pub mod report;
+pub mod rollout;
 pub mod warm;
 
 use std::net::SocketAddr;
@@ -42,6 +43,25 @@ pub struct Args {
     /// Largest parameter count an artifact may hold.
     #[arg(long, env = "KERNELFLOW_MAX_PARAMETERS", default_value_t = 10_000_000)]
     pub max_parameters: usize,
+    /// Shadow pairs per second per rollout in progress: identical inputs through canary and
+    /// stable, so that analysis has data on an idle node (0 turns it off).
+    #[arg(long, env = "KERNELFLOW_SHADOW_OPS_PER_SECOND", default_value_t = 20.0)]
+    pub shadow_ops_per_second: f64,
+    /// Shadow operations issued at once per revision: the load each stream pool is judged
+    /// under.
+    #[arg(long, env = "KERNELFLOW_SHADOW_CONCURRENCY", default_value_t = 4)]
+    pub shadow_concurrency: usize,
+    /// Synthetic conv2d traffic through each deployment's split, per second (demos and
+    /// tests of the split; 0: none).
+    #[arg(
+        long,
+        env = "KERNELFLOW_SYNTHETIC_OPS_PER_SECOND",
+        default_value_t = 0.0
+    )]
+    pub synthetic_ops_per_second: f64,
+    /// Seconds after which a conv2d operation counts as failed.
+    #[arg(long, env = "KERNELFLOW_OP_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    pub op_timeout_seconds: f64,
 }
 
 /// The agent's metrics.
@@ -120,18 +140,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let store = artifact::store::KernelStore::new(store_config, cache_metrics)
         .context("opening the kernel cache")?;
     let warmer = warm::Warmer::new(store);
+    let router = rollout::Router::new(
+        rollout::RouterConfig {
+            op_timeout: Duration::from_secs_f64(args.op_timeout_seconds.max(0.001)),
+            shadow_ops_per_second: args.shadow_ops_per_second,
+            shadow_concurrency: args.shadow_concurrency,
+        },
+        rollout::RolloutMetrics::new(&metrics.registry)?,
+    );
     let warming = tokio::spawn(warm::run(
         client.clone(),
         args.node_name.clone(),
         warmer.clone(),
+        router.clone(),
     ));
+    let shadow = tokio::spawn(router.clone().shadow_load());
+    let traffic = tokio::spawn(
+        router
+            .clone()
+            .synthetic_traffic(args.synthetic_ops_per_second),
+    );
 
     let reporter = report::Reporter::new(client, &args.node_name, backend);
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval_seconds.max(1)));
     let reports = async {
         loop {
             tick.tick().await;
-            match reporter.publish(warmer.report()).await {
+            let mut kernels = warmer.report();
+            router.annotate(&mut kernels);
+            match reporter.publish(kernels).await {
                 Ok(()) => metrics.reports.inc(),
                 Err(e) => {
                     metrics.report_errors.inc();
@@ -145,6 +182,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         () = reports => {}
         r = http => r??,
         r = warming => r?,
+        r = shadow => r?,
+        r = traffic => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

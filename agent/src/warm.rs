@@ -1,6 +1,7 @@
 //! Warming: every KernelDeployment whose `nodeSelector` matches this node's labels gets its
-//! kernel fetched, verified, validated and loaded ahead of traffic. Failures are reported
-//! with their reason and retried with backoff; kernels already warm keep serving.
+//! kernels (the spec's artifact, and the stable revision's when that differs) fetched,
+//! verified, validated and loaded ahead of traffic. Failures are reported with their reason
+//! and retried with backoff; kernels already warm keep serving.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use kube::{Client, ResourceExt};
 
 use crate::artifact::format::{ArtifactError, Kernel};
 use crate::artifact::store::KernelStore;
+use crate::rollout::Router;
 
 /// A kernel's state on this node.
 #[derive(Clone, Debug)]
@@ -38,10 +40,21 @@ struct Entry {
     state: State,
 }
 
+/// A KernelDeployment's namespace, name and artifact digest.
+type Key = (String, String, String);
+
 /// The kernels this node should serve, and where each stands.
 pub struct Warmer {
     store: Arc<KernelStore>,
-    entries: Mutex<BTreeMap<(String, String), Entry>>,
+    entries: Mutex<BTreeMap<Key, Entry>>,
+    /// Each selected deployment's spec digest: the kernel its report is about.
+    primary: Mutex<BTreeMap<(String, String), String>>,
+}
+
+/// Whether `kd` selects a node with `labels` and is not being deleted.
+pub fn selects(kd: &KernelDeployment, labels: &BTreeMap<String, String>) -> bool {
+    kd.metadata.deletion_timestamp.is_none()
+        && Selector::try_from(kd.spec.node_selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
 /// Wait before retry `attempts` (1-based): doubling from 2 s, capped at a minute for store
@@ -56,6 +69,7 @@ impl Warmer {
         Arc::new(Self {
             store,
             entries: Mutex::default(),
+            primary: Mutex::default(),
         })
     }
 
@@ -68,19 +82,18 @@ impl Warmer {
     ) {
         let now = Instant::now();
         let mut wanted = BTreeMap::new();
-        for kd in deployments {
-            let selects =
-                Selector::try_from(kd.spec.node_selector.clone()).is_ok_and(|s| s.matches(labels));
-            if selects && kd.metadata.deletion_timestamp.is_none() {
-                wanted.insert(
-                    (kd.namespace().unwrap_or_default(), kd.name_any()),
-                    (
-                        kd.spec.kernel.artifact.clone(),
-                        kd.spec.kernel.conv2d.clone(),
-                    ),
-                );
+        let mut primary = BTreeMap::new();
+        for kd in deployments.iter().filter(|kd| selects(kd, labels)) {
+            let (ns, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
+            let spec = &kd.spec.kernel;
+            primary.insert((ns.clone(), name.clone()), spec.artifact.sha256.clone());
+            let stable = kd.status.as_ref().and_then(|s| s.stable_revision.as_ref());
+            for artifact in std::iter::once(&spec.artifact).chain(stable.map(|r| &r.artifact)) {
+                let key = (ns.clone(), name.clone(), artifact.sha256.clone());
+                wanted.insert(key, (artifact.clone(), spec.conv2d.clone()));
             }
         }
+        *self.primary.lock().expect("primary lock") = primary;
         let mut entries = self.entries.lock().expect("entries lock");
         entries.retain(|key, _| wanted.contains_key(key));
         for (key, (artifact, conv2d)) in wanted {
@@ -128,7 +141,7 @@ impl Warmer {
                         tracing::info!(
                             namespace = key.0,
                             name = key.1,
-                            digest = artifact.sha256,
+                            digest = key.2,
                             "kernel warm"
                         );
                         State::Warm(kernel)
@@ -148,26 +161,36 @@ impl Warmer {
         }
     }
 
-    /// The warm kernel of a KernelDeployment, if any.
+    /// The warm kernel of a KernelDeployment's spec, if any.
     pub fn kernel(&self, namespace: &str, name: &str) -> Option<Arc<Kernel>> {
-        match &self
-            .entries
+        let digest = self
+            .primary
             .lock()
-            .expect("entries lock")
+            .expect("primary lock")
             .get(&(namespace.to_string(), name.to_string()))?
-            .state
-        {
+            .clone();
+        self.kernel_of(namespace, name, &digest)
+    }
+
+    /// The warm kernel with `digest` of a KernelDeployment, if any.
+    pub fn kernel_of(&self, namespace: &str, name: &str, digest: &str) -> Option<Arc<Kernel>> {
+        let key = (namespace.to_string(), name.to_string(), digest.to_string());
+        match &self.entries.lock().expect("entries lock").get(&key)?.state {
             State::Warm(k) => Some(k.clone()),
             _ => None,
         }
     }
 
-    /// Per-kernel entries of the node report.
+    /// Per-kernel entries of the node report: each deployment's spec kernel.
     pub fn report(&self) -> Vec<KernelReport> {
-        self.entries
-            .lock()
-            .expect("entries lock")
-            .iter()
+        let primary = self.primary.lock().expect("primary lock").clone();
+        let entries = self.entries.lock().expect("entries lock");
+        primary
+            .into_iter()
+            .filter_map(|((namespace, name), digest)| {
+                let e = entries.get(&(namespace.clone(), name.clone(), digest))?;
+                Some(((namespace, name), e))
+            })
             .map(|((namespace, name), e)| {
                 let (state, reason, message) = match &e.state {
                     State::Warming => ("Warming", None, None),
@@ -179,20 +202,22 @@ impl Warmer {
                     ),
                 };
                 KernelReport {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
+                    namespace,
+                    name,
                     canary_sha256: e.artifact.sha256.clone(),
                     state: state.into(),
                     reason,
                     message,
+                    ..KernelReport::default()
                 }
             })
             .collect()
     }
 }
 
-/// Watches KernelDeployments and this node's Node, keeping the warmer in sync, until dropped.
-pub async fn run(client: Client, node: String, warmer: Arc<Warmer>) {
+/// Watches KernelDeployments and this node's Node, keeping the warmer and the router in
+/// sync, until dropped.
+pub async fn run(client: Client, node: String, warmer: Arc<Warmer>, router: Arc<Router>) {
     let (kds, kd_writer) = reflector::store::<KernelDeployment>();
     let (nodes, node_writer) = reflector::store::<Node>();
     let kd_events = reflector::reflector(
@@ -216,14 +241,16 @@ pub async fn run(client: Client, node: String, warmer: Arc<Warmer>) {
     .touched_objects()
     .map(|_| ());
     let mut events = std::pin::pin!(futures::stream::select(kd_events, node_events));
-    // A tick retries failures whose backoff has passed.
+    // A tick retries failures whose backoff has passed and routes to kernels newly warm.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             Some(()) = events.next() => {}
             _ = tick.tick() => {}
         }
-        warmer.sync(&kds.state(), &labels(&nodes, &node));
+        let (kds, labels) = (kds.state(), labels(&nodes, &node));
+        warmer.sync(&kds, &labels);
+        router.sync(&kds, &labels, &warmer);
     }
 }
 

@@ -529,13 +529,16 @@ pub fn analyse(spec: &AnalysisSpec, f: &Figures) -> (Verdict, AnalysisFigures) {
             spec.min_success_rate
         ));
     }
-    if let Some(ratio) = overhead_ratio.filter(|r| !(*r <= spec.max_overhead_ratio)) {
+    // NaN breaks a limit too: `over` is true unless the figure is within it.
+    let over =
+        |v: f64, limit: f64| v.partial_cmp(&limit) != Some(std::cmp::Ordering::Less) && v != limit;
+    if let Some(ratio) = overhead_ratio.filter(|r| over(*r, spec.max_overhead_ratio)) {
         broken.push(format!(
             "overhead ratio {ratio:.3} is over maxOverheadRatio {}",
             spec.max_overhead_ratio
         ));
     }
-    if let Some(diff) = max_numeric_diff.filter(|d| !(*d <= spec.max_numeric_diff)) {
+    if let Some(diff) = max_numeric_diff.filter(|d| over(*d, spec.max_numeric_diff)) {
         broken.push(format!(
             "numeric difference {diff:e} is over maxNumericDiff {:e}",
             spec.max_numeric_diff

@@ -1,0 +1,616 @@
+//! The agent's side of a rollout: each KernelDeployment's conv2d operations split between
+//! its canary and stable revisions as the operator's status says, each revision run with
+//! its own flags, a shadow load that runs identical inputs through both, and the figures of
+//! the current step that the node report carries back to the operator's analysis.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kernelflow_crds::KernelDeployment;
+use kernelflow_crds::kernel_deployment::{Revision, RolloutPhase};
+use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
+use kube::ResourceExt;
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::artifact::format::Kernel;
+use crate::compute::ComputeError;
+use crate::compute::backend::Op;
+use crate::compute::conv::Conv2dParams;
+use crate::compute::cpu::CpuBackend;
+use crate::compute::engine::{Engine, EngineConfig, run_sync};
+use crate::compute::ops::uniform;
+use crate::warm::{Warmer, selects};
+
+/// Why a routed operation failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum OpError {
+    #[error("no warm revision of {0} serves traffic on this node")]
+    NotServing(String),
+    #[error(transparent)]
+    Compute(#[from] ComputeError),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("non-finite output at index {0}")]
+    NonFinite(usize),
+}
+
+/// Which side of the split ran an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Canary,
+    Stable,
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Side::Canary => "canary",
+            Side::Stable => "stable",
+        }
+    }
+}
+
+/// How the agent routes and measures.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// An operation that takes longer than this counts as failed.
+    pub op_timeout: Duration,
+    /// Shadow pairs per second per rollout (0: none).
+    pub shadow_ops_per_second: f64,
+    /// Shadow operations issued at once per revision: the load a stream pool is judged under.
+    pub shadow_concurrency: usize,
+}
+
+/// One revision as this node runs it.
+struct Lane {
+    kernel: Arc<Kernel>,
+    /// None: the synchronous path.
+    engine: Option<Engine<CpuBackend>>,
+}
+
+impl Lane {
+    fn new(revision: &Revision, kernel: Arc<Kernel>) -> Self {
+        let f = &revision.flags;
+        // On the CPU backend a stream is one core's worker, so the pool size is the
+        // revision's parallelism, as streams are on a GPU.
+        let engine = f.async_enabled.then(|| {
+            let backend = CpuBackend::new(f.stream_pool_size as usize, 1);
+            Engine::new(Arc::new(backend), EngineConfig::from(f))
+        });
+        Self { kernel, engine }
+    }
+
+    async fn run(&self, p: Conv2dParams, x: Arc<Vec<f32>>) -> Result<Vec<f32>, ComputeError> {
+        let (w, b) = (self.kernel.weight.clone(), self.kernel.bias.clone());
+        match &self.engine {
+            Some(engine) => engine.conv2d(p, x, w, b).await,
+            None => {
+                let inputs: Vec<_> = [Some(x), Some(w), b].into_iter().flatten().collect();
+                tokio::task::spawn_blocking(move || run_sync(Op::Conv2d(p), &inputs))
+                    .await
+                    .map_err(|e| ComputeError::Stopped(e.to_string()))?
+                    .map(|mut out| out.swap_remove(0))
+            }
+        }
+    }
+
+    fn fallbacks(&self) -> u64 {
+        self.engine
+            .as_ref()
+            .map_or(0, |e| e.stats.fallbacks.load(Ordering::Relaxed))
+    }
+}
+
+/// What the node's split looks like for one deployment; a change starts new figures.
+#[derive(Clone, Debug, PartialEq)]
+struct Plan {
+    epoch: u64,
+    traffic_percent: u8,
+    shadow: bool,
+    canary: Option<(Revision, bool)>,
+    stable: Option<(Revision, bool)>,
+}
+
+/// Figures of the current split.
+#[derive(Default)]
+struct Window {
+    canary: RevisionFigures,
+    stable: RevisionFigures,
+    shadow: ShadowFigures,
+}
+
+impl Window {
+    fn side(&mut self, side: Side) -> &mut RevisionFigures {
+        match side {
+            Side::Canary => &mut self.canary,
+            Side::Stable => &mut self.stable,
+        }
+    }
+}
+
+/// One deployment's split on this node.
+pub struct Serving {
+    namespace: String,
+    name: String,
+    plan: Plan,
+    params: Conv2dParams,
+    canary: Option<Lane>,
+    stable: Option<Lane>,
+    /// Canary and stable compute the same function, so their outputs must agree.
+    comparable: bool,
+    seq: AtomicU64,
+    in_flight: AtomicUsize,
+    started: Timestamp,
+    window: Mutex<Window>,
+    timeout: Duration,
+    metrics: RolloutMetrics,
+    /// Fallbacks of this split's engines already added to the metric.
+    fallbacks_counted: AtomicU64,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.count_fallbacks();
+    }
+}
+
+/// Whether operation `n` goes to the canary at `percent`: exactly `percent` of every 100
+/// consecutive operations, spread evenly, with no randomness to skew a short window.
+pub fn to_canary(n: u64, percent: u8) -> bool {
+    let p = u64::from(percent.min(100));
+    (n + 1) * p / 100 > n * p / 100
+}
+
+impl Serving {
+    fn lane(&self, side: Side) -> Option<&Lane> {
+        match side {
+            Side::Canary => self.canary.as_ref(),
+            Side::Stable => self.stable.as_ref(),
+        }
+    }
+
+    fn fallbacks(&self) -> (u64, u64) {
+        let f = |l: &Option<Lane>| l.as_ref().map_or(0, Lane::fallbacks);
+        (f(&self.canary), f(&self.stable))
+    }
+
+    /// Adds the fallbacks since the last call to the metric.
+    fn count_fallbacks(&self) {
+        let (c, s) = self.fallbacks();
+        let new = (c + s).saturating_sub(self.fallbacks_counted.swap(c + s, Ordering::Relaxed));
+        if new > 0 {
+            self.metrics
+                .fallbacks
+                .with_label_values(&[&self.namespace, &self.name])
+                .inc_by(new);
+        }
+    }
+
+    /// Runs one operation on `side` and records it; returns the output and its latency.
+    async fn run(
+        &self,
+        side: Side,
+        x: Arc<Vec<f32>>,
+        traffic: bool,
+    ) -> Result<(Vec<f32>, Duration), OpError> {
+        let (timeout, metrics) = (self.timeout, &self.metrics);
+        let lane = self
+            .lane(side)
+            .ok_or_else(|| OpError::NotServing(format!("{}/{}", self.namespace, self.name)))?;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let result = match tokio::time::timeout(timeout, lane.run(self.params, x)).await {
+            Err(_) => Err(OpError::Timeout(timeout)),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(y)) => match y.iter().position(|v| !v.is_finite()) {
+                Some(i) => Err(OpError::NonFinite(i)),
+                None => Ok(y),
+            },
+        };
+        let took = start.elapsed();
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let labels = [self.namespace.as_str(), self.name.as_str(), side.label()];
+        metrics.ops.with_label_values(&labels).inc();
+        {
+            let mut w = self.window.lock().expect("window lock");
+            let f = w.side(side);
+            f.ops += 1;
+            f.traffic_ops += u64::from(traffic);
+            match &result {
+                Ok(_) => f.latency_seconds_sum += took.as_secs_f64(),
+                Err(_) => f.failures += 1,
+            }
+        }
+        match result {
+            Ok(y) => {
+                metrics
+                    .duration
+                    .with_label_values(&labels)
+                    .observe(took.as_secs_f64());
+                Ok((y, took))
+            }
+            Err(e) => {
+                metrics.failures.with_label_values(&labels).inc();
+                tracing::debug!(error = %e, side = side.label(), "operation failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// A traffic operation: canary or stable as the split says.
+    async fn route(&self, x: Arc<Vec<f32>>) -> Result<Vec<f32>, OpError> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let side = if self.canary.is_some() && to_canary(n, self.plan.traffic_percent) {
+            Side::Canary
+        } else {
+            Side::Stable
+        };
+        Ok(self.run(side, x, true).await?.0)
+    }
+
+    /// One burst of shadow load: `n` inputs through both revisions, one revision's burst
+    /// after the other's so that they do not compete, alternating which goes first.
+    async fn shadow_burst(&self, n: usize, round: u64) {
+        let inputs: Vec<Arc<Vec<f32>>> = (0..n as u64)
+            .map(|i| Arc::new(uniform(self.params.input_len(), round * n as u64 + i, 1.0)))
+            .collect();
+        let burst = |side| {
+            futures::future::join_all(inputs.iter().map(|x| self.run(side, x.clone(), false)))
+        };
+        let (canary, stable) = if round.is_multiple_of(2) {
+            let c = burst(Side::Canary).await;
+            (c, burst(Side::Stable).await)
+        } else {
+            let s = burst(Side::Stable).await;
+            (burst(Side::Canary).await, s)
+        };
+        let mut w = self.window.lock().expect("window lock");
+        for (c, s) in canary.into_iter().zip(stable) {
+            let (Ok((yc, tc)), Ok((ys, ts))) = (c, s) else {
+                continue;
+            };
+            let shadow = &mut w.shadow;
+            shadow.pairs += 1;
+            shadow.canary_seconds_sum += tc.as_secs_f64();
+            shadow.stable_seconds_sum += ts.as_secs_f64();
+            if self.comparable {
+                let diff = max_abs_diff(&yc, &ys);
+                shadow.max_numeric_diff =
+                    Some(shadow.max_numeric_diff.map_or(diff, |d| d.max(diff)));
+            }
+        }
+        if let Some(d) = w.shadow.max_numeric_diff {
+            self.metrics
+                .numeric_diff
+                .with_label_values(&[&self.namespace, &self.name])
+                .set(d);
+        }
+    }
+
+    /// Fills `k`'s figures.
+    fn fill(&self, k: &mut KernelReport, now: Timestamp) {
+        let w = self.window.lock().expect("window lock");
+        k.epoch = Some(self.plan.epoch);
+        k.traffic_percent = if self.canary.is_some() {
+            self.plan.traffic_percent
+        } else {
+            0
+        };
+        k.window_start = Some(Time(self.started));
+        k.window_end = Some(Time(now));
+        k.canary = w.canary.clone();
+        k.stable = w.stable.clone();
+        (k.canary.fallbacks, k.stable.fallbacks) = self.fallbacks();
+        k.shadow = ShadowFigures {
+            comparable: self.comparable,
+            ..w.shadow.clone()
+        };
+    }
+}
+
+/// Largest absolute difference; NaN where either side has one.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    a.iter().zip(b).fold(0.0, |m: f64, (x, y)| {
+        let d = f64::from((x - y).abs());
+        if d.is_nan() { d } else { m.max(d) }
+    })
+}
+
+/// Per-deployment Prometheus series of the split.
+#[derive(Clone)]
+pub struct RolloutMetrics {
+    ops: IntCounterVec,
+    failures: IntCounterVec,
+    fallbacks: IntCounterVec,
+    duration: HistogramVec,
+    numeric_diff: GaugeVec,
+    state: prometheus::IntGaugeVec,
+}
+
+impl RolloutMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let kd_side = &["namespace", "name", "revision"];
+        let m = Self {
+            ops: IntCounterVec::new(
+                Opts::new(
+                    "kernel_ops_total",
+                    "conv2d operations, traffic and shadow, by revision.",
+                ),
+                kd_side,
+            )?,
+            failures: IntCounterVec::new(
+                Opts::new(
+                    "kernel_op_failures_total",
+                    "Operations that errored, timed out or produced a non-finite output.",
+                ),
+                kd_side,
+            )?,
+            fallbacks: IntCounterVec::new(
+                Opts::new(
+                    "kernel_fallbacks_total",
+                    "Failed asynchronous operations re-run on the synchronous path.",
+                ),
+                &["namespace", "name"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "kernel_op_duration_seconds",
+                    "Latency of successful operations.",
+                )
+                .buckets(prometheus::exponential_buckets(1e-5, 4.0, 10)?),
+                kd_side,
+            )?,
+            numeric_diff: GaugeVec::new(
+                Opts::new(
+                    "kernel_numeric_diff_max",
+                    "Largest canary-vs-stable output difference in the current step.",
+                ),
+                &["namespace", "name"],
+            )?,
+            state: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "kernel_state",
+                    "1 for the state of each deployment's kernel.",
+                ),
+                &["namespace", "name", "state"],
+            )?,
+        };
+        registry.register(Box::new(m.ops.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.fallbacks.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.numeric_diff.clone()))?;
+        registry.register(Box::new(m.state.clone()))?;
+        Ok(m)
+    }
+}
+
+/// Every deployment's split on this node.
+pub struct Router {
+    config: RouterConfig,
+    metrics: RolloutMetrics,
+    serving: Mutex<BTreeMap<(String, String), Arc<Serving>>>,
+    /// Replaced or removed splits with operations still in flight; a deleted deployment
+    /// stays in the report until these finish.
+    draining: Mutex<Vec<Arc<Serving>>>,
+}
+
+impl Router {
+    pub fn new(config: RouterConfig, metrics: RolloutMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            metrics,
+            serving: Mutex::default(),
+            draining: Mutex::default(),
+        })
+    }
+
+    /// Brings the splits in line with the deployments' statuses and the warm kernels.
+    pub fn sync(
+        &self,
+        deployments: &[Arc<KernelDeployment>],
+        labels: &BTreeMap<String, String>,
+        warmer: &Warmer,
+    ) {
+        let mut serving = self.serving.lock().expect("serving lock");
+        let mut keep = BTreeMap::new();
+        for kd in deployments.iter().filter(|kd| selects(kd, labels)) {
+            let (ns, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
+            let Some(status) = &kd.status else { continue };
+            let warm = |r: &Revision| warmer.kernel_of(&ns, &name, &r.artifact.sha256);
+            let with_warmth = |r: &Option<Revision>| {
+                r.clone().map(|r| {
+                    let w = warm(&r).is_some();
+                    (r, w)
+                })
+            };
+            let plan = Plan {
+                epoch: status.step_epoch,
+                traffic_percent: status.traffic_percent,
+                shadow: matches!(
+                    status.phase,
+                    RolloutPhase::Progressing | RolloutPhase::Paused | RolloutPhase::Degraded
+                ),
+                canary: with_warmth(&status.canary_revision),
+                stable: with_warmth(&status.stable_revision),
+            };
+            let key = (ns.clone(), name.clone());
+            if let Some(current) = serving.remove(&key).filter(|s| s.plan == plan) {
+                keep.insert(key, current);
+                continue;
+            }
+            let Ok(params) =
+                Conv2dParams::from_spec(&kd.spec.kernel.conv2d, 1, kd.spec.kernel.input_size)
+            else {
+                continue;
+            };
+            // Lanes exist only for warm kernels: a kernel takes traffic once warm.
+            let lane = |r: &Option<(Revision, bool)>| {
+                let (r, _) = r.as_ref()?;
+                Some(Lane::new(r, warm(r)?))
+            };
+            let (canary, stable) = (lane(&plan.canary), lane(&plan.stable));
+            let comparable = match (&canary, &stable) {
+                (Some(c), Some(s)) => {
+                    c.kernel.sha256 == s.kernel.sha256
+                        || c.kernel.equivalent_to.as_deref() == Some(s.kernel.sha256.as_str())
+                }
+                _ => false,
+            };
+            tracing::info!(
+                namespace = ns,
+                name,
+                epoch = plan.epoch,
+                traffic = plan.traffic_percent,
+                canary = canary.is_some(),
+                stable = stable.is_some(),
+                "split updated"
+            );
+            keep.insert(
+                key,
+                Arc::new(Serving {
+                    namespace: ns,
+                    name,
+                    plan,
+                    params,
+                    canary,
+                    stable,
+                    comparable,
+                    seq: AtomicU64::new(0),
+                    in_flight: AtomicUsize::new(0),
+                    started: Timestamp::now(),
+                    window: Mutex::default(),
+                    timeout: self.config.op_timeout,
+                    metrics: self.metrics.clone(),
+                    fallbacks_counted: AtomicU64::new(0),
+                }),
+            );
+        }
+        let mut draining = self.draining.lock().expect("draining lock");
+        draining.extend(std::mem::take(&mut *serving).into_values());
+        draining.retain(|s| s.in_flight.load(Ordering::Relaxed) > 0);
+        *serving = keep;
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<Serving>> {
+        self.serving
+            .lock()
+            .expect("serving lock")
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Runs one conv2d of a deployment's traffic (`x` is one input of the deployment's
+    /// shape) on the side of the split that operation falls on.
+    pub async fn conv2d(
+        &self,
+        namespace: &str,
+        name: &str,
+        x: Arc<Vec<f32>>,
+    ) -> Result<Vec<f32>, OpError> {
+        let serving = self
+            .get(namespace, name)
+            .ok_or_else(|| OpError::NotServing(format!("{namespace}/{name}")))?;
+        serving.route(x).await
+    }
+
+    /// Runs shadow bursts for every rollout in progress, at the configured rate, forever.
+    pub async fn shadow_load(self: Arc<Self>) {
+        let (rate, n) = (
+            self.config.shadow_ops_per_second,
+            self.config.shadow_concurrency.max(1),
+        );
+        if rate <= 0.0 {
+            return std::future::pending().await;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(n as f64 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for round in 0u64.. {
+            tick.tick().await;
+            let active: Vec<_> = self
+                .serving
+                .lock()
+                .expect("serving lock")
+                .values()
+                .filter(|s| s.plan.shadow && s.canary.is_some() && s.stable.is_some())
+                .cloned()
+                .collect();
+            for s in active {
+                s.shadow_burst(n, round).await;
+            }
+        }
+    }
+
+    /// Synthetic application traffic through the split at `rate` operations per second per
+    /// deployment, for demos and tests of the split; real traffic comes from training jobs.
+    pub async fn synthetic_traffic(self: Arc<Self>, rate: f64) {
+        if rate <= 0.0 {
+            return std::future::pending().await;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for round in 0u64.. {
+            tick.tick().await;
+            let all: Vec<_> = self
+                .serving
+                .lock()
+                .expect("serving lock")
+                .values()
+                .cloned()
+                .collect();
+            for s in all {
+                // Bounded: a slow revision backs traffic up, it does not pile up tasks.
+                if s.in_flight.load(Ordering::Relaxed) >= 64 {
+                    continue;
+                }
+                let x = Arc::new(uniform(s.params.input_len(), round, 1.0));
+                tokio::spawn(async move {
+                    let _ = s.route(x).await;
+                });
+            }
+        }
+    }
+
+    /// Adds each deployment's figures to the report's entries, keeps listing deleted
+    /// deployments whose operations are still draining, and updates the state metrics.
+    pub fn annotate(&self, kernels: &mut Vec<KernelReport>) {
+        let now = Timestamp::now();
+        let serving = self.serving.lock().expect("serving lock");
+        for k in kernels.iter_mut() {
+            if let Some(s) = serving.get(&(k.namespace.clone(), k.name.clone())) {
+                s.fill(k, now);
+                s.count_fallbacks();
+            }
+        }
+        for s in self.draining.lock().expect("draining lock").iter() {
+            let listed = kernels
+                .iter()
+                .any(|k| k.namespace == s.namespace && k.name == s.name);
+            if !listed && s.in_flight.load(Ordering::Relaxed) > 0 {
+                kernels.push(KernelReport {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    state: "Draining".into(),
+                    ..KernelReport::default()
+                });
+            }
+        }
+        self.metrics.state.reset();
+        for k in kernels.iter() {
+            self.metrics
+                .state
+                .with_label_values(&[&k.namespace, &k.name, &k.state])
+                .set(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+use kernelflow_crds::Conv2dSpec;
+
+use super::*;
+use crate::artifact::format::{pack, sha256_hex};
+use crate::artifact::metrics::CacheMetrics;
+use crate::artifact::store::{KernelStore, StoreConfig};
+
+#[test]
+fn the_split_sends_exactly_the_step_share_to_the_canary() {
+    for percent in [0u8, 1, 7, 10, 33, 50, 99, 100] {
+        for window in [100u64, 1000] {
+            // Any run of 100 consecutive operations, wherever it starts.
+            for start in [0u64, 37, 1234] {
+                let canary = (start..start + window)
+                    .filter(|n| to_canary(*n, percent))
+                    .count();
+                assert_eq!(
+                    canary as u64,
+                    window * u64::from(percent) / 100,
+                    "{percent}% from {start}"
+                );
+            }
+        }
+    }
+}
+
+fn conv() -> Conv2dSpec {
+    Conv2dSpec {
+        padding: [1, 1],
+        ..Conv2dSpec::new(2, 3, [3, 3])
+    }
+}
+
+/// Files for artifacts, and the deployments that name them.
+struct Fixture {
+    dir: std::path::PathBuf,
+    warmer: Arc<Warmer>,
+    labels: BTreeMap<String, String>,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("kf-split-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
+        Self {
+            dir,
+            warmer: Warmer::new(store),
+            labels: [("gpu".to_string(), "true".to_string())].into(),
+        }
+    }
+
+    /// Packs weights (scaled by `scale`) and returns the artifact's `{url, sha256}`.
+    fn artifact(&self, seed: u64, scale: f32, equivalent_to: Option<&str>) -> serde_json::Value {
+        let w = uniform(3 * 2 * 9, seed, scale);
+        let bytes = pack(&conv(), &w, Some(&[0.25; 3]), equivalent_to).unwrap();
+        let digest = sha256_hex(&bytes);
+        let path = self.dir.join(&digest);
+        std::fs::write(&path, &bytes).unwrap();
+        serde_json::json!({"url": format!("file://{}", path.display()), "sha256": digest})
+    }
+
+    fn kd(
+        &self,
+        canary: &serde_json::Value,
+        canary_async: bool,
+        stable: &serde_json::Value,
+        percent: u8,
+        phase: &str,
+    ) -> Arc<KernelDeployment> {
+        let flags = |a: bool| serde_json::json!({"asyncEnabled": a, "fallbackOnError": true, "maxConcurrentOps": 64, "streamPoolSize": 2});
+        let value = serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
+            "metadata": {"name": "k", "namespace": "ns"},
+            "spec": {"kernel": {"artifact": canary, "inputSize": [8, 8],
+                                "conv2d": {"inChannels": 2, "outChannels": 3, "kernelSize": [3, 3], "padding": [1, 1]}},
+                     "nodeSelector": {"matchLabels": {"gpu": "true"}}, "flags": flags(canary_async)},
+            "status": {"phase": phase, "trafficPercent": percent, "stepEpoch": 4,
+                       "canaryRevision": {"artifact": canary, "flags": flags(canary_async)},
+                       "stableRevision": {"artifact": stable, "flags": flags(false)}}
+        });
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    /// Syncs until both revisions' kernels are warm and the router serves them.
+    async fn serve(&self, router: &Router, kd: &Arc<KernelDeployment>) {
+        let kds = [kd.clone()];
+        for _ in 0..500 {
+            self.warmer.sync(&kds, &self.labels);
+            router.sync(&kds, &self.labels, &self.warmer);
+            let ready = router
+                .get("ns", "k")
+                .is_some_and(|s| s.canary.is_some() && s.stable.is_some());
+            if ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("kernels did not warm: {:?}", self.warmer.report());
+    }
+}
+
+fn router() -> Arc<Router> {
+    Router::new(
+        RouterConfig {
+            op_timeout: Duration::from_secs(10),
+            shadow_ops_per_second: 0.0,
+            shadow_concurrency: 4,
+        },
+        RolloutMetrics::new(&Registry::new()).unwrap(),
+    )
+}
+
+fn report(router: &Router) -> KernelReport {
+    let mut kernels = vec![KernelReport {
+        namespace: "ns".into(),
+        name: "k".into(),
+        ..Default::default()
+    }];
+    router.annotate(&mut kernels);
+    kernels.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_over_its_sync_baseline_agrees_and_takes_the_step_share() {
+    let f = Fixture::new("baseline");
+    let a = f.artifact(1, 0.5, None);
+    let kd = f.kd(&a, true, &a, 10, "Progressing");
+    let router = router();
+    f.serve(&router, &kd).await;
+    let s = router.get("ns", "k").unwrap();
+    assert!(s.comparable, "same artifact: outputs must agree");
+    let ops = (0..200).map(|i| {
+        let x = Arc::new(uniform(2 * 8 * 8, i, 1.0));
+        router.conv2d("ns", "k", x)
+    });
+    let outputs = futures::future::join_all(ops).await;
+    assert!(outputs.iter().all(Result::is_ok));
+    s.shadow_burst(4, 0).await;
+    s.shadow_burst(4, 1).await;
+
+    let k = report(&router);
+    assert_eq!(k.epoch, Some(4));
+    assert_eq!(k.traffic_percent, 10);
+    assert_eq!(
+        (k.canary.traffic_ops, k.stable.traffic_ops),
+        (20, 180),
+        "exactly 10%"
+    );
+    assert_eq!(
+        (k.canary.ops, k.stable.ops),
+        (28, 188),
+        "traffic plus 8 shadow each"
+    );
+    assert_eq!((k.canary.failures, k.stable.failures), (0, 0));
+    assert_eq!(k.shadow.pairs, 8);
+    assert!(k.shadow.comparable);
+    // The same f32 sums in another order: within a few ulps of outputs of size ~1.
+    let diff = k.shadow.max_numeric_diff.unwrap();
+    assert!(diff < 1e-5, "async and sync disagree by {diff}");
+    assert!(k.shadow.canary_seconds_sum > 0.0 && k.shadow.stable_seconds_sum > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_that_overflow_are_failures_and_new_weights_are_not_compared() {
+    let f = Fixture::new("overflow");
+    let stable = f.artifact(1, 0.5, None);
+    // Finite weights (they pass validation) whose outputs overflow f32.
+    let huge = f.artifact(2, 3e38, None);
+    let kd = f.kd(&huge, true, &stable, 50, "Progressing");
+    let router = router();
+    f.serve(&router, &kd).await;
+    for i in 0..100 {
+        let r = router
+            .conv2d("ns", "k", Arc::new(uniform(2 * 8 * 8, i, 1.0)))
+            .await;
+        if to_canary(i, 50) {
+            assert!(matches!(r, Err(OpError::NonFinite(_))), "{r:?}");
+        } else {
+            assert!(r.is_ok(), "the stable revision keeps serving: {r:?}");
+        }
+    }
+    router.get("ns", "k").unwrap().shadow_burst(2, 0).await;
+    let k = report(&router);
+    assert_eq!((k.canary.ops, k.canary.failures), (52, 52));
+    assert_eq!(k.shadow.pairs, 0, "a pair needs both sides to succeed");
+    assert!(!k.shadow.comparable);
+    assert_eq!(k.shadow.max_numeric_diff, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_equivalent_is_compared_and_its_difference_measured() {
+    let f = Fixture::new("equivalent");
+    let stable = f.artifact(1, 0.5, None);
+    let liar = f.artifact(3, 0.5, stable["sha256"].as_str());
+    let kd = f.kd(&liar, false, &stable, 1, "Progressing");
+    let router = router();
+    f.serve(&router, &kd).await;
+    let s = router.get("ns", "k").unwrap();
+    assert!(s.comparable);
+    s.shadow_burst(2, 0).await;
+    let diff = report(&router).shadow.max_numeric_diff.unwrap();
+    assert!(diff > 1e-2, "different weights must show: {diff}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_epoch_starts_new_figures_and_a_removed_deployment_stops_serving() {
+    let f = Fixture::new("epoch");
+    let a = f.artifact(1, 0.5, None);
+    let router = router();
+    f.serve(&router, &f.kd(&a, true, &a, 10, "Progressing"))
+        .await;
+    router
+        .conv2d("ns", "k", Arc::new(uniform(128, 0, 1.0)))
+        .await
+        .unwrap();
+    assert_eq!(report(&router).stable.ops, 1);
+
+    let next = f.kd(&a, true, &a, 50, "Progressing");
+    f.serve(&router, &next).await;
+    assert_eq!(
+        report(&router).stable.ops,
+        0,
+        "a changed split starts from zero"
+    );
+
+    router.sync(&[], &f.labels, &f.warmer);
+    let r = router
+        .conv2d("ns", "k", Arc::new(uniform(128, 0, 1.0)))
+        .await;
+    assert!(matches!(r, Err(OpError::NotServing(_))), "{r:?}");
+}
