@@ -530,8 +530,10 @@ pub fn analyse(spec: &AnalysisSpec, f: &Figures) -> (Verdict, AnalysisFigures) {
         ));
     }
     // NaN breaks a limit too: `over` is true unless the figure is within it.
-    let over =
-        |v: f64, limit: f64| v.partial_cmp(&limit) != Some(std::cmp::Ordering::Less) && v != limit;
+    let over = |v: f64, limit: f64| {
+        use std::cmp::Ordering::{Equal, Less};
+        !matches!(v.partial_cmp(&limit), Some(Less | Equal))
+    };
     if let Some(ratio) = overhead_ratio.filter(|r| over(*r, spec.max_overhead_ratio)) {
         broken.push(format!(
             "overhead ratio {ratio:.3} is over maxOverheadRatio {}",
