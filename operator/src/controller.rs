@@ -282,14 +282,15 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
     status.observed_generation = generation;
     ctx.metrics.rollout(&namespace, &name, &status);
     if status != old {
-        let patch = serde_json::json!({"apiVersion": KernelDeployment::api_version(&()), "kind": "KernelDeployment", "status": status});
+        // A merge patch that names removed fields as null: server-side apply on the 1.20
+        // API server leaves an emptied parent behind when a required field goes, and the
+        // status loses fields as a rollout moves (the canary once it is promoted).
+        let patch = serde_json::json!({
+            "status": merge_patch(&serde_json::to_value(&old)?, &serde_json::to_value(&status)?)
+        });
         let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
         // Rollout events come from the machine's notes; these from the other conditions.
         let others = |c: &[Condition]| -> Vec<Condition> {
             c.iter()
@@ -310,6 +311,29 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
         }
     }
     Ok(wait)
+}
+
+/// A JSON merge patch (RFC 7386) that turns `old` into `new`: all of `new`, and null for
+/// every field of `old` that `new` lacks. (All of `new`, because `old` is the typed status
+/// with defaults filled in, not necessarily what is stored.)
+fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut patch = serde_json::Map::new();
+            for (k, v) in n {
+                let value = o
+                    .get(k)
+                    .map_or_else(|| v.clone(), |was| merge_patch(was, v));
+                patch.insert(k.clone(), value);
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                patch.insert(k.clone(), Value::Null);
+            }
+            Value::Object(patch)
+        }
+        _ => new.clone(),
+    }
 }
 
 /// The `Progressing` condition: True while a rollout runs, False once it has ended, with
@@ -549,6 +573,35 @@ mod tests {
         old.last_transition_time = Time(Timestamp::UNIX_EPOCH);
         let flipped = condition("Accepted", "False", "InvalidSpec", "bad", Some(3), &[old]);
         assert_ne!(flipped.last_transition_time, Time(Timestamp::UNIX_EPOCH));
+    }
+
+    #[test]
+    fn merge_patches_null_what_went_and_keep_what_stayed() {
+        let old = serde_json::json!({"phase": "Progressing", "canary": {"a": 1, "b": 2}, "step": 3, "list": [1, 2]});
+        let new = serde_json::json!({"phase": "Healthy", "canary": {"a": 1}, "list": [1]});
+        let patch = merge_patch(&old, &new);
+        assert_eq!(
+            patch,
+            serde_json::json!({"phase": "Healthy", "canary": {"a": 1, "b": null}, "step": null, "list": [1]})
+        );
+        let mut applied = old.clone();
+        json_patch_merge(&mut applied, &patch);
+        assert_eq!(applied, new);
+    }
+
+    /// RFC 7386 applied, as the API server does.
+    fn json_patch_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        let (Some(t), Some(p)) = (target.as_object_mut(), patch.as_object()) else {
+            *target = patch.clone();
+            return;
+        };
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                json_patch_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
     }
 
     #[test]

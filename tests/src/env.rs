@@ -245,19 +245,22 @@ pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Packs a 64->64 3x3 conv2d kernel (random weights from `seed`) into `path` with
-/// `kernelflow-pack`, as users do; returns its sha256.
-pub fn pack_kernel(path: &std::path::Path, seed: u64) -> anyhow::Result<String> {
+/// Packs a `channels`->`channels` 3x3 conv2d kernel with padding 1 (random weights from
+/// `seed`, more `kernelflow-pack` flags in `extra`) into `path` with `kernelflow-pack`, as
+/// users do; returns its sha256.
+pub fn pack_kernel(
+    path: &std::path::Path,
+    channels: u32,
+    seed: u64,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let channels = channels.to_string();
     let out = std::process::Command::new(binary_path("kernelflow-pack")?)
-        .args([
-            "--in-channels",
-            "64",
-            "--out-channels",
-            "64",
-            "--kernel-size",
-            "3,3",
-        ])
-        .args(["--padding", "1,1", "--seed", &seed.to_string(), "--out"])
+        .args(["--in-channels", &channels, "--out-channels", &channels])
+        .args(["--kernel-size", "3,3", "--padding", "1,1"])
+        .args(["--seed", &seed.to_string()])
+        .args(extra)
+        .arg("--out")
         .arg(path)
         .output()?;
     if !out.status.success() {

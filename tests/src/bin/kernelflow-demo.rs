@@ -171,7 +171,7 @@ async fn wait_ready(operator: &kernelflow_e2e::env::Process) -> anyhow::Result<(
 /// loopback, as an artifact store would.
 async fn serve_artifact(env: &Shared) -> anyhow::Result<(String, String)> {
     let file = env.logs.join("conv3x3-64.safetensors");
-    let sha256 = kernelflow_e2e::env::pack_kernel(&file, 7)?;
+    let sha256 = kernelflow_e2e::env::pack_kernel(&file, 64, 7, &[])?;
     let body = std::sync::Arc::new(std::fs::read(&file)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -3,21 +3,13 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
 use kernelflow_crds::KernelDeployment;
 use kernelflow_crds::kernel_deployment::RolloutPhase;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 
-use crate::{eventually, kernel_deployment, merged, setup};
+use crate::{eventually, gpu_nodes, kernel_deployment, merged, operator, pack, setup};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Packs a kernel into the logs directory; returns its file URL and sha256.
-fn pack(env: &kernelflow_e2e::env::Shared, name: &str, seed: u64) -> (String, String) {
-    let out = env.logs.join(format!("{name}.safetensors"));
-    let sha = kernelflow_e2e::env::pack_kernel(&out, seed).expect("packing a kernel");
-    (format!("file://{}", out.display()), sha)
-}
 
 fn readiness(kd: &KernelDeployment) -> Option<(String, String, String)> {
     let c = kd
@@ -32,49 +24,10 @@ fn readiness(kd: &KernelDeployment) -> Option<(String, String, String)> {
 #[tokio::test]
 async fn kernels_warm_on_selected_nodes_and_bad_artifacts_are_refused() {
     let (env, client, ns) = setup("kernels").await;
-    let nodes: Api<Node> = Api::all(client.clone());
-    let mut agents = Vec::new();
-    for n in ["a", "b"] {
-        let name = format!("{ns}-{n}");
-        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"pool": ns, "nvidia.com/gpu.present": "true"}}});
-        nodes
-            .patch(
-                &name,
-                &PatchParams::apply("e2e").force(),
-                &Patch::Apply(&node),
-            )
-            .await
-            .unwrap();
-        let cache = env.logs.join(format!("cache-{name}"));
-        agents.push(
-            env.spawn(
-                "kernelflow-agent",
-                &name,
-                &[
-                    "--node-name",
-                    &name,
-                    "--report-interval-seconds",
-                    "1",
-                    "--cache-dir",
-                    cache.to_str().unwrap(),
-                ],
-            )
-            .unwrap(),
-        );
-    }
-    let operator = env
-        .spawn_operator(
-            "kernels-operator",
-            &[
-                "--watch-namespace",
-                &ns,
-                "--lease-name",
-                &format!("kf-{ns}"),
-            ],
-        )
-        .unwrap();
+    let agents = gpu_nodes(env, &client, &ns, &["a", "b"], &[]).await;
+    let operator = operator(env, &ns);
 
-    let (url, sha) = pack(env, &format!("{ns}-good"), 1);
+    let (url, sha) = pack(env, &format!("{ns}-good"), 64, 1, &[]);
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
     let create = |name: &str, url: &str, sha: &str| {
         let kd = merged(

@@ -6,11 +6,14 @@ mod agent;
 mod controllers;
 mod kernels;
 mod leader;
+mod rollouts;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use kernelflow_e2e::env::{Shared, shared, test_namespace};
+use k8s_openapi::api::core::v1::Node;
+use kernelflow_e2e::env::{Process, Shared, shared, test_namespace};
+use kube::api::{Api, Patch, PatchParams};
 
 /// A client and a fresh namespace for one test.
 pub async fn setup(prefix: &str) -> (&'static Shared, kube::Client, String) {
@@ -24,6 +27,62 @@ pub async fn setup(prefix: &str) -> (&'static Shared, kube::Client, String) {
         .await
         .expect("creating the test namespace");
     (env, client, ns)
+}
+
+/// GPU-labelled Nodes `<ns>-<suffix>` (label `pool: <ns>` too), each with an agent that
+/// reports every second, caches on disk and takes `extra` flags.
+pub async fn gpu_nodes(
+    env: &Shared,
+    client: &kube::Client,
+    ns: &str,
+    suffixes: &[&str],
+    extra: &[&str],
+) -> Vec<Process> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut agents = Vec::new();
+    for suffix in suffixes {
+        let name = format!("{ns}-{suffix}");
+        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"pool": ns, "nvidia.com/gpu.present": "true"}}});
+        nodes
+            .patch(
+                &name,
+                &PatchParams::apply("e2e").force(),
+                &Patch::Apply(&node),
+            )
+            .await
+            .expect("creating a node");
+        let cache = env.logs.join(format!("cache-{name}"));
+        let mut args = vec!["--node-name", &name, "--report-interval-seconds", "1"];
+        args.extend(["--cache-dir", cache.to_str().expect("a UTF-8 path")]);
+        args.extend_from_slice(extra);
+        agents.push(
+            env.spawn("kernelflow-agent", &name, &args)
+                .expect("starting an agent"),
+        );
+    }
+    agents
+}
+
+/// An operator that watches only `ns`, with a Lease of its own.
+pub fn operator(env: &Shared, ns: &str) -> Process {
+    let lease = format!("kf-{ns}");
+    env.spawn_operator(ns, &["--watch-namespace", ns, "--lease-name", &lease])
+        .expect("starting the operator")
+}
+
+/// Packs a kernel (see `pack_kernel`) into the logs directory; returns its file URL and
+/// sha256.
+pub fn pack(
+    env: &Shared,
+    name: &str,
+    channels: u32,
+    seed: u64,
+    extra: &[&str],
+) -> (String, String) {
+    let out = env.logs.join(format!("{name}.safetensors"));
+    let sha =
+        kernelflow_e2e::env::pack_kernel(&out, channels, seed, extra).expect("packing a kernel");
+    (format!("file://{}", out.display()), sha)
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
