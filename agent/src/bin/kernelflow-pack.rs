@@ -51,7 +51,7 @@ struct Args {
     seed: Option<u64>,
     /// Multiply the weights by this factor (for example to make a revision that overflows).
     #[arg(long, default_value_t = 1.0)]
-    weight_scale: f32,
+    weight_scale: f64,
     /// Declare the artifact to compute the same function as the artifact with this sha256.
     #[arg(long)]
     equivalent_to: Option<String>,
@@ -134,7 +134,10 @@ fn main() -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --weights or --seed"),
     };
-    weight.iter_mut().for_each(|w| *w *= a.weight_scale);
+    // In f64, so that a factor beyond f32's range can still give finite weights.
+    weight
+        .iter_mut()
+        .for_each(|w| *w = (f64::from(*w) * a.weight_scale) as f32);
     let bytes = pack(&conv, &weight, bias.as_deref(), a.equivalent_to.as_deref())?;
     let digest = sha256_hex(&bytes);
     verify(
