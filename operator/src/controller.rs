@@ -76,6 +76,7 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: Some(identity),
     };
+    metrics.watch_heartbeats(reports.clone());
     let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context {
         recorder,

@@ -7,6 +7,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod nodes;
+pub mod plugin;
 pub mod rollout;
 pub mod telemetry;
 pub mod webhook;

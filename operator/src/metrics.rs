@@ -8,6 +8,11 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use kernelflow_crds::NodeReport;
+use kube::runtime::reflector::Store;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+
 use crate::rollout::Outcome;
 
 const PHASES: [RolloutPhase; 8] = [
@@ -166,7 +171,57 @@ impl Default for Metrics {
     }
 }
 
+/// Each node's last report time, read from the report cache at scrape time so that a
+/// report that goes away takes its series with it.
+struct Heartbeats {
+    reports: Store<NodeReport>,
+    desc: Vec<Desc>,
+}
+
+impl Heartbeats {
+    fn gauge() -> GaugeVec {
+        GaugeVec::new(
+            Opts::new(
+                "node_report_heartbeat_timestamp_seconds",
+                "Unix time of each node agent's latest report.",
+            ),
+            &["node"],
+        )
+        .expect("valid metric")
+    }
+}
+
+impl Collector for Heartbeats {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let gauge = Self::gauge();
+        for r in self.reports.state() {
+            gauge
+                .with_label_values(&[&r.spec.node_name])
+                .set(r.spec.heartbeat_time.0.as_millisecond() as f64 / 1e3);
+        }
+        gauge.collect()
+    }
+}
+
 impl Metrics {
+    /// Exports the heartbeat of every node report in `reports`.
+    pub fn watch_heartbeats(&self, reports: Store<NodeReport>) {
+        let desc: Vec<Desc> = Heartbeats::gauge().desc().into_iter().cloned().collect();
+        // A replica that leads again replaces the collector of its previous term.
+        let previous = Heartbeats {
+            reports: reports.clone(),
+            desc: desc.clone(),
+        };
+        let _ = self.registry.unregister(Box::new(previous));
+        self.registry
+            .register(Box::new(Heartbeats { reports, desc }))
+            .expect("the previous collector is gone");
+    }
+
     /// Sets the gauges of one KernelDeployment's rollout from its status.
     pub fn rollout(&self, namespace: &str, name: &str, status: &KernelDeploymentStatus) {
         for phase in PHASES {

@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kernelflow_crds::kernel_deployment::{ACTION_ANNOTATION, RolloutPhase};
+use kernelflow_crds::kernel_deployment::RolloutPhase;
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+
+use kernelflow_e2e::env::{Shared, binary_path};
 
 use crate::{eventually, gpu_nodes, merged, operator, pack, setup};
 
@@ -188,6 +190,10 @@ async fn a_first_rollout_turns_async_on_step_by_step_then_a_new_artifact_follows
     })
     .await;
     assert!(gauge.contains("phase=\"Healthy\""), "{gauge}");
+    let text = operator.get("/metrics").await.unwrap().1;
+    let heartbeat =
+        format!("kernelflow_node_report_heartbeat_timestamp_seconds{{node=\"{ns}-a\"}}");
+    assert!(text.contains(&heartbeat), "{text}");
 }
 
 /// Waits for the deployment to roll back and returns the Progressing condition's message.
@@ -330,12 +336,21 @@ async fn a_slower_stream_pool_is_rolled_back_on_overhead() {
     );
 }
 
-/// Sets the manual-action annotation, as `kubectl kernelflow` does.
-async fn act(kds: &Api<KernelDeployment>, name: &str, action: &str) {
-    let patch = serde_json::json!({"metadata": {"annotations": {ACTION_ANNOTATION: action}}});
-    kds.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+/// Runs `kubectl kernelflow <args>` against the test cluster; returns its output.
+fn kubectl_kernelflow(env: &Shared, ns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary_path("kubectl-kernelflow").unwrap())
+        .args(["--namespace", ns])
+        .args(args)
+        .env("KUBECONFIG", &env.plane.kubeconfig)
+        .output()
+        .expect("running kubectl-kernelflow");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
 
 async fn phase_is(
@@ -371,15 +386,15 @@ async fn pause_promote_abort_retry_new_digest_and_deletion_drains() {
         .await
         .unwrap();
     phase_is(&kds, "m", RolloutPhase::Paused, Some(0)).await;
-    act(&kds, "m", "promote:1").await;
+    kubectl_kernelflow(env, &ns, &["promote", "m"]);
     phase_is(&kds, "m", RolloutPhase::Progressing, Some(1)).await;
 
-    act(&kds, "m", "abort:2").await;
+    kubectl_kernelflow(env, &ns, &["abort", "m"]);
     let kd = phase_is(&kds, "m", RolloutPhase::RolledBack, None).await;
     assert_eq!(status_of(&kd).traffic_percent, 0);
-    act(&kds, "m", "retry:3").await;
+    kubectl_kernelflow(env, &ns, &["retry", "m"]);
     phase_is(&kds, "m", RolloutPhase::Paused, Some(0)).await;
-    act(&kds, "m", "promote:4").await;
+    kubectl_kernelflow(env, &ns, &["promote", "m"]);
     phase_is(&kds, "m", RolloutPhase::Progressing, Some(1)).await;
 
     // A new digest mid-rollout starts again from the first step against the same stable.
@@ -393,7 +408,7 @@ async fn pause_promote_abort_retry_new_digest_and_deletion_drains() {
     let s = status_of(&kd);
     assert_eq!(s.stable_revision, before);
     assert_eq!(s.canary_revision.unwrap().artifact.sha256, sha2);
-    act(&kds, "m", "promote-full:5").await;
+    kubectl_kernelflow(env, &ns, &["promote", "m", "--full"]);
     let kd = phase_is(&kds, "m", RolloutPhase::Healthy, None).await;
     assert_eq!(
         status_of(&kd).stable_revision.unwrap().artifact.sha256,

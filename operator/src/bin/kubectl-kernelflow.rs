@@ -1,0 +1,114 @@
+//! `kubectl kernelflow`: control and watch KernelDeployment rollouts. On the PATH as
+//! `kubectl-kernelflow`, kubectl runs it as a plugin.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kernelflow_crds::kernel_deployment::ManualAction;
+use kernelflow_crds::{KernelDeployment, NodeReport};
+use kernelflow_operator::plugin;
+use kube::api::{Api, Patch, PatchParams};
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl-kernelflow",
+    version,
+    about = "Control and watch kernelflow rollouts"
+)]
+struct Cli {
+    /// Namespace of the KernelDeployment (default: the kubeconfig's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Skip the rest of the current step (pause and analysis), or leave Degraded.
+    Promote {
+        name: String,
+        /// Go straight to 100%.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Send all traffic back to the stable revision.
+    Abort { name: String },
+    /// Start a rolled-back or degraded rollout again from its first step.
+    Retry { name: String },
+    /// Hold the rollout at its current step (`spec.paused: true`).
+    Pause { name: String },
+    /// Let a paused rollout continue.
+    Resume { name: String },
+    /// Show the rollout as a tree.
+    Get {
+        name: String,
+        /// Redraw every second until interrupted.
+        #[arg(short, long)]
+        watch: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let ns = cli
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
+    let (name, patch) = match cli.command {
+        Command::Get { name, watch } => return get(&kds, &Api::all(client), &name, watch).await,
+        Command::Promote { name, full } => {
+            let action = if full {
+                ManualAction::PromoteFull
+            } else {
+                ManualAction::Promote
+            };
+            (name, plugin::action_patch(action, &plugin::action_id()))
+        }
+        Command::Abort { name } => (
+            name,
+            plugin::action_patch(ManualAction::Abort, &plugin::action_id()),
+        ),
+        Command::Retry { name } => (
+            name,
+            plugin::action_patch(ManualAction::Retry, &plugin::action_id()),
+        ),
+        Command::Pause { name } => (name, plugin::pause_patch(true)),
+        Command::Resume { name } => (name, plugin::pause_patch(false)),
+    };
+    kds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("patching kerneldeployment {ns}/{name}"))?;
+    println!("kerneldeployment {ns}/{name} patched");
+    Ok(())
+}
+
+async fn get(
+    kds: &Api<KernelDeployment>,
+    reports: &Api<NodeReport>,
+    name: &str,
+    watch: bool,
+) -> anyhow::Result<()> {
+    loop {
+        let kd = kds
+            .get(name)
+            .await
+            .with_context(|| format!("getting {name}"))?;
+        let reports = reports.list(&Default::default()).await?.items;
+        if watch {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}", plugin::render(&kd, &reports));
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
