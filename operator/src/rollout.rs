@@ -58,12 +58,17 @@ impl Verdict {
         }
     }
 
-    fn describe(&self) -> String {
+    fn kind(&self) -> &'static str {
         match self {
-            Verdict::Inconclusive(m) => format!("Inconclusive: {m}"),
-            Verdict::Failed(m) => format!("Failed: {m}"),
-            Verdict::Passed(m) => format!("Passed: {m}"),
+            Verdict::Inconclusive(_) => "Inconclusive",
+            Verdict::Failed(_) => "Failed",
+            Verdict::Passed(_) => "Passed",
         }
+    }
+
+    fn describe(&self) -> String {
+        let (Verdict::Inconclusive(m) | Verdict::Failed(m) | Verdict::Passed(m)) = self;
+        format!("{}: {m}", self.kind())
     }
 }
 
@@ -368,18 +373,29 @@ impl Machine<'_> {
         let comparable = figures.shadow.comparable;
         let (verdict, mut recorded) = analyse(spec, figures);
         let previous = self.s.analysis.take().unwrap_or_default();
-        recorded.failures = previous.failures;
-        recorded.last_failure_time = previous.last_failure_time;
-        recorded.time = Some(Time(self.now));
-        recorded.verdict = Some(verdict.describe());
-        recorded.numeric_agreement = Some(
-            if comparable {
-                "Checked"
-            } else {
-                "NotApplicable: canary and stable do not compute the same function (new weights)"
-            }
-            .into(),
-        );
+        // Within an interval the status keeps its figures while the verdict holds, so that
+        // a stream of node reports does not become a stream of status writes.
+        let same_kind = previous
+            .verdict
+            .as_deref()
+            .and_then(|v| v.split(':').next())
+            == Some(verdict.kind());
+        if same_kind && previous.time.is_some() && self.since(&previous.time) < interval {
+            recorded = previous;
+        } else {
+            recorded.failures = previous.failures;
+            recorded.last_failure_time = previous.last_failure_time;
+            recorded.time = Some(Time(self.now));
+            recorded.verdict = Some(verdict.describe());
+            recorded.numeric_agreement = Some(
+                if comparable {
+                    "Checked"
+                } else {
+                    "NotApplicable: canary and stable do not compute the same function (new weights)"
+                }
+                .into(),
+            );
+        }
         match &verdict {
             Verdict::Failed(why) => {
                 // A failing window counts once per interval, however often this runs.

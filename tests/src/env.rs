@@ -202,6 +202,21 @@ impl Process {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// Waits until its /readyz answers 200.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.get("/readyz").await.map(|r| r.0) != Some(200) {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{} is not ready after {timeout:?}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
     /// The end of its log, for assertion messages.
     pub fn log_tail(&self) -> String {
         format!(
@@ -283,7 +298,8 @@ pub async fn test_namespace(client: &kube::Client, prefix: &str) -> anyhow::Resu
     Ok(name)
 }
 
-async fn ensure_namespace(client: &kube::Client, name: &str, test: bool) -> anyhow::Result<()> {
+/// Creates namespace `name` unless it exists; `test` labels it as a test namespace.
+pub async fn ensure_namespace(client: &kube::Client, name: &str, test: bool) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
     let mut ns = Namespace::default();
     ns.metadata.name = Some(name.into());

@@ -543,14 +543,18 @@ fn deciding_again_on_the_same_inputs_changes_nothing() {
     run.at(0, &nodes(3, 3));
     run.at(10, &healthy(500, 0.0));
     run.at(10, &healthy(500, 0.0));
+    run.at(1, &healthy(500, 0.0));
     let before = run.status.clone();
     let notes = run.notes.len();
-    run.at(0, &healthy(10, 0.0));
-    let mut after = run.status.clone();
-    after.analysis = before.analysis.clone();
-    after.message = before.message.clone();
-    assert_eq!(after, before, "no step skipped or repeated");
+    run.at(0, &healthy(501, 0.0));
+    assert_eq!(
+        run.status, before,
+        "nothing to write: no step skipped or repeated"
+    );
     assert_eq!(run.notes.len(), notes);
+    // A new interval records the new figures.
+    run.at(10, &healthy(502, 0.0));
+    assert_eq!(run.status.analysis.as_ref().unwrap().samples, 502);
 }
 
 fn figures(failures: u64, canary_seconds: f64, diff: Option<f64>, comparable: bool) -> Figures {

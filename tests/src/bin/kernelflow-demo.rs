@@ -51,7 +51,7 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
     );
     env.plane.install_crds().await?;
     let client = env.plane.client().await?;
-    ensure_namespace(&client).await?;
+    kernelflow_e2e::env::ensure_namespace(&client, SYSTEM_NAMESPACE, false).await?;
 
     let port = free_port()?;
     let operator = env.spawn_operator(
@@ -81,7 +81,7 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
             &["--node-name", name, "--report-interval-seconds", "2"],
         )?);
     }
-    wait_ready(&operator).await?;
+    operator.wait_ready(Duration::from_secs(60)).await?;
 
     let (url, sha256) = serve_artifact(env).await?;
     println!("serving a packed kernel artifact at {url} (sha256 {sha256})");
@@ -139,31 +139,6 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
         println!("{last}");
     }
     println!("stopping");
-    Ok(())
-}
-
-async fn ensure_namespace(client: &kube::Client) -> anyhow::Result<()> {
-    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    let body = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}});
-    ns.patch(
-        SYSTEM_NAMESPACE,
-        &PatchParams::apply("kernelflow-demo"),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn wait_ready(operator: &kernelflow_e2e::env::Process) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while operator.get("/readyz").await.map(|r| r.0) != Some(200) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the operator is not ready after 60s:\n{}",
-            operator.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     Ok(())
 }
 
