@@ -78,7 +78,14 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
         agents.push(env.spawn(
             "kernelflow-agent",
             name,
-            &["--node-name", name, "--report-interval-seconds", "2"],
+            &[
+                "--node-name",
+                name,
+                "--report-interval-seconds",
+                "2",
+                "--synthetic-ops-per-second",
+                "50",
+            ],
         )?);
     }
     operator.wait_ready(Duration::from_secs(60)).await?;
@@ -87,9 +94,14 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
     println!("serving a packed kernel artifact at {url} (sha256 {sha256})");
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     for file in ["kerneldeployment.yaml", "asynctrainingjob.yaml"] {
-        // The example names a placeholder artifact; the demo points it at the one it serves.
-        let artifact =
-            serde_json::json!({"spec": {"kernel": {"artifact": {"url": url, "sha256": sha256}}}});
+        // The example names a placeholder artifact; the demo points it at the one it serves,
+        // on smaller inputs and with shorter steps (ending in a pause, not a wait for a
+        // promote) so that the whole rollout walks by in about a minute on a laptop.
+        let step = |pct: u8| serde_json::json!({"trafficPercent": pct, "pause": "10s"});
+        let artifact = serde_json::json!({"spec": {
+            "kernel": {"artifact": {"url": url, "sha256": sha256}, "inputSize": [16, 16]},
+            "rollout": {"steps": [step(1), step(10), step(50), step(100)],
+                        "analysis": {"interval": "5s", "maxOverheadRatio": 1.5}}}});
         let patch = (file == "kerneldeployment.yaml").then_some(artifact);
         apply(&client, &examples.join(file), patch)
             .await
@@ -103,6 +115,10 @@ async fn demo(env: &Shared, duration: Option<Duration>) -> anyhow::Result<()> {
     println!("logs: {}", env.logs.display());
     println!(
         "kubectl: KUBECONFIG={} kubectl get kd,atj,nr",
+        env.plane.kubeconfig.display()
+    );
+    println!(
+        "rollout tree: KUBECONFIG={} target/debug/kubectl-kernelflow get resnet-conv3x3 --watch",
         env.plane.kubeconfig.display()
     );
     println!("Press Ctrl-C to stop; everything started here stops with it.\n");
@@ -214,6 +230,7 @@ async fn render(client: &kube::Client) -> anyhow::Result<String> {
     let lp = ListParams::default();
     let mut out =
         String::from("KERNELDEPLOYMENT            PHASE        STEP  TRAFFIC  WARM  KERNEL\n");
+    let mut epochs = BTreeMap::new();
     for kd in Api::<KernelDeployment>::namespaced(client.clone(), NAMESPACE)
         .list(&lp)
         .await?
@@ -227,7 +244,7 @@ async fn render(client: &kube::Client) -> anyhow::Result<String> {
             .map_or("-".into(), |c| c.reason.clone());
         out += &format!(
             "{:<27} {:<12} {:<5} {:>6}%  {}/{}   {}\n",
-            kd.metadata.name.unwrap_or_default(),
+            kd.metadata.name.clone().unwrap_or_default(),
             format!("{:?}", s.phase),
             step,
             s.traffic_percent,
@@ -235,6 +252,10 @@ async fn render(client: &kube::Client) -> anyhow::Result<String> {
             s.nodes.selected,
             kernel
         );
+        if let Some(verdict) = s.analysis.as_ref().and_then(|a| a.verdict.as_ref()) {
+            out += &format!("  analysis: {verdict}\n");
+        }
+        epochs.insert(kd.metadata.name.unwrap_or_default(), s.step_epoch);
     }
     out += "\nASYNCTRAININGJOB            PHASE        PROGRESS  ACCEPTED\n";
     for job in Api::<AsyncTrainingJob>::namespaced(client.clone(), NAMESPACE)
@@ -250,7 +271,8 @@ async fn render(client: &kube::Client) -> anyhow::Result<String> {
             accepted(&s.conditions)
         );
     }
-    out += "\nNODE                        BACKEND  KERNELS  HEARTBEAT\n";
+    out +=
+        "\nNODE                        BACKEND  KERNELS  HEARTBEAT  THIS STEP: CANARY/STABLE OPS\n";
     let reports: BTreeMap<String, NodeReport> = Api::<NodeReport>::all(client.clone())
         .list(&lp)
         .await?
@@ -262,9 +284,24 @@ async fn render(client: &kube::Client) -> anyhow::Result<String> {
         match reports.get(node) {
             Some(r) => {
                 let age = now.duration_since(r.spec.heartbeat_time.0).as_secs();
+                let split: Vec<String> = r
+                    .spec
+                    .kernels
+                    .iter()
+                    .filter(|k| k.epoch.is_some() && k.epoch == epochs.get(&k.name).copied())
+                    .map(|k| {
+                        format!(
+                            "{} {}/{}",
+                            k.name, k.canary.traffic_ops, k.stable.traffic_ops
+                        )
+                    })
+                    .collect();
                 out += &format!(
-                    "{node:<27} {:<8} {:<8} {age}s ago\n",
-                    r.spec.backend, r.spec.kernel_count
+                    "{node:<27} {:<8} {:<8} {:<10} {}\n",
+                    r.spec.backend,
+                    r.spec.kernel_count,
+                    format!("{age}s ago"),
+                    split.join(", ")
                 );
             }
             None => out += &format!("{node:<27} (no report yet)\n"),
