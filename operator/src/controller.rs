@@ -306,10 +306,12 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
             &others(&status.conditions),
         )
         .await;
-        for note in notes {
+        // At once: a transition's Events should not hold the reconcile (and the queue).
+        futures::future::join_all(notes.iter().map(|note| {
             info!(reason = note.reason, message = note.message, "rollout");
-            publish(ctx, kd, note.warning, note.reason, "Rollout", &note.message).await;
-        }
+            publish(ctx, kd, note.warning, note.reason, "Rollout", &note.message)
+        }))
+        .await;
     }
     Ok(wait)
 }
