@@ -317,6 +317,42 @@ mod tests {
     }
 
     #[test]
+    fn updates_keep_the_op_and_actions_name_a_verb() {
+        let update = |old: serde_json::Value, new: serde_json::Value| {
+            let mut r = request(new);
+            r.operation = Operation::Update;
+            r.old_object = Some(serde_json::from_value(old).unwrap());
+            admit(&r)
+        };
+        let steps = serde_json::json!([{"trafficPercent": 100}]);
+        let mut reshaped = kd(steps.clone());
+        reshaped["spec"]["kernel"]["conv2d"]["outChannels"] = 4.into();
+        let denied = update(kd(steps.clone()), reshaped);
+        assert!(
+            denied
+                .result
+                .message
+                .starts_with("spec.kernel.conv2d: is immutable"),
+            "{:?}",
+            denied.result
+        );
+        let mut annotated = kd(steps.clone());
+        annotated["metadata"]["annotations"] =
+            serde_json::json!({"kernelflow.dev/action": "rollback"});
+        let denied = update(kd(steps.clone()), annotated.clone());
+        assert!(
+            denied
+                .result
+                .message
+                .contains("unknown action \"rollback\""),
+            "{:?}",
+            denied.result
+        );
+        annotated["metadata"]["annotations"]["kernelflow.dev/action"] = "abort:1".into();
+        assert!(update(kd(steps), annotated).allowed);
+    }
+
+    #[test]
     fn certificates_cover_the_target() {
         let url = Target::Url("https://127.0.0.1:9443".into()).dns_names();
         assert_eq!(url, ["127.0.0.1", "localhost"]);
