@@ -3,9 +3,11 @@ CARGO ?= cargo
 
 .PHONY: demo test deps crds lint
 
-## Install etcd and build kube-apiserver once (cached in ~/.cache/kernelflow).
+## Install etcd, build kube-apiserver, install helm, kubectl and promtool, once (cached in
+## ~/.cache/kernelflow or installed from Debian).
 deps:
 	scripts/install-control-plane.sh
+	scripts/install-tools.sh
 
 ## The local demo: embedded control plane (or $KUBECONFIG), operator, three agents, examples.
 demo: deps
