@@ -40,7 +40,10 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
-        for entry in std::fs::read_dir(&d).expect("reading crdgen's output").flatten() {
+        for entry in std::fs::read_dir(&d)
+            .expect("reading crdgen's output")
+            .flatten()
+        {
             let path = entry.path();
             if path.is_dir() {
                 pending.push(path);

@@ -169,7 +169,10 @@ fn constraints(schema: &Value) -> Vec<String> {
     if schema["type"] != "object"
         && let Some(default) = schema.get("default")
     {
-        out.push(format!("Default `{}`.", scalar(default).replace('|', "\\|")));
+        out.push(format!(
+            "Default `{}`.",
+            scalar(default).replace('|', "\\|")
+        ));
     }
     out
 }
