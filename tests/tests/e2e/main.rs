@@ -3,6 +3,7 @@
 
 mod admission;
 mod agent;
+mod alerts;
 mod controllers;
 mod kernels;
 mod leader;
