@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: demo test deps crds lint
+.PHONY: demo test deps crds install-yaml lint
 
 ## Install etcd, build kube-apiserver, install helm, kubectl and promtool, once (cached in
 ## ~/.cache/kernelflow or installed from Debian).
@@ -19,9 +19,13 @@ test: deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-## Regenerate crds/*.yaml from the Rust types.
+## Regenerate the CRD YAML (crds/, the chart's crds/) and docs/crd-reference.md from the types.
 crds:
 	$(CARGO) run -p kernelflow-crds --bin crdgen
+
+## Regenerate examples/install.yaml (plain manifests for kubectl) from the Helm chart.
+install-yaml:
+	scripts/render-install-yaml.sh > examples/install.yaml
 
 lint:
 	$(CARGO) fmt --all --check

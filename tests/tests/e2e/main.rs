@@ -4,6 +4,7 @@
 mod admission;
 mod agent;
 mod alerts;
+mod chart;
 mod controllers;
 mod kernels;
 mod leader;
