@@ -322,6 +322,41 @@ fn the_chart_lints_and_renders_every_values_set() {
 }
 
 #[test]
+fn every_value_is_documented_in_the_chart_readme() {
+    let text = |rel: &str| std::fs::read_to_string(root().join(CHART).join(rel)).unwrap();
+    let values: Value = serde_yaml::from_str(&text("values.yaml")).unwrap();
+    let readme = text("README.md");
+    fn leaves(path: Vec<String>, value: &Value, out: &mut Vec<Vec<String>>) {
+        match value.as_object().filter(|m| !m.is_empty()) {
+            Some(map) => {
+                for (key, child) in map {
+                    let mut deeper = path.clone();
+                    deeper.push(key.clone());
+                    leaves(deeper, child, out);
+                }
+            }
+            None => out.push(path),
+        }
+    }
+    let mut all = Vec::new();
+    leaves(Vec::new(), &values, &mut all);
+    // A value is documented by its own row or by a row for an object holding it
+    // (`operator.resources`), not by a whole section (`operator`).
+    let undocumented: Vec<String> = all
+        .iter()
+        .filter(|path| {
+            !(path.len().min(2)..=path.len())
+                .any(|k| readme.contains(&format!("`{}`", path[..k].join("."))))
+        })
+        .map(|path| path.join("."))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "values missing from {CHART}/README.md: {undocumented:?}"
+    );
+}
+
+#[test]
 fn install_yaml_is_the_chart_rendered() {
     let script = root().join("scripts/render-install-yaml.sh");
     let helm = tool("helm").unwrap();
