@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Node;
 use kernelflow_crds::KernelDeployment;
 use kernelflow_e2e::cluster::{free_port, tool};
 use kernelflow_e2e::prometheus::{Prometheus, RULES, Target};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 use crate::{eventually, kernel_deployment, merged, setup};
 
@@ -96,7 +96,7 @@ async fn the_breaker_alert_fires_when_an_agent_cannot_reach_its_artifact_store()
     let (env, client, ns) = setup("alerts").await;
     let node = format!("{ns}-gpu");
     let nodes: Api<Node> = Api::all(client.clone());
-    let labels = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": {"pool": ns, "nvidia.com/gpu.present": "true"}}});
+    let labels = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": {"pool": ns}}});
     nodes
         .patch(
             &node,
@@ -122,7 +122,8 @@ async fn the_breaker_alert_fires_when_an_agent_cannot_reach_its_artifact_store()
         kernel_deployment("unreachable"),
         serde_json::json!({"spec": {
             "kernel": {"artifact": {"url": format!("{store}/conv.safetensors")}},
-            "nodeSelector": {"matchLabels": {"pool": ns}},
+            // Only this test's node: others' tests count the nodes their deployments select.
+            "nodeSelector": {"matchLabels": {"pool": ns, "nvidia.com/gpu.present": null}},
         }}),
     );
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
@@ -154,4 +155,5 @@ async fn the_breaker_alert_fires_when_an_agent_cannot_reach_its_artifact_store()
         description.contains(&store) && description.contains(&node),
         "{description}"
     );
+    nodes.delete(&node, &DeleteParams::default()).await.unwrap();
 }
