@@ -270,6 +270,8 @@ fn the_chart_lints_and_renders_every_values_set() {
                 );
                 assert_eq!(agent["resources"]["limits"]["nvidia.com/gpu"], "1");
                 assert_eq!(agent_env["KERNELFLOW_SHADOW_OPS_PER_SECOND"], "20");
+                assert_eq!(agent_env["KERNELFLOW_SHADOW_CONCURRENCY"], "4");
+                assert_eq!(agent_env["KERNELFLOW_OP_TIMEOUT_SECONDS"], "10");
                 assert_eq!(agent_env["KERNELFLOW_CACHE_DIR"], "/var/cache/kernelflow");
                 let volumes = &daemonset["spec"]["template"]["spec"]["volumes"];
                 assert_eq!(volumes[0]["hostPath"]["path"], "/var/lib/kernelflow/cache");
