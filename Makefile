@@ -1,11 +1,13 @@
 # The two commands of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: demo test deps crds lint
+.PHONY: demo test deps crds install-yaml lint
 
-## Install etcd and build kube-apiserver once (cached in ~/.cache/kernelflow).
+## Install etcd, build kube-apiserver, install helm, kubectl and promtool, once (cached in
+## ~/.cache/kernelflow or installed from Debian).
 deps:
 	scripts/install-control-plane.sh
+	scripts/install-tools.sh
 
 ## The local demo: embedded control plane (or $KUBECONFIG), operator, three agents, examples.
 demo: deps
@@ -17,9 +19,13 @@ test: deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-## Regenerate crds/*.yaml from the Rust types.
+## Regenerate the CRD YAML (crds/, the chart's crds/) and docs/crd-reference.md from the types.
 crds:
 	$(CARGO) run -p kernelflow-crds --bin crdgen
+
+## Regenerate examples/install.yaml (plain manifests for kubectl) from the Helm chart.
+install-yaml:
+	scripts/render-install-yaml.sh > examples/install.yaml
 
 lint:
 	$(CARGO) fmt --all --check

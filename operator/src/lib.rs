@@ -28,6 +28,10 @@ use crate::metrics::Metrics;
 /// Field manager of everything the operator writes by server-side apply.
 pub const FIELD_MANAGER: &str = "kernelflow-operator";
 
+/// How often a mounted webhook certificate is checked for renewal; the kubelet itself takes
+/// up to a minute or so to update a Secret volume.
+const CERT_DIR_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Command-line flags (each also read from a `KERNELFLOW_*` environment variable).
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "kernelflow-operator", version, about)]
@@ -71,6 +75,27 @@ pub struct Args {
     /// Service (in `--namespace`, port 443) the API server calls the webhook through.
     #[arg(long, env = "KERNELFLOW_WEBHOOK_SERVICE")]
     pub webhook_service: Option<String>,
+    /// Serve the webhook with the `tls.crt` and `tls.key` in this directory (a mounted Secret,
+    /// e.g. from cert-manager), reloading them when they change. The operator then creates
+    /// no CA and no ValidatingWebhookConfiguration: whoever issues the certificate provides
+    /// both (cert-manager's CA injector fills in the CA bundle).
+    #[arg(
+        long,
+        env = "KERNELFLOW_WEBHOOK_CERT_DIR",
+        conflicts_with_all = ["webhook_url", "webhook_service"]
+    )]
+    pub webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Secret (in `--namespace`) that keeps the self-signed webhook CA and certificate.
+    #[arg(long, env = "KERNELFLOW_WEBHOOK_SECRET", default_value = webhook::SECRET_NAME)]
+    pub webhook_secret: String,
+    /// ValidatingWebhookConfiguration the operator writes for `--webhook-url` or
+    /// `--webhook-service`.
+    #[arg(
+        long,
+        env = "KERNELFLOW_WEBHOOK_CONFIGURATION",
+        default_value = webhook::CONFIGURATION_NAME
+    )]
+    pub webhook_configuration: String,
     /// Serve only the webhook: no leader election, no controllers.
     #[arg(long, env = "KERNELFLOW_WEBHOOK_ONLY")]
     pub webhook_only: bool,
@@ -113,26 +138,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let ready = Arc::new(AtomicBool::new(false));
     info!(%identity, version = env!("CARGO_PKG_VERSION"), "starting");
-    if args.webhook_only && args.webhook_target().is_none() {
-        anyhow::bail!("--webhook-only needs --webhook-url or --webhook-service");
+    if args.webhook_only && args.webhook_target().is_none() && args.webhook_cert_dir.is_none() {
+        anyhow::bail!(
+            "--webhook-only needs --webhook-url, --webhook-service or --webhook-cert-dir"
+        );
     }
 
     if args.install_crds {
         install_crds(&client).await?;
     }
     let http = tokio::spawn(serve_http(args.http_addr, metrics.clone(), ready.clone()));
-    let webhook = match args.webhook_target() {
-        Some(target) => {
-            let cert = webhook::ensure_certificate(&client, &args.namespace, &target).await?;
+    let webhook = match (&args.webhook_cert_dir, args.webhook_target()) {
+        (Some(dir), _) => {
+            // Fail at start-up, not in the task, when the mount lacks the files.
+            webhook::read_cert_dir(dir)?;
+            let (addr, dir, metrics) = (args.webhook_addr, dir.clone(), metrics.clone());
+            info!(addr = %addr, dir = %dir.display(), "admission webhook serving");
+            Some(tokio::spawn(async move {
+                webhook::serve_cert_dir(addr, &dir, CERT_DIR_PERIOD, metrics).await
+            }))
+        }
+        (None, Some(target)) => {
+            let cert = webhook::ensure_certificate(
+                &client,
+                &args.namespace,
+                &args.webhook_secret,
+                &target,
+            )
+            .await?;
             let server = tokio::spawn({
                 let (addr, cert, metrics) = (args.webhook_addr, cert.clone(), metrics.clone());
                 async move { webhook::serve(addr, &cert, metrics).await }
             });
-            webhook::register(&client, &target, &cert.ca).await?;
+            webhook::register(&client, &args.webhook_configuration, &target, &cert.ca).await?;
             info!(addr = %args.webhook_addr, "admission webhook serving");
             Some(server)
         }
-        None => None,
+        (None, None) => None,
     };
     ready.store(true, Ordering::Relaxed);
 

@@ -2,9 +2,13 @@
 //!
 //! TLS uses a self-signed CA generated on first start and kept in a Secret, so that every
 //! replica serves with the same certificate; the operator writes the CA into its
-//! ValidatingWebhookConfiguration. (A chart may use cert-manager instead.)
+//! ValidatingWebhookConfiguration. Alternatively (`--webhook-cert-dir`, the chart's
+//! cert-manager mode) the certificate comes from a mounted Secret that someone else issues
+//! and renews, and the configuration and its CA bundle are theirs too.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 
 use axum::{Json, Router, extract::State, routing::post};
 use axum_server::tls_rustls::RustlsConfig;
@@ -22,9 +26,10 @@ use serde::de::DeserializeOwned;
 use crate::FIELD_MANAGER;
 use crate::metrics::Metrics;
 
-/// Name of the ValidatingWebhookConfiguration the operator owns.
+/// Default name of the ValidatingWebhookConfiguration the operator owns.
 pub const CONFIGURATION_NAME: &str = "kernelflow-validating-webhook";
-const SECRET_NAME: &str = "kernelflow-webhook-tls";
+/// Default name of the Secret holding the self-signed CA and serving certificate.
+pub const SECRET_NAME: &str = "kernelflow-webhook-tls";
 const PATH: &str = "/validate";
 
 /// How the API server reaches the webhook.
@@ -69,24 +74,21 @@ pub struct Certificate {
     pub key: String,
 }
 
-/// Reads the webhook's certificate from its Secret, creating both on first start. When
+/// Reads the webhook's certificate from the Secret `name`, creating both on first start. When
 /// replicas race, the first create wins and the others read what it stored.
 pub async fn ensure_certificate(
     client: &kube::Client,
     namespace: &str,
+    name: &str,
     target: &Target,
 ) -> anyhow::Result<Certificate> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    if let Some(found) = api
-        .get_opt(SECRET_NAME)
-        .await?
-        .and_then(|s| from_secret(&s))
-    {
+    if let Some(found) = api.get_opt(name).await?.and_then(|s| from_secret(&s)) {
         return Ok(found);
     }
     let fresh = generate(&target.dns_names())?;
     let mut secret = Secret::default();
-    secret.metadata.name = Some(SECRET_NAME.into());
+    secret.metadata.name = Some(name.into());
     secret.type_ = Some("kubernetes.io/tls".into());
     secret.data = Some(
         [
@@ -101,9 +103,9 @@ pub async fn ensure_certificate(
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(fresh),
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let stored = api.get(SECRET_NAME).await?;
+            let stored = api.get(name).await?;
             from_secret(&stored).ok_or_else(|| {
-                anyhow::anyhow!("Secret {namespace}/{SECRET_NAME} lacks ca.crt, tls.crt or tls.key")
+                anyhow::anyhow!("Secret {namespace}/{name} lacks ca.crt, tls.crt or tls.key")
             })
         }
         Err(e) => Err(e.into()),
@@ -144,8 +146,13 @@ fn generate(dns_names: &[String]) -> anyhow::Result<Certificate> {
     })
 }
 
-/// Writes the ValidatingWebhookConfiguration (server-side apply) with the CA bundle.
-pub async fn register(client: &kube::Client, target: &Target, ca_pem: &str) -> anyhow::Result<()> {
+/// Writes the ValidatingWebhookConfiguration `name` (server-side apply) with the CA bundle.
+pub async fn register(
+    client: &kube::Client,
+    name: &str,
+    target: &Target,
+    ca_pem: &str,
+) -> anyhow::Result<()> {
     let client_config = match target {
         Target::Url(url) => {
             serde_json::json!({ "url": format!("{}{PATH}", url.trim_end_matches('/')) })
@@ -173,7 +180,7 @@ pub async fn register(client: &kube::Client, target: &Target, ca_pem: &str) -> a
     let vwc = serde_json::json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
-        "metadata": { "name": CONFIGURATION_NAME },
+        "metadata": { "name": name },
         "webhooks": [
             webhook("kerneldeployments.kernelflow.dev", "kerneldeployments"),
             webhook("asynctrainingjobs.kernelflow.dev", "asynctrainingjobs"),
@@ -181,7 +188,7 @@ pub async fn register(client: &kube::Client, target: &Target, ca_pem: &str) -> a
     });
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     api.patch(
-        CONFIGURATION_NAME,
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(vwc),
     )
@@ -201,11 +208,71 @@ pub async fn serve(addr: SocketAddr, cert: &Certificate, metrics: Metrics) -> an
         cert.key.clone().into_bytes(),
     )
     .await?;
+    serve_tls(addr, tls, metrics).await
+}
+
+async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> anyhow::Result<()> {
     let app = Router::new().route(PATH, post(review)).with_state(metrics);
     axum_server::bind_rustls(addr, tls)
         .serve(app.into_make_service())
         .await?;
     Ok(())
+}
+
+/// The serving certificate and key (PEM) of a mounted `kubernetes.io/tls` Secret.
+pub fn read_cert_dir(dir: &Path) -> anyhow::Result<(String, String)> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
+    };
+    Ok((read("tls.crt")?, read("tls.key")?))
+}
+
+/// Serves the webhook with the certificate in `dir`, checking it every `period` and serving
+/// a renewed one from then on (cert-manager renews in place; the kubelet updates the mount).
+pub async fn serve_cert_dir(
+    addr: SocketAddr,
+    dir: &Path,
+    period: Duration,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
+    let current = read_cert_dir(dir)?;
+    let tls = RustlsConfig::from_pem(
+        current.0.clone().into_bytes(),
+        current.1.clone().into_bytes(),
+    )
+    .await?;
+    tokio::select! {
+        r = serve_tls(addr, tls.clone(), metrics) => r,
+        never = reload(dir, period, current, &tls) => match never {},
+    }
+}
+
+async fn reload(
+    dir: &Path,
+    period: Duration,
+    mut current: (String, String),
+    tls: &RustlsConfig,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(period).await;
+        // A read between the kubelet's writes fails or mismatches: keep serving the old pair
+        // and look again next period.
+        let Ok(fresh) = read_cert_dir(dir) else {
+            continue;
+        };
+        if fresh == current {
+            continue;
+        }
+        let (cert, key) = (fresh.0.clone().into_bytes(), fresh.1.clone().into_bytes());
+        match tls.reload_from_pem(cert, key).await {
+            Ok(()) => tracing::info!(dir = %dir.display(), "webhook certificate reloaded"),
+            // Warned once per change; the previous certificate keeps serving.
+            Err(e) => tracing::warn!(error = %e, "the new webhook certificate is unusable"),
+        }
+        current = fresh;
+    }
 }
 
 async fn review(
@@ -365,5 +432,79 @@ mod tests {
         let cert = generate(&svc).unwrap();
         assert!(cert.ca.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(cert.key.contains("PRIVATE KEY"));
+    }
+
+    /// Completes a TLS handshake with `addr` as `localhost`, trusting only `ca_pem`.
+    async fn handshake(addr: SocketAddr, ca_pem: String) -> Result<(), String> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+        tokio::task::spawn_blocking(move || {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+                .unwrap();
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+            let mut socket = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+            while tls.is_handshaking() {
+                tls.complete_io(&mut socket).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_mounted_certificate_is_served_and_reloaded_when_renewed() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = std::env::temp_dir().join(format!("kernelflow-certdir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = read_cert_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("tls.crt"), "{err}");
+        let write = |c: &Certificate| {
+            std::fs::write(dir.join("tls.crt"), &c.cert).unwrap();
+            std::fs::write(dir.join("tls.key"), &c.key).unwrap();
+        };
+        let names = ["localhost".to_string()];
+        let (first, renewed) = (generate(&names).unwrap(), generate(&names).unwrap());
+        write(&first);
+        let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = tokio::spawn({
+            let dir = dir.clone();
+            async move {
+                serve_cert_dir(addr, &dir, Duration::from_millis(50), Metrics::default()).await
+            }
+        });
+        let within = |ca: String| async move {
+            for _ in 0..100 {
+                if handshake(addr, ca.clone()).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        };
+        assert!(
+            within(first.ca.clone()).await,
+            "the mounted certificate is not served"
+        );
+        assert!(handshake(addr, renewed.ca.clone()).await.is_err());
+        write(&renewed);
+        assert!(
+            within(renewed.ca.clone()).await,
+            "the renewed certificate is not served"
+        );
+        assert!(handshake(addr, first.ca.clone()).await.is_err());
+        server.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

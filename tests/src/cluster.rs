@@ -227,14 +227,20 @@ fn state_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn find_apiserver() -> anyhow::Result<PathBuf> {
+    tool("kube-apiserver").context("set KUBECONFIG to use a cluster instead")
+}
+
+/// A tool that `make deps` installs: from its cache (`$KERNELFLOW_CACHE/bin`, default
+/// `~/.cache/kernelflow/bin`), else from `PATH`.
+pub fn tool(name: &str) -> anyhow::Result<PathBuf> {
     let cache = std::env::var_os("KERNELFLOW_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kernelflow")));
     cache
-        .map(|c| c.join("bin/kube-apiserver"))
+        .map(|c| c.join("bin").join(name))
         .filter(|p| p.exists())
-        .or_else(|| which("kube-apiserver"))
-        .context("kube-apiserver not found: run scripts/install-control-plane.sh (or set KUBECONFIG to use a cluster)")
+        .or_else(|| which(name))
+        .with_context(|| format!("{name} not found: run `make deps`"))
 }
 
 fn which(name: &str) -> Option<PathBuf> {

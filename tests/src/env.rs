@@ -97,12 +97,23 @@ impl Shared {
     /// Starts a kernelflow binary with `args` and `--http-addr` on a free loopback port; it
     /// is killed when the calling thread ends.
     pub fn spawn(&self, binary: &str, name: &str, args: &[&str]) -> anyhow::Result<Process> {
+        self.spawn_as(binary, name, args, &self.plane.kubeconfig)
+    }
+
+    /// [`Shared::spawn`] with another kubeconfig: another identity, e.g. a ServiceAccount's.
+    pub fn spawn_as(
+        &self,
+        binary: &str,
+        name: &str,
+        args: &[&str],
+        kubeconfig: &std::path::Path,
+    ) -> anyhow::Result<Process> {
         let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let log = self.logs.join(format!("{name}-{}.log", http.port()));
         let child = supervised(&binary_path(binary)?, &log)?
             .arg(format!("--http-addr={http}"))
             .args(args)
-            .env("KUBECONFIG", &self.plane.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -184,15 +195,7 @@ impl Process {
 
     /// GETs `path` from its HTTP server; `None` while it is not answering.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.http).await.ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.http);
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_string()))
+        http_get(self.http, path).await
     }
 
     /// The value of an unlabelled metric, once it is served.
@@ -232,6 +235,19 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// GETs `path` from `addr` over plain HTTP/1.0: status and body; `None` while nothing answers.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
 }
 
 /// Path of a kernelflow binary: `$KERNELFLOW_BIN_DIR/<name>`, or beside the test executable's

@@ -3,6 +3,8 @@
 
 mod admission;
 mod agent;
+mod alerts;
+mod chart;
 mod controllers;
 mod kernels;
 mod leader;
