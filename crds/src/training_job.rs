@@ -322,7 +322,8 @@ pub struct PipelineFigures {
 pub struct WorkerStatus {
     /// Worker index, 0..replicas.
     pub index: u32,
-    /// Node the worker is assigned to; empty while it waits for one.
+    /// Node the worker is assigned to; absent while it waits for one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
     /// Assignment number, raised on every restart. Agents report the attempt they run, so
     /// that a report from before a restart is never taken for the current one.

@@ -315,7 +315,7 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
 /// A JSON merge patch (RFC 7386) that turns `old` into `new`: all of `new`, and null for
 /// every field of `old` that `new` lacks. (All of `new`, because `old` is the typed status
 /// with defaults filled in, not necessarily what is stored.)
-fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {

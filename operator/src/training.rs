@@ -1,7 +1,7 @@
 //! The AsyncTrainingJob controller: a thin I/O layer around [`state::decide`]. Each reconcile
 //! reads the job, the Nodes and the NodeReports from caches, lets the state machine decide,
-//! then writes the status by server-side apply, publishes Events, and deletes the job when
-//! its time to live is up.
+//! then writes the status (when it changed), publishes Events, and deletes the job when its
+//! time to live is up.
 //!
 //! No finalizer: deleting a job needs no clean-up by the operator. The agents see the job
 //! go, stop its workers and delete its checkpoints, and the job's metrics are read from the
@@ -27,7 +27,7 @@ use kube::{Resource, ResourceExt};
 use tracing::{instrument, warn};
 
 use crate::FIELD_MANAGER;
-use crate::controller::{Context, error_policy, measured, publish_transitions};
+use crate::controller::{Context, error_policy, measured, merge_patch, publish_transitions};
 use crate::error::Result;
 pub use state::Settings;
 
@@ -143,17 +143,18 @@ async fn apply(ctx: &Context, job: &AsyncTrainingJob, d: state::Decision) -> Res
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let old = job.status.clone().unwrap_or_default();
     if d.status != old {
+        // A merge patch under the operator's field manager, as for KernelDeployments: the
+        // 1.20 API server's server-side apply mangles some values (an empty string became
+        // null) and leaves emptied parents behind.
         let patch = serde_json::json!({
-            "apiVersion": AsyncTrainingJob::api_version(&()),
-            "kind": AsyncTrainingJob::kind(&()),
-            "status": d.status,
+            "status": merge_patch(&serde_json::to_value(&old)?, &serde_json::to_value(&d.status)?)
         });
-        api.patch_status(
-            &job.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        api.patch_status(&job.name_any(), &pp, &Patch::Merge(patch))
+            .await?;
         publish_transitions(ctx, job, &old.conditions, &d.status.conditions).await;
     }
     for note in &d.notes {

@@ -345,7 +345,7 @@ async fn the_deadline_fails_a_job_and_its_ttl_deletes_it() {
     let c = Cluster::start("deadline", &[]).await;
     let _a = c.agent("a", serde_json::json!({}), &c.dir("ckpt")).await;
     let policy = serde_json::json!({"spec": {"training": {"steps": 100_000_000},
-        "runPolicy": {"activeDeadlineSeconds": 3, "ttlSecondsAfterFinished": 3}}});
+        "runPolicy": {"activeDeadlineSeconds": 2, "ttlSecondsAfterFinished": 2}}});
     c.create(&job("slow", &c.ns, policy)).await;
     let failed = c.phase("slow", TrainingPhase::Failed).await;
     assert_eq!(
@@ -358,7 +358,7 @@ async fn the_deadline_fails_a_job_and_its_ttl_deletes_it() {
         .unwrap()
         .0
         .duration_since(s.start_time.unwrap().0);
-    assert!(ran.as_secs_f64() >= 3.0, "failed after {ran:?}");
+    assert!(ran.as_secs_f64() >= 2.0, "failed after {ran:?}");
     c.event("slow", "DeadlineExceeded").await;
     // The agent stops the worker and drops it from its report.
     let reports: Api<NodeReport> = Api::all(c.client.clone());
@@ -382,7 +382,7 @@ async fn the_deadline_fails_a_job_and_its_ttl_deletes_it() {
 /// A job on the nodes with `labels`, long enough that a checkpoint is on disk well before it
 /// finishes.
 fn resumable(name: &str, labels: serde_json::Value, patch: serde_json::Value) -> AsyncTrainingJob {
-    let base = serde_json::json!({"spec": {"training": {"steps": 1500}, "checkpoint": {"everySteps": 10},
+    let base = serde_json::json!({"spec": {"training": {"steps": 600}, "checkpoint": {"everySteps": 10},
         "placement": {"nodeSelector": {"matchLabels": labels}}}});
     job(name, "unused", merged(base, patch))
 }
@@ -413,7 +413,7 @@ async fn an_agent_killed_mid_job_resumes_from_its_checkpoint_with_the_same_weigh
         .resumed_from_step
         .unwrap_or_else(|| panic!("did not resume: {w:?}\n{}", a.log_tail()));
     assert!(
-        from > 0 && from < 1500 && from.is_multiple_of(10),
+        from > 0 && from < 600 && from.is_multiple_of(10),
         "resumed from step {from}"
     );
     println!("the victim resumed from step {from}");
