@@ -1,10 +1,12 @@
 //! The kernelflow node agent. Runs on every GPU node (a DaemonSet), learns its node from
-//! `NODE_NAME`, and publishes the node's `NodeReport`, the only kernelflow object it writes.
+//! `NODE_NAME`, warms kernels, runs the AsyncTrainingJob workers assigned to the node, and
+//! publishes the node's `NodeReport`, the only kernelflow object it writes.
 
 pub mod artifact;
 pub mod compute;
 pub mod report;
 pub mod rollout;
+pub mod training;
 pub mod warm;
 
 use std::net::SocketAddr;
@@ -62,6 +64,19 @@ pub struct Args {
     /// Seconds after which a conv2d operation counts as failed.
     #[arg(long, env = "KERNELFLOW_OP_TIMEOUT_SECONDS", default_value_t = 10.0)]
     pub op_timeout_seconds: f64,
+    /// Directory of training checkpoints (default: `checkpoints` under the cache directory;
+    /// without either, checkpoints stay in memory). Storage shared between nodes lets a
+    /// worker moved to another node resume too.
+    #[arg(long, env = "KERNELFLOW_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn checkpoint_dir(&self) -> Option<std::path::PathBuf> {
+        self.checkpoint_dir
+            .clone()
+            .or_else(|| Some(self.cache_dir.as_ref()?.join("checkpoints")))
+    }
 }
 
 /// The agent's metrics.
@@ -139,7 +154,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let store = artifact::store::KernelStore::new(store_config, cache_metrics)
         .context("opening the kernel cache")?;
-    let warmer = warm::Warmer::new(store);
+    let warmer = warm::Warmer::new(store.clone());
     let router = rollout::Router::new(
         rollout::RouterConfig {
             op_timeout: Duration::from_secs_f64(args.op_timeout_seconds.max(0.001)),
@@ -161,6 +176,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .synthetic_traffic(args.synthetic_ops_per_second),
     );
 
+    let checkpoint_dir = args.checkpoint_dir();
+    if checkpoint_dir.is_none() {
+        warn!("no --checkpoint-dir or --cache-dir: checkpoints do not survive a restart");
+    }
+    let counters = training::metrics::Counters::default();
+    counters.register(&metrics.registry)?;
+    let trainer = training::Trainer::new(
+        &args.node_name,
+        training::Env {
+            warmer: warmer.clone(),
+            store,
+            checkpoints: training::checkpoint::Checkpoints::new(checkpoint_dir),
+            metrics: counters,
+        },
+    );
+    metrics
+        .registry
+        .register(Box::new(training::metrics::WorkerMetrics::new(
+            trainer.clone(),
+        )))?;
+    let training = tokio::spawn(training::run(client.clone(), trainer.clone()));
+
     let reporter = report::Reporter::new(client, &args.node_name, backend);
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval_seconds.max(1)));
     let reports = async {
@@ -168,7 +205,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tick.tick().await;
             let mut kernels = warmer.report();
             router.annotate(&mut kernels);
-            match reporter.publish(kernels).await {
+            match reporter.publish(kernels, trainer.report()).await {
                 Ok(()) => metrics.reports.inc(),
                 Err(e) => {
                     metrics.report_errors.inc();
@@ -184,6 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = warming => r?,
         r = shadow => r?,
         r = traffic => r?,
+        r = training => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

@@ -2,7 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kernelflow_crds::node_report::KernelReport;
+use kernelflow_crds::node_report::{KernelReport, WorkerReport};
 use kernelflow_crds::{NodeReport, NodeReportSpec};
 use kube::api::{Api, Patch, PatchParams};
 
@@ -25,7 +25,7 @@ impl Reporter {
     }
 
     /// The report as of now.
-    pub fn build(&self, kernels: Vec<KernelReport>) -> NodeReport {
+    pub fn build(&self, kernels: Vec<KernelReport>, workers: Vec<WorkerReport>) -> NodeReport {
         NodeReport::new(
             &self.node,
             NodeReportSpec {
@@ -35,15 +35,21 @@ impl Reporter {
                 heartbeat_time: Time(Timestamp::now()),
                 kernel_count: kernels.len() as u32,
                 kernels,
+                workers,
             },
         )
     }
 
     /// Applies the report, creating it on the first call.
-    pub async fn publish(&self, kernels: Vec<KernelReport>) -> Result<(), kube::Error> {
+    pub async fn publish(
+        &self,
+        kernels: Vec<KernelReport>,
+        workers: Vec<WorkerReport>,
+    ) -> Result<(), kube::Error> {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let report = self.build(kernels, workers);
         self.api
-            .patch(&self.node, &pp, &Patch::Apply(&self.build(kernels)))
+            .patch(&self.node, &pp, &Patch::Apply(&report))
             .await?;
         Ok(())
     }

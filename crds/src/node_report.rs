@@ -7,6 +7,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::training_job::{PipelineFigures, WorkerState};
+
 /// What one node's agent reports: its kernels and training workers.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -36,6 +38,9 @@ pub struct NodeReportSpec {
     /// Per-kernel state and figures of the current window.
     #[serde(default)]
     pub kernels: Vec<KernelReport>,
+    /// The AsyncTrainingJob workers assigned to this node, with their progress.
+    #[serde(default)]
+    pub workers: Vec<WorkerReport>,
 }
 
 /// One KernelDeployment's revisions as seen on one node.
@@ -111,4 +116,56 @@ pub struct ShadowFigures {
     /// Largest absolute output difference over the pairs, where comparable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_numeric_diff: Option<f64>,
+}
+
+/// One AsyncTrainingJob worker as run on one node. The operator folds these into the job's
+/// status, taking only reports whose job uid, worker index and attempt match the assignment.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerReport {
+    /// Namespace of the AsyncTrainingJob.
+    pub namespace: String,
+    /// Name of the AsyncTrainingJob.
+    pub name: String,
+    /// UID of the AsyncTrainingJob, so that a job recreated under the same name is told apart.
+    pub uid: String,
+    /// Worker index.
+    pub index: u32,
+    /// The assignment attempt this run belongs to.
+    pub attempt: u32,
+    /// Where the worker stands.
+    pub state: WorkerState,
+    /// Optimiser steps completed.
+    pub step: u64,
+    /// Throughput since the previous report.
+    #[serde(default)]
+    pub samples_per_second: f64,
+    /// Loss of the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_loss: Option<f64>,
+    /// Loss of the latest step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_loss: Option<f64>,
+    /// Step of the latest checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_step: Option<u64>,
+    /// Step of the checkpoint this run resumed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+    /// SHA-256 of the final weights, once succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_weights_sha256: Option<String>,
+    /// Pipeline figures of this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineFigures>,
+    /// Why the worker waits or failed, as a typed reason (for example `InvalidModel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// A failure that restarting cannot fix (the model or data do not fit together): the
+    /// job fails at once instead of spending its backoff limit.
+    #[serde(default)]
+    pub permanent: bool,
 }

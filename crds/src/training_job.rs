@@ -21,6 +21,8 @@ use crate::common::{ArtifactRef, Conv2dSpec};
     category = "kernelflow",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Loss","type":"number","jsonPath":".status.lastLoss"}"#,
+    printcolumn = r#"{"name":"Restarts","type":"integer","jsonPath":".status.restarts"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -53,8 +55,9 @@ pub struct ModelSpec {
     pub layers: Vec<LayerSpec>,
 }
 
-/// One conv2d layer: either a KernelDeployment's kernel (it then follows that rollout's
-/// traffic split and flags) or an inline conv2d initialised from the job's seed.
+/// One conv2d layer: either a KernelDeployment's kernel, frozen (training leaves its weights
+/// as they are; the KernelDeployment must select the workers' nodes), or an inline conv2d
+/// initialised from the job's seed and trained.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LayerSpec {
@@ -69,14 +72,17 @@ pub struct LayerSpec {
     pub conv2d: Option<Conv2dSpec>,
 }
 
-/// Training data: synthetic, or an artifact. Exactly one.
+/// Training data: synthetic, or an artifact. Exactly one. Worker `w` of `r` reads samples
+/// `(step * r + w) * batchSize ..` of the data set, wrapping around, so that a batch is a
+/// pure function of the data, the worker and the step.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DataSpec {
-    /// Deterministic random samples and targets.
+    /// Deterministic random samples; targets are a random "teacher" model's outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synthetic: Option<SyntheticData>,
-    /// A dataset artifact (safetensors with `inputs` and `targets`), pinned by sha256.
+    /// A dataset artifact, pinned by sha256: safetensors with F32 `inputs` `[N, C, H, W]` and
+    /// `targets` `[N, ...]` matching the model's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<ArtifactRef>,
 }
@@ -141,7 +147,7 @@ pub struct PipelineSpec {
     #[serde(default = "default_prefetch")]
     #[schemars(range(min = 1, max = 16), default = "default_prefetch")]
     pub prefetch_depth: u32,
-    /// Streams per worker.
+    /// Streams per worker; each step's batch is split into this many micro-batches.
     #[serde(default = "default_streams")]
     #[schemars(range(min = 1, max = 64), default = "default_streams")]
     pub streams: u32,
@@ -188,14 +194,16 @@ pub struct RunPolicy {
     #[serde(default = "default_backoff_limit")]
     #[schemars(range(min = 0, max = 1000), default = "default_backoff_limit")]
     pub backoff_limit: u32,
-    /// Seconds from start after which the job fails with DeadlineExceeded.
+    /// Seconds from the start (or from resuming after a suspension) after which the job
+    /// fails with DeadlineExceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<u64>,
-    /// Stop the workers at a step boundary after a checkpoint; false resumes from it.
+    /// Stop the workers at a step boundary after a checkpoint; false resumes from it. The only
+    /// part of the spec, with the rest of runPolicy, that may change after creation.
     #[serde(default)]
     pub suspend: bool,
-    /// Seconds after finishing after which the job is deleted.
+    /// Seconds after the job succeeded or failed after which it is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds_after_finished: Option<u64>,
 }
@@ -238,9 +246,9 @@ impl Default for CheckpointSpec {
 }
 
 /// Where a training job stands.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum TrainingPhase {
-    /// Accepted; workers not placed yet.
+    /// Accepted; workers not all placed and started yet.
     #[default]
     Created,
     /// Workers are training.
@@ -255,25 +263,102 @@ pub enum TrainingPhase {
     Failed,
 }
 
-/// Progress of one worker.
+impl TrainingPhase {
+    /// Every phase, for metrics that list them.
+    pub const ALL: [TrainingPhase; 6] = [
+        TrainingPhase::Created,
+        TrainingPhase::Running,
+        TrainingPhase::Restarting,
+        TrainingPhase::Suspended,
+        TrainingPhase::Succeeded,
+        TrainingPhase::Failed,
+    ];
+
+    /// Succeeded or Failed: nothing runs any more and nothing will.
+    pub fn is_finished(self) -> bool {
+        matches!(self, TrainingPhase::Succeeded | TrainingPhase::Failed)
+    }
+}
+
+/// Where one worker stands, as its agent reports it.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum WorkerState {
+    /// Assigned, but its agent has not reported it yet (or it waits for a node).
+    #[default]
+    Pending,
+    /// Loading kernels, data and the last checkpoint.
+    Starting,
+    /// Training.
+    Running,
+    /// Stopped at a checkpoint because the job is suspended.
+    Suspended,
+    /// Finished its steps; `finalWeightsSha256` is set.
+    Succeeded,
+    /// Stopped by an error; the operator restarts it (counted against `backoffLimit`).
+    Failed,
+}
+
+/// Pipeline figures of one worker's current (or last) run.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineFigures {
+    /// Steps the run computed.
+    pub steps: u64,
+    /// Seconds the run took (so far).
+    pub wall_seconds: f64,
+    /// Seconds spent in each stage: load, upload, compute, download.
+    pub stage_seconds: [f64; 4],
+    /// Sum of stage times over the busiest lane's: the speedup perfect overlap would give.
+    pub theoretical_speedup: f64,
+    /// Sum of stage times over wall time: the speedup overlap gave.
+    pub measured_speedup: f64,
+    /// Measured over theoretical speedup (0..1).
+    pub overlap_efficiency: f64,
+}
+
+/// Assignment and progress of one worker.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
     /// Worker index, 0..replicas.
     pub index: u32,
-    /// Node the worker is assigned to.
+    /// Node the worker is assigned to; absent while it waits for one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// Assignment number, raised on every restart. Agents report the attempt they run, so
+    /// that a report from before a restart is never taken for the current one.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Where the worker stands.
+    #[serde(default)]
+    pub state: WorkerState,
     /// Optimiser steps completed.
     pub step: u64,
     /// Throughput over the last report interval.
     #[serde(default)]
     pub samples_per_second: f64,
+    /// Loss of the first step, to compare the latest with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_loss: Option<f64>,
     /// Loss of the latest step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_loss: Option<f64>,
     /// Step of the latest checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_step: Option<u64>,
+    /// Step of the checkpoint the current run resumed from; absent when it started afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+    /// SHA-256 of the final weights (every layer's weight then bias, f32 little-endian),
+    /// once the worker succeeded: equal for runs with the same spec and seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_weights_sha256: Option<String>,
+    /// Pipeline figures of the current run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineFigures>,
+    /// Why the worker waits or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Observed state of an AsyncTrainingJob.
@@ -286,19 +371,20 @@ pub struct AsyncTrainingJobStatus {
     /// Steps completed over steps asked, as a percentage, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
-    /// When the workers started.
+    /// When the job started running (or resumed after a suspension): `activeDeadlineSeconds`
+    /// counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When the job succeeded or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
-    /// Per-worker progress.
+    /// Per-worker assignment and progress, one entry per replica.
     #[serde(default)]
     pub workers: Vec<WorkerStatus>,
     /// Samples per second over all workers.
     #[serde(default)]
     pub throughput: f64,
-    /// Measured over theoretical pipeline speedup (0..1).
+    /// Mean over the workers of measured over theoretical pipeline speedup (0..1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlap_efficiency: Option<f64>,
     /// Mean loss of the workers' latest steps.
@@ -310,7 +396,8 @@ pub struct AsyncTrainingJobStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Conditions: Created, Running, Restarting, Succeeded, Failed, Suspended.
+    /// Conditions: Accepted, and Created, Running, Restarting, Succeeded, Failed, Suspended
+    /// once each has applied.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

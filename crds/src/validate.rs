@@ -202,6 +202,17 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
             _ => e.push(at, "set exactly one of kernelDeploymentRef or conv2d"),
         }
     }
+    if spec
+        .model
+        .layers
+        .iter()
+        .all(|l| l.kernel_deployment_ref.is_some())
+    {
+        e.push(
+            "spec.model.layers",
+            "needs at least one inline conv2d layer: layers from KernelDeployments are frozen, so there would be nothing to train",
+        );
+    }
 
     let t = &spec.training;
     if !t.learning_rate.is_finite() || t.learning_rate <= 0.0 {
@@ -238,6 +249,30 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
             "spec.runPolicy.activeDeadlineSeconds",
             "must be at least 1 when set",
         );
+    }
+    finish(e)
+}
+
+/// Checks an update of an AsyncTrainingJob: only `spec.runPolicy` may change, because the
+/// workers' checkpoints, data order and placement follow from the rest.
+pub fn training_job_update(
+    old: &AsyncTrainingJobSpec,
+    new: &AsyncTrainingJobSpec,
+) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    let message = "cannot change once the job exists (its checkpoints and data order follow from it); only spec.runPolicy may change";
+    let fields = [
+        ("spec.model", old.model == new.model),
+        ("spec.data", old.data == new.data),
+        ("spec.training", old.training == new.training),
+        ("spec.pipeline", old.pipeline == new.pipeline),
+        ("spec.placement", old.placement == new.placement),
+        ("spec.checkpoint", old.checkpoint == new.checkpoint),
+    ];
+    for (field, same) in fields {
+        if !same {
+            e.push(field, message);
+        }
     }
     finish(e)
 }
@@ -546,9 +581,27 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
             ]
         );
         assert_eq!(
-            atj_ok("model: {layers: [{name: a, kernelDeploymentRef: k}]}"),
+            atj_ok(
+                "model: {layers: [{name: a, kernelDeploymentRef: k}, {name: b, conv2d: {inChannels: 64, outChannels: 3, kernelSize: [1, 1]}}]}"
+            ),
             Ok(())
         );
+        let r = atj_ok("model: {layers: [{name: a, kernelDeploymentRef: k}]}");
+        assert_eq!(fields(r), ["spec.model.layers"]);
+    }
+
+    #[test]
+    fn only_the_run_policy_changes_after_creation() {
+        let old = atj("{}");
+        let suspended = atj("runPolicy: {suspend: true, activeDeadlineSeconds: 60}");
+        assert_eq!(training_job_update(&old, &suspended), Ok(()));
+        let changed = atj("{training: {steps: 20}, placement: {replicas: 2}}");
+        let errs = training_job_update(&old, &changed).unwrap_err();
+        assert_eq!(
+            errs.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(),
+            ["spec.training", "spec.placement"]
+        );
+        assert!(errs[0].message.contains("only spec.runPolicy may change"));
     }
 
     #[test]

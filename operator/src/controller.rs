@@ -23,8 +23,6 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tracing::{info, instrument, warn};
 
 use crate::FIELD_MANAGER;
@@ -54,6 +52,7 @@ pub async fn run(
     metrics: Metrics,
     namespace: Option<String>,
     concurrency: u16,
+    training: crate::training::Settings,
 ) {
     let (nodes, node_writer) = reflector::store::<Node>();
     let (reports, report_writer) = reflector::store::<NodeReport>();
@@ -112,10 +111,7 @@ pub async fn run(
         let _ = kernels_ctx.reports.wait_until_ready().await;
         kernels.await
     };
-    let jobs = Controller::new(atj, watcher::Config::default())
-        .with_config(config)
-        .run(reconcile_training_job, error_policy, ctx)
-        .for_each(|_| async {});
+    let jobs = crate::training::run(ctx, atj, config, training);
     futures::join!(kernels, jobs, node_watch, report_watch);
 }
 
@@ -132,7 +128,7 @@ where
     }
 }
 
-fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
+pub(crate) fn error_policy<K, C>(_: Arc<K>, error: &Error, _: Arc<C>) -> Action {
     if let Error::Draining(_) = error {
         return Action::requeue(Duration::from_secs(1));
     }
@@ -141,7 +137,7 @@ fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
 }
 
 /// Times a reconcile and counts it and its errors.
-async fn measured<F: Future<Output = Result<Action>>>(
+pub(crate) async fn measured<F: Future<Output = Result<Action>>>(
     ctx: &Context,
     controller: &str,
     f: F,
@@ -319,7 +315,7 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
 /// A JSON merge patch (RFC 7386) that turns `old` into `new`: all of `new`, and null for
 /// every field of `old` that `new` lacks. (All of `new`, because `old` is the typed status
 /// with defaults filled in, not necessarily what is stored.)
-fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {
@@ -375,100 +371,47 @@ fn progressing(
     condition("Progressing", state, reason, &message, generation, existing)
 }
 
-#[instrument(skip_all, fields(namespace = job.namespace(), name = job.name_any()))]
-async fn reconcile_training_job(job: Arc<AsyncTrainingJob>, ctx: Arc<Context>) -> Result<Action> {
-    measured(&ctx, "asynctrainingjob", async {
-        let current = job
-            .status
-            .as_ref()
-            .map(|s| (s.observed_generation, s.conditions.as_slice()));
-        accept(
-            &ctx,
-            &*job,
-            validate::training_job(&job.spec),
-            current,
-            "Created",
-        )
-        .await
-    })
-    .await
-}
-
-/// Records whether the spec was accepted: `observedGeneration`, the `Accepted` condition and
-/// an Event when the verdict changes. Writes nothing when the status already says so.
-async fn accept<K>(
-    ctx: &Context,
-    obj: &K,
-    verdict: Result<(), Vec<FieldError>>,
-    current: Option<(Option<i64>, &[Condition])>,
-    initial_phase: &str,
-) -> Result<Action>
-where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
-    let generation = obj.meta().generation;
-    let (observed, conditions) = current.unwrap_or((None, &[]));
-    let accepted = accepted(&verdict, generation, conditions);
-    if observed == generation && conditions.contains(&accepted) {
-        return Ok(Action::await_change());
-    }
-    let mut status_body = serde_json::json!({
-        "observedGeneration": generation,
-        "conditions": [accepted],
-    });
-    if current.is_none() {
-        status_body["phase"] = initial_phase.into();
-    }
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status_body,
-    });
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    publish_transitions(ctx, obj, conditions, std::slice::from_ref(&accepted)).await;
-    // An invalid spec waits for the user to change it; a valid one for the next event.
-    Ok(Action::await_change())
-}
-
 /// The `Accepted` condition for a validation verdict.
 fn accepted(
     verdict: &Result<(), Vec<FieldError>>,
     generation: Option<i64>,
     existing: &[Condition],
 ) -> Condition {
+    accepted_at(verdict, generation, existing, Timestamp::now())
+}
+
+/// [`accepted`] as of `now`.
+pub(crate) fn accepted_at(
+    verdict: &Result<(), Vec<FieldError>>,
+    generation: Option<i64>,
+    existing: &[Condition],
+    now: Timestamp,
+) -> Condition {
     match verdict {
-        Ok(()) => condition(
+        Ok(()) => condition_at(
             "Accepted",
             "True",
             "Valid",
             "the spec is valid",
             generation,
             existing,
+            now,
         ),
-        Err(errors) => condition(
+        Err(errors) => condition_at(
             "Accepted",
             "False",
             "InvalidSpec",
             &validate::describe(errors),
             generation,
             existing,
+            now,
         ),
     }
 }
 
 /// An Event for each condition whose status or reason changed: Normal when it holds (or is
 /// settling), Warning when it does not.
-async fn publish_transitions<K: Resource<DynamicType = ()>>(
+pub(crate) async fn publish_transitions<K: Resource<DynamicType = ()>>(
     ctx: &Context,
     obj: &K,
     old: &[Condition],
@@ -531,13 +474,31 @@ pub fn condition(
     generation: Option<i64>,
     existing: &[Condition],
 ) -> Condition {
+    condition_at(
+        type_,
+        status,
+        reason,
+        message,
+        generation,
+        existing,
+        Timestamp::now(),
+    )
+}
+
+/// [`condition`] as of `now`, for callers that take time as an input.
+pub fn condition_at(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    existing: &[Condition],
+    now: Timestamp,
+) -> Condition {
     let last_transition_time = existing
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
-        .map_or_else(
-            || Time(Timestamp::now()),
-            |c| c.last_transition_time.clone(),
-        );
+        .map_or_else(|| Time(now), |c| c.last_transition_time.clone());
     Condition {
         type_: type_.into(),
         status: status.into(),

@@ -10,6 +10,7 @@ pub mod nodes;
 pub mod plugin;
 pub mod rollout;
 pub mod telemetry;
+pub mod training;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -105,6 +106,10 @@ pub struct Args {
     /// Apply the CRDs at start-up (for local use; in clusters the chart installs them).
     #[arg(long, env = "KERNELFLOW_INSTALL_CRDS")]
     pub install_crds: bool,
+    /// Seconds a node's agent may go without reporting before its training workers are
+    /// restarted on other nodes (counted against the job's backoffLimit).
+    #[arg(long, env = "KERNELFLOW_WORKER_GRACE_SECONDS", default_value_t = 60)]
+    pub worker_grace_seconds: u64,
 }
 
 impl Args {
@@ -191,12 +196,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         let controllers = || {
             let (namespace, concurrency) = (args.watch_namespace.clone(), args.concurrency);
+            let training = training::Settings {
+                grace: std::time::Duration::from_secs(args.worker_grace_seconds.max(1)),
+            };
             controller::run(
                 client.clone(),
                 identity.clone(),
                 metrics.clone(),
                 namespace,
                 concurrency,
+                training,
             )
         };
         leader::lead(&client, lease, &metrics, controllers, shutdown_signal()).await

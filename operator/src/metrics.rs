@@ -42,6 +42,7 @@ pub struct Metrics {
     rollout_analysis: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
     rollout_duration: HistogramVec,
+    pub training_jobs: crate::training::metrics::JobMetrics,
 }
 
 impl Default for Metrics {
@@ -137,6 +138,7 @@ impl Default for Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let training_jobs = crate::training::metrics::JobMetrics::default();
         for m in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -150,6 +152,7 @@ impl Default for Metrics {
             Box::new(rollout_analysis.clone()),
             Box::new(rollout_rollbacks.clone()),
             Box::new(rollout_duration.clone()),
+            Box::new(training_jobs.clone()),
         ] {
             registry.register(m).expect("metrics registered once");
         }
@@ -167,6 +170,7 @@ impl Default for Metrics {
             rollout_analysis,
             rollout_rollbacks,
             rollout_duration,
+            training_jobs,
         }
     }
 }

@@ -314,9 +314,15 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
                 None => Ok(()),
             }
         }),
-        "AsyncTrainingJob" => {
-            typed::<AsyncTrainingJob>(object).and_then(|j| validate::training_job(&j.spec))
-        }
+        "AsyncTrainingJob" => typed::<AsyncTrainingJob>(object).and_then(|j| {
+            validate::training_job(&j.spec)?;
+            match request.old_object.as_ref() {
+                Some(old) => {
+                    validate::training_job_update(&typed::<AsyncTrainingJob>(old)?.spec, &j.spec)
+                }
+                None => Ok(()),
+            }
+        }),
         _ => Ok(()),
     };
     match verdict {
@@ -345,17 +351,55 @@ mod tests {
     use super::*;
 
     fn request(object: serde_json::Value) -> AdmissionRequest<DynamicObject> {
+        update(object, serde_json::Value::Null)
+    }
+
+    /// A CREATE of `object`, or an UPDATE from `old` when it is not null.
+    fn update(
+        object: serde_json::Value,
+        old: serde_json::Value,
+    ) -> AdmissionRequest<DynamicObject> {
+        let operation = if old.is_null() { "CREATE" } else { "UPDATE" };
         let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
-                "uid": "u1", "operation": "CREATE", "userInfo": {},
+                "uid": "u1", "operation": operation, "userInfo": {},
                 "kind": {"group": "kernelflow.dev", "version": "v1alpha1", "kind": object["kind"]},
                 "resource": {"group": "kernelflow.dev", "version": "v1alpha1", "resource": "x"},
-                "object": object
+                "object": object, "oldObject": old
             }
         }))
         .unwrap();
         review.try_into().unwrap()
+    }
+
+    fn job(steps: u64, suspend: bool) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "AsyncTrainingJob", "metadata": {"name": "j"},
+            "spec": {
+                "model": {"layers": [{"name": "a", "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]}}]},
+                "data": {"synthetic": {"shape": [1, 2, 2], "samples": 2}},
+                "training": {"batchSize": 1, "steps": steps, "learningRate": 0.1},
+                "placement": {"nodeSelector": {}},
+                "runPolicy": {"suspend": suspend}
+            }
+        })
+    }
+
+    #[test]
+    fn a_training_job_may_change_only_its_run_policy() {
+        assert!(admit(&update(job(10, true), job(10, false))).allowed);
+        let denied = admit(&update(job(20, false), job(10, false)));
+        assert!(!denied.allowed);
+        assert!(
+            denied
+                .result
+                .message
+                .starts_with("spec.training: cannot change once the job exists"),
+            "{}",
+            denied.result.message
+        );
+        assert!(admit(&request(job(20, false))).allowed);
     }
 
     fn kd(steps: serde_json::Value) -> serde_json::Value {

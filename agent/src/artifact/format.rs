@@ -142,8 +142,7 @@ pub fn pack(
     .chain(equivalent_to.map(|e| ("equivalent_to", e.to_string())))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-    let (w, b) = (bytes(weight), bias.map(bytes));
+    let (w, b) = (f32_bytes(weight), bias.map(f32_bytes));
     let shape = weight_shape(conv);
     let mut tensors = vec![(
         "weight",
@@ -310,6 +309,21 @@ fn read_f32(
     name: &str,
     shape: &[usize],
 ) -> Result<Vec<f32>, ArtifactError> {
+    let (found, values) = finite_f32(tensors, name)?;
+    if found != shape {
+        return Err(mismatch(
+            name,
+            format!("shape {found:?}, expected {shape:?}"),
+        ));
+    }
+    Ok(values)
+}
+
+/// The shape and values of F32 tensor `name`, refused when any value is not finite.
+pub fn finite_f32(
+    tensors: &SafeTensors<'_>,
+    name: &str,
+) -> Result<(Vec<usize>, Vec<f32>), ArtifactError> {
     let t = tensors
         .tensor(name)
         .map_err(|_| mismatch(name, "missing"))?;
@@ -319,24 +333,27 @@ fn read_f32(
             format!("dtype {:?}, expected F32", t.dtype()),
         ));
     }
-    if t.shape() != shape {
-        return Err(mismatch(
-            name,
-            format!("shape {:?}, expected {shape:?}", t.shape()),
-        ));
-    }
-    let values: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
+    let values = f32s(t.data());
     if let Some(index) = values.iter().position(|v| !v.is_finite()) {
         return Err(ArtifactError::NonFinite {
             tensor: name.to_string(),
             index,
         });
     }
-    Ok(values)
+    Ok((t.shape().to_vec(), values))
+}
+
+/// f32 values as little-endian bytes: safetensors' F32 layout.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|f| f.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes as f32 values; a trailing partial value is ignored.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use kernelflow_agent::artifact::format::{Limits, pack, sha256_hex, verify};
+use kernelflow_agent::artifact::format::{Limits, f32s, pack, sha256_hex, verify};
 use kernelflow_agent::compute::ops::uniform;
 use kernelflow_crds::{Conv2dSpec, DType};
 
@@ -82,10 +82,7 @@ fn read_f32(path: &PathBuf, expected: usize, what: &str) -> anyhow::Result<Vec<f
             4 * expected
         );
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect())
+    Ok(f32s(&bytes))
 }
 
 fn main() -> anyhow::Result<()> {

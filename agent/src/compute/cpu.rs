@@ -184,6 +184,111 @@ pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, Comp
     }
 }
 
+/// Runs `op` on the data of `inputs` into `outputs`: every output gets the result or the error.
+fn execute(
+    op: Op,
+    inputs: &[CpuBuffer],
+    outputs: &[CpuBuffer],
+    par: Par,
+    faults: Option<&FaultInjection>,
+) {
+    let result = inputs
+        .iter()
+        .map(CpuBuffer::read)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|data| {
+            if faults.is_some_and(FaultInjection::trips) {
+                return Err(ComputeError::Injected);
+            }
+            let views: Vec<&[f32]> = data.iter().map(|d| d.as_slice()).collect();
+            run_op(op, &views, par)
+        });
+    match result {
+        Ok(values) => outputs
+            .iter()
+            .zip(values)
+            .for_each(|(o, v)| drop(o.0.set(Ok(Arc::new(v))))),
+        Err(e) => outputs.iter().for_each(|o| drop(o.0.set(Err(e.clone())))),
+    }
+}
+
+/// Copies a buffer into a download's sink and fires its event.
+fn land(buffer: &CpuBuffer, sink: &Download, signal: &Event) {
+    *sink.lock().expect("download lock") = Some(buffer.read().map(|d| d.as_ref().clone()));
+    signal.fire();
+}
+
+/// The synchronous path as a backend: every call does its work at once on the calling thread,
+/// with nothing in flight. The ops and their arithmetic are the streams' own, so the same op
+/// sequence with the same `threads` gives the same bits, which is what makes it a fallback
+/// that does not change a training run's results.
+pub struct InlineBackend {
+    par: Par,
+    started: Instant,
+    busy_nanos: AtomicU64,
+}
+
+impl InlineBackend {
+    /// Each op's matmuls use `threads` cores (0: all).
+    pub fn new(threads: usize) -> Self {
+        Self {
+            par: Par::rayon(threads),
+            started: Instant::now(),
+            busy_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Backend for InlineBackend {
+    type Buffer = CpuBuffer;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn streams(&self) -> usize {
+        1
+    }
+
+    fn upload(&self, _stream: usize, data: Arc<Vec<f32>>) -> CpuBuffer {
+        let buffer = CpuBuffer::default();
+        drop(buffer.0.set(Ok(data)));
+        buffer
+    }
+
+    fn launch(&self, _stream: usize, op: Op, inputs: &[&CpuBuffer]) -> Vec<CpuBuffer> {
+        let start = Instant::now();
+        let outputs: Vec<CpuBuffer> = (0..op.outputs()).map(|_| CpuBuffer::default()).collect();
+        let inputs: Vec<CpuBuffer> = inputs.iter().map(|b| (*b).clone()).collect();
+        execute(op, &inputs, &outputs, self.par, None);
+        self.busy_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        outputs
+    }
+
+    fn download(&self, _stream: usize, buffer: &CpuBuffer) -> (Event, Download) {
+        let (event, sink) = (Event::default(), Download::default());
+        land(buffer, &sink, &event);
+        (event, sink)
+    }
+
+    fn record(&self, _stream: usize) -> Event {
+        let event = Event::default();
+        event.fire();
+        event
+    }
+
+    fn wait(&self, _stream: usize, event: &Event) {
+        // Work here is done when enqueued, so only another backend's event can be pending.
+        event.wait_blocking();
+    }
+
+    fn utilization(&self) -> Vec<f64> {
+        let wall = self.started.elapsed().as_nanos().max(1) as f64;
+        vec![self.busy_nanos.load(Ordering::Relaxed) as f64 / wall]
+    }
+}
+
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;
 
@@ -205,30 +310,11 @@ impl Backend for CpuBackend {
     fn launch(&self, stream: usize, op: Op, inputs: &[&CpuBuffer]) -> Vec<CpuBuffer> {
         let outputs: Vec<CpuBuffer> = (0..op.outputs()).map(|_| CpuBuffer::default()).collect();
         let inputs: Vec<CpuBuffer> = inputs.iter().map(|b| (*b).clone()).collect();
-        let slots: Vec<Arc<Slot>> = outputs.iter().map(|b| b.0.clone()).collect();
+        let written = outputs.clone();
         let (par, faults) = (self.par, self.faults.clone());
         self.enqueue(
             stream,
-            Box::new(move || {
-                let result = inputs
-                    .iter()
-                    .map(CpuBuffer::read)
-                    .collect::<Result<Vec<_>, _>>()
-                    .and_then(|data| {
-                        if faults.trips() {
-                            return Err(ComputeError::Injected);
-                        }
-                        let views: Vec<&[f32]> = data.iter().map(|d| d.as_slice()).collect();
-                        run_op(op, &views, par)
-                    });
-                match result {
-                    Ok(values) => slots
-                        .iter()
-                        .zip(values)
-                        .for_each(|(s, v)| drop(s.set(Ok(Arc::new(v))))),
-                    Err(e) => slots.iter().for_each(|s| drop(s.set(Err(e.clone())))),
-                }
-            }),
+            Box::new(move || execute(op, &inputs, &written, par, Some(&faults))),
         );
         outputs
     }
@@ -237,14 +323,7 @@ impl Backend for CpuBackend {
         let event = Event::default();
         let out: Download = Arc::default();
         let (buffer, sink, signal) = (buffer.clone(), out.clone(), event.clone());
-        self.enqueue(
-            stream,
-            Box::new(move || {
-                *sink.lock().expect("download lock") =
-                    Some(buffer.read().map(|d| d.as_ref().clone()));
-                signal.fire();
-            }),
-        );
+        self.enqueue(stream, Box::new(move || land(&buffer, &sink, &signal)));
         (event, out)
     }
 

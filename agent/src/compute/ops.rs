@@ -4,7 +4,13 @@
 /// Deterministic values uniform in `[-scale, scale)` from `seed` (SplitMix64): the same on
 /// every machine, so a job's seed fixes its weights and data.
 pub fn uniform(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed;
+    uniform_at(0, len, seed, scale)
+}
+
+/// Values `offset..offset + len` of the endless sequence that [`uniform`] starts: any part of
+/// a synthetic data set, without generating what comes before it.
+pub fn uniform_at(offset: u64, len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_add(offset.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     (0..len)
         .map(|_| {
             state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -75,6 +81,7 @@ mod tests {
         assert!(a.iter().all(|v| (-0.5..0.5).contains(v)));
         let mean: f32 = a.iter().sum::<f32>() / 1000.0;
         assert!(mean.abs() < 0.05, "{mean}");
+        assert_eq!(uniform_at(300, 700, 7, 0.5), a[300..]);
     }
 
     #[test]

@@ -46,6 +46,29 @@ pub struct PipelineReport {
 }
 
 impl PipelineReport {
+    /// The figures of `batches` batches that spent `stage_seconds` in the stages over
+    /// `wall_seconds`.
+    pub fn new(
+        mode: PipelineMode,
+        batches: usize,
+        stage_seconds: [f64; 4],
+        wall_seconds: f64,
+    ) -> Self {
+        let total: f64 = stage_seconds.iter().sum();
+        Self {
+            mode,
+            batches,
+            stage_seconds,
+            wall_seconds,
+            theoretical_speedup: theoretical_speedup(mode, stage_seconds),
+            measured_speedup: if wall_seconds > 0.0 {
+                total / wall_seconds
+            } else {
+                1.0
+            },
+        }
+    }
+
     /// Measured over theoretical speedup.
     pub fn overlap_efficiency(&self) -> f64 {
         if self.theoretical_speedup > 0.0 {
@@ -135,15 +158,7 @@ pub fn run<T: Send>(
             stage_seconds[s] = t.as_secs_f64();
         }
     }
-    let total: f64 = stage_seconds.iter().sum();
-    Ok(PipelineReport {
-        mode,
-        batches,
-        stage_seconds,
-        wall_seconds: wall,
-        theoretical_speedup: theoretical_speedup(mode, stage_seconds),
-        measured_speedup: if wall > 0.0 { total / wall } else { 1.0 },
-    })
+    Ok(PipelineReport::new(mode, batches, stage_seconds, wall))
 }
 
 /// Sum of stage times over the busiest lane's: the speedup perfect overlap would give.

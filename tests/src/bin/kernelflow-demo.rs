@@ -257,17 +257,20 @@ async fn render(client: &kube::Client) -> anyhow::Result<String> {
         }
         epochs.insert(kd.metadata.name.unwrap_or_default(), s.step_epoch);
     }
-    out += "\nASYNCTRAININGJOB            PHASE        PROGRESS  ACCEPTED\n";
+    out += "\nASYNCTRAININGJOB            PHASE        PROGRESS  LOSS      SAMPLES/S  RESTARTS  ACCEPTED\n";
     for job in Api::<AsyncTrainingJob>::namespaced(client.clone(), NAMESPACE)
         .list(&lp)
         .await?
     {
         let s = job.status.unwrap_or_default();
         out += &format!(
-            "{:<27} {:<12} {:<9} {}\n",
+            "{:<27} {:<12} {:<9} {:<9} {:<10.0} {:<9} {}\n",
             job.metadata.name.unwrap_or_default(),
             format!("{:?}", s.phase),
             s.progress.unwrap_or_else(|| "-".into()),
+            s.last_loss.map_or("-".into(), |l| format!("{l:.5}")),
+            s.throughput,
+            s.restarts,
             accepted(&s.conditions)
         );
     }

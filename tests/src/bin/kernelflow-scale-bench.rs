@@ -216,6 +216,7 @@ async fn simulate_agents(
                 heartbeat_time: Time(Timestamp::now()),
                 kernel_count: kernels.len() as u32,
                 kernels,
+                workers: Vec::new(),
             },
         );
         let pp = &pp;

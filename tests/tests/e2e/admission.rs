@@ -180,6 +180,24 @@ const TRAINING_JOB_CASES: &[Case] = &[
         expect: &["spec.training.momentum: must be at least 0 and below 1"],
     },
     Case {
+        what: "nothing to train",
+        patch: "{spec: {model: {layers: [{name: a, kernelDeploymentRef: k}]}}}",
+        expect: &["spec.model.layers: needs at least one inline conv2d layer"],
+    },
+    Case {
+        what: "zero deadline",
+        patch: "{spec: {runPolicy: {activeDeadlineSeconds: 0}}}",
+        expect: &[
+            "spec.runPolicy.activeDeadlineSeconds",
+            "greater than or equal to 1",
+        ],
+    },
+    Case {
+        what: "checkpoint every zero steps",
+        patch: "{spec: {checkpoint: {everySteps: 0}}}",
+        expect: &["spec.checkpoint.everySteps", "greater than or equal to 1"],
+    },
+    Case {
         what: "duplicate layer names",
         patch: "{spec: {model: {layers: [{name: a, conv2d: {inChannels: 3, outChannels: 3, kernelSize: [1, 1]}}, {name: a, conv2d: {inChannels: 3, outChannels: 3, kernelSize: [1, 1]}}]}}}",
         expect: &["spec.model.layers[1].name: duplicate layer name"],
@@ -250,6 +268,42 @@ async fn malformed_resources_are_rejected_with_the_field_named() {
         "{} cases went wrong:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_training_job_may_change_only_its_run_policy() {
+    let (_, client, ns) = setup("admission-update").await;
+    let api = dynamic_api(&client, &ns, "AsyncTrainingJob");
+    let job: DynamicObject = serde_json::from_value(training_job("job")).unwrap();
+    api.create(&PostParams::default(), &job).await.unwrap();
+    let patch = |p: &str| kube::api::Patch::Merge(yaml(p));
+    let pp = kube::api::PatchParams::default();
+    api.patch(
+        "job",
+        &pp,
+        &patch("{spec: {runPolicy: {suspend: true, activeDeadlineSeconds: 60}}}"),
+    )
+    .await
+    .expect("the run policy may change");
+    let err = api
+        .patch(
+            "job",
+            &pp,
+            &patch("{spec: {training: {steps: 5}, placement: {replicas: 2}}}"),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(s) = err else {
+        panic!("{err}")
+    };
+    assert!(
+        s.message
+            .contains("spec.training: cannot change once the job exists")
+            && s.message.contains("spec.placement: cannot change")
+            && s.message.contains("only spec.runPolicy may change"),
+        "{}",
+        s.message
     );
 }
 

@@ -7,7 +7,7 @@ use k8s_openapi::api::events::v1::Event;
 use kernelflow_crds::{AsyncTrainingJob, KernelDeployment};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
-use crate::{eventually, kernel_deployment, setup, training_job};
+use crate::{eventually, kernel_deployment, merged, setup, training_job};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -32,8 +32,15 @@ async fn valid_objects_are_accepted_and_observed() {
         )
         .expect("starting the operator");
 
+    // Both select this test's own pool, which has no nodes, so that other tests' GPU nodes
+    // change nothing here.
+    let pool = serde_json::json!({"matchLabels": {"pool": ns}});
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
-    let kd: KernelDeployment = serde_json::from_value(kernel_deployment("conv")).unwrap();
+    let kd = merged(
+        kernel_deployment("conv"),
+        serde_json::json!({"spec": {"nodeSelector": pool}}),
+    );
+    let kd: KernelDeployment = serde_json::from_value(kd).unwrap();
     kds.create(&PostParams::default(), &kd).await.unwrap();
     let seen = eventually(WAIT, "the KernelDeployment's status", || async {
         let kd = kds.get("conv").await.ok()?;
@@ -63,11 +70,19 @@ async fn valid_objects_are_accepted_and_observed() {
     .await;
 
     let jobs: Api<AsyncTrainingJob> = Api::namespaced(client.clone(), &ns);
-    let job: AsyncTrainingJob = serde_json::from_value(training_job("train")).unwrap();
+    // Its own pool, which has no nodes: the job waits for some (and runs on no other test's).
+    let pool =
+        serde_json::json!({"spec": {"placement": {"nodeSelector": {"matchLabels": {"pool": ns}}}}});
+    let job: AsyncTrainingJob =
+        serde_json::from_value(merged(training_job("train"), pool)).unwrap();
     jobs.create(&PostParams::default(), &job).await.unwrap();
     eventually(WAIT, "the AsyncTrainingJob's status", || async {
         let s = jobs.get("train").await.ok()?.status?;
-        (s.observed_generation == Some(1) && accepted(&s.conditions)).then_some(())
+        let waiting = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Created" && c.reason == "WaitingForNodes");
+        (s.observed_generation == Some(1) && accepted(&s.conditions) && waiting).then_some(())
     })
     .await;
 

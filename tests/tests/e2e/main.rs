@@ -9,6 +9,7 @@ mod controllers;
 mod kernels;
 mod leader;
 mod rollouts;
+mod training;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -40,35 +41,56 @@ pub async fn gpu_nodes(
     suffixes: &[&str],
     extra: &[&str],
 ) -> Vec<Process> {
-    let nodes: Api<Node> = Api::all(client.clone());
     let mut agents = Vec::new();
     for suffix in suffixes {
         let name = format!("{ns}-{suffix}");
-        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"pool": ns, "nvidia.com/gpu.present": "true"}}});
-        nodes
-            .patch(
-                &name,
-                &PatchParams::apply("e2e").force(),
-                &Patch::Apply(&node),
-            )
-            .await
-            .expect("creating a node");
-        let cache = env.logs.join(format!("cache-{name}"));
-        let mut args = vec!["--node-name", &name, "--report-interval-seconds", "1"];
-        args.extend(["--cache-dir", cache.to_str().expect("a UTF-8 path")]);
-        args.extend_from_slice(extra);
-        agents.push(
-            env.spawn("kernelflow-agent", &name, &args)
-                .expect("starting an agent"),
-        );
+        let labels = serde_json::json!({"pool": ns});
+        agents.push(gpu_node(env, client, &name, labels, extra).await);
     }
     agents
 }
 
+/// GPU-labelled Node `name` with `labels` too (registered as a kubelet would), and its
+/// agent, which reports every second, caches on disk and takes `extra` flags.
+pub async fn gpu_node(
+    env: &Shared,
+    client: &kube::Client,
+    name: &str,
+    labels: serde_json::Value,
+    extra: &[&str],
+) -> Process {
+    let labels = merged(
+        serde_json::json!({"nvidia.com/gpu.present": "true"}),
+        labels,
+    );
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}});
+    Api::<Node>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&node),
+        )
+        .await
+        .expect("creating a node");
+    let cache = env.logs.join(format!("cache-{name}"));
+    let mut args = vec!["--node-name", name, "--report-interval-seconds", "1"];
+    args.extend(["--cache-dir", cache.to_str().expect("a UTF-8 path")]);
+    args.extend_from_slice(extra);
+    env.spawn("kernelflow-agent", name, &args)
+        .expect("starting an agent")
+}
+
 /// An operator that watches only `ns`, with a Lease of its own.
 pub fn operator(env: &Shared, ns: &str) -> Process {
+    operator_with(env, ns, &[])
+}
+
+/// [`operator`] with `extra` flags.
+pub fn operator_with(env: &Shared, ns: &str, extra: &[&str]) -> Process {
     let lease = format!("kf-{ns}");
-    env.spawn_operator(ns, &["--watch-namespace", ns, "--lease-name", &lease])
+    let mut args = vec!["--watch-namespace", ns, "--lease-name", &lease];
+    args.extend_from_slice(extra);
+    env.spawn_operator(ns, &args)
         .expect("starting the operator")
 }
 
