@@ -186,6 +186,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &args.node_name,
         training::Env {
             warmer: warmer.clone(),
+            router: router.clone(),
             store,
             checkpoints: training::checkpoint::Checkpoints::new(checkpoint_dir),
             metrics: counters,

@@ -23,7 +23,9 @@ use crate::compute::conv::Conv2dParams;
 use crate::compute::cpu::CpuBackend;
 use crate::compute::engine::{Engine, EngineConfig, run_sync};
 use crate::compute::ops::uniform;
+use crate::compute::train::{KernelLayerRunner, Layer, SyncPath};
 use crate::warm::{Warmer, selects};
+use futures::future::BoxFuture;
 
 /// Why a routed operation failed.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -190,10 +192,12 @@ impl Serving {
         }
     }
 
-    /// Runs one operation on `side` and records it; returns the output and its latency.
+    /// Runs one operation over `p` on `side` and records it; returns the output and its
+    /// latency.
     async fn run(
         &self,
         side: Side,
+        p: Conv2dParams,
         x: Arc<Vec<f32>>,
         traffic: bool,
     ) -> Result<(Vec<f32>, Duration), OpError> {
@@ -203,7 +207,7 @@ impl Serving {
             .ok_or_else(|| OpError::NotServing(format!("{}/{}", self.namespace, self.name)))?;
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let result = match tokio::time::timeout(timeout, lane.run(self.params, x)).await {
+        let result = match tokio::time::timeout(timeout, lane.run(p, x)).await {
             Err(_) => Err(OpError::Timeout(timeout)),
             Ok(Err(e)) => Err(e.into()),
             Ok(Ok(y)) => match y.iter().position(|v| !v.is_finite()) {
@@ -241,15 +245,32 @@ impl Serving {
         }
     }
 
-    /// A traffic operation: canary or stable as the split says.
-    async fn route(&self, x: Arc<Vec<f32>>) -> Result<Vec<f32>, OpError> {
+    /// A traffic operation over `p` (this deployment's op on any batch and input size):
+    /// canary or stable as the split says.
+    async fn route(&self, p: Conv2dParams, x: Arc<Vec<f32>>) -> Result<Vec<f32>, OpError> {
+        let q = &self.params;
+        let op = |c: &Conv2dParams| {
+            (
+                c.in_channels,
+                c.out_channels,
+                c.kernel,
+                c.stride,
+                c.padding,
+                c.dilation,
+                c.groups,
+            )
+        };
+        if op(&p) != op(q) {
+            let why = format!("{p:?} is not the op of {}/{}", self.namespace, self.name);
+            return Err(ComputeError::Shape(why).into());
+        }
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let side = if self.canary.is_some() && to_canary(n, self.plan.traffic_percent) {
             Side::Canary
         } else {
             Side::Stable
         };
-        Ok(self.run(side, x, true).await?.0)
+        Ok(self.run(side, p, x, true).await?.0)
     }
 
     /// One burst of shadow load: `n` inputs through both revisions, one revision's burst
@@ -259,7 +280,11 @@ impl Serving {
             .map(|i| Arc::new(uniform(self.params.input_len(), round * n as u64 + i, 1.0)))
             .collect();
         let burst = |side| {
-            futures::future::join_all(inputs.iter().map(|x| self.run(side, x.clone(), false)))
+            futures::future::join_all(
+                inputs
+                    .iter()
+                    .map(|x| self.run(side, self.params, x.clone(), false)),
+            )
         };
         let (canary, stable) = if round.is_multiple_of(2) {
             let c = burst(Side::Canary).await;
@@ -507,18 +532,19 @@ impl Router {
             .cloned()
     }
 
-    /// Runs one conv2d of a deployment's traffic (`x` is one input of the deployment's
-    /// shape) on the side of the split that operation falls on.
+    /// Runs one conv2d of a deployment's traffic over `p` (its op on any batch and input
+    /// size) on the side of the split that the operation falls on.
     pub async fn conv2d(
         &self,
         namespace: &str,
         name: &str,
+        p: Conv2dParams,
         x: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, OpError> {
         let serving = self
             .get(namespace, name)
             .ok_or_else(|| OpError::NotServing(format!("{namespace}/{name}")))?;
-        serving.route(x).await
+        serving.route(p, x).await
     }
 
     /// Runs shadow bursts for every rollout in progress, at the configured rate, forever.
@@ -572,7 +598,7 @@ impl Router {
                 }
                 let x = Arc::new(uniform(s.params.input_len(), round, 1.0));
                 tokio::spawn(async move {
-                    let _ = s.route(x).await;
+                    let _ = s.route(s.params, x).await;
                 });
             }
         }
@@ -612,5 +638,48 @@ impl Router {
     }
 }
 
+/// Frozen training layers through their KernelDeployment's split: each micro-batch's
+/// conv2d goes to the canary or the stable revision as the rollout says. A deployment this
+/// node does not serve (yet) runs on the layer's own weights.
+pub struct RolloutLayers {
+    router: Arc<Router>,
+    namespace: String,
+    /// The KernelDeployment of each layer, by index; None for inline layers.
+    deployments: Vec<Option<String>>,
+}
+
+impl RolloutLayers {
+    pub fn new(router: Arc<Router>, namespace: &str, deployments: Vec<Option<String>>) -> Self {
+        Self {
+            router,
+            namespace: namespace.into(),
+            deployments,
+        }
+    }
+}
+
+impl KernelLayerRunner for RolloutLayers {
+    fn forward<'a>(
+        &'a self,
+        index: usize,
+        layer: &'a Layer,
+        params: Conv2dParams,
+        x: Arc<Vec<f32>>,
+    ) -> BoxFuture<'a, Result<Vec<f32>, ComputeError>> {
+        Box::pin(async move {
+            if let Some(name) = self.deployments.get(index).and_then(Option::as_ref) {
+                let ns = &self.namespace;
+                match self.router.conv2d(ns, name, params, x.clone()).await {
+                    Ok(y) => return Ok(y),
+                    Err(OpError::NotServing(_)) => {}
+                    Err(OpError::Compute(e)) => return Err(e),
+                    Err(e) => return Err(ComputeError::Kernel(format!("{ns}/{name}: {e}"))),
+                }
+            }
+            SyncPath.forward(index, layer, params, x).await
+        })
+    }
+}
+
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

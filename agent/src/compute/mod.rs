@@ -24,6 +24,10 @@ pub enum ComputeError {
     /// The engine or a pipeline stopped before the work finished.
     #[error("stopped: {0}")]
     Stopped(String),
+    /// A KernelDeployment's revision failed the op (it timed out or produced a non-finite
+    /// output).
+    #[error("kernel: {0}")]
+    Kernel(String),
 }
 
 impl ComputeError {
@@ -33,6 +37,7 @@ impl ComputeError {
             ComputeError::Shape(_) => "shape",
             ComputeError::Ordering(_) => "ordering",
             ComputeError::Injected => "injected",
+            ComputeError::Kernel(_) => "kernel",
             ComputeError::Stopped(_) => "stopped",
         }
     }

@@ -100,7 +100,8 @@ impl Fixture {
     }
 }
 
-fn router() -> Arc<Router> {
+/// A router with no shadow load, for tests here and in training.
+pub(crate) fn router() -> Arc<Router> {
     Router::new(
         RouterConfig {
             op_timeout: Duration::from_secs(10),
@@ -109,6 +110,11 @@ fn router() -> Arc<Router> {
         },
         RolloutMetrics::new(&Registry::new()).unwrap(),
     )
+}
+
+/// The fixture deployment's op on one 8x8 input.
+fn params() -> Conv2dParams {
+    Conv2dParams::from_spec(&conv(), 1, [8, 8]).unwrap()
 }
 
 fn report(router: &Router) -> KernelReport {
@@ -132,7 +138,7 @@ async fn async_over_its_sync_baseline_agrees_and_takes_the_step_share() {
     assert!(s.comparable, "same artifact: outputs must agree");
     let ops = (0..200).map(|i| {
         let x = Arc::new(uniform(2 * 8 * 8, i, 1.0));
-        router.conv2d("ns", "k", x)
+        router.conv2d("ns", "k", params(), x)
     });
     let outputs = futures::future::join_all(ops).await;
     assert!(outputs.iter().all(Result::is_ok));
@@ -172,7 +178,7 @@ async fn outputs_that_overflow_are_failures_and_new_weights_are_not_compared() {
     f.serve(&router, &kd).await;
     for i in 0..100 {
         let r = router
-            .conv2d("ns", "k", Arc::new(uniform(2 * 8 * 8, i, 1.0)))
+            .conv2d("ns", "k", params(), Arc::new(uniform(2 * 8 * 8, i, 1.0)))
             .await;
         if to_canary(i, 50) {
             assert!(matches!(r, Err(OpError::NonFinite(_))), "{r:?}");
@@ -211,7 +217,7 @@ async fn a_new_epoch_starts_new_figures_and_a_removed_deployment_stops_serving()
     f.serve(&router, &f.kd(&a, true, &a, 10, "Progressing"))
         .await;
     router
-        .conv2d("ns", "k", Arc::new(uniform(128, 0, 1.0)))
+        .conv2d("ns", "k", params(), Arc::new(uniform(128, 0, 1.0)))
         .await
         .unwrap();
     assert_eq!(report(&router).stable.ops, 1);
@@ -226,7 +232,7 @@ async fn a_new_epoch_starts_new_figures_and_a_removed_deployment_stops_serving()
 
     router.sync(&[], &f.labels, &f.warmer);
     let r = router
-        .conv2d("ns", "k", Arc::new(uniform(128, 0, 1.0)))
+        .conv2d("ns", "k", params(), Arc::new(uniform(128, 0, 1.0)))
         .await;
     assert!(matches!(r, Err(OpError::NotServing(_))), "{r:?}");
 }

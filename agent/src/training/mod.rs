@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::rollout::Router;
 use futures::StreamExt;
 use kernelflow_crds::AsyncTrainingJob;
 use kernelflow_crds::node_report::WorkerReport;
@@ -34,6 +35,8 @@ const KEEP_ORPHANS: Duration = Duration::from_secs(600);
 /// What workers share: where kernels, data and checkpoints come from, and the counters.
 pub struct Env {
     pub warmer: Arc<Warmer>,
+    /// Frozen layers run through their KernelDeployment's traffic split.
+    pub router: Arc<Router>,
     pub store: Arc<KernelStore>,
     pub checkpoints: Checkpoints,
     pub metrics: metrics::Counters,
@@ -267,6 +270,7 @@ mod tests {
             "n",
             Env {
                 warmer: Warmer::new(store.clone()),
+                router: crate::rollout::tests::router(),
                 store,
                 checkpoints: Checkpoints::new(None),
                 metrics: metrics::Counters::default(),

@@ -28,7 +28,8 @@ use crate::compute::ComputeError;
 use crate::compute::backend::Backend;
 use crate::compute::cpu::{CpuBackend, InlineBackend};
 use crate::compute::pipeline::{self, PipelineReport, Stage};
-use crate::compute::train::{KernelLayerRunner, Model, Staged, SyncPath, staged_gradients, upload};
+use crate::compute::train::{KernelLayerRunner, Model, Staged, staged_gradients, upload};
+use crate::rollout::RolloutLayers;
 
 /// Cores each op's matmuls use, on the streams and on the synchronous fallback alike: the
 /// same on both so that a fallback step gives the same bits.
@@ -439,8 +440,14 @@ impl Steps {
         let every = spec.checkpoint.every_steps.max(1);
         let micro = spec.pipeline.streams as usize;
         let fallback = InlineBackend::new(OP_THREADS);
-        // The seam: a rollout-aware runner routes frozen layers through its traffic split.
-        let kernels: &dyn KernelLayerRunner = &SyncPath;
+        let deployments = spec
+            .model
+            .layers
+            .iter()
+            .map(|l| l.kernel_deployment_ref.clone())
+            .collect();
+        let layers = RolloutLayers::new(self.env.router.clone(), &self.a.namespace, deployments);
+        let kernels: &dyn KernelLayerRunner = &layers;
         let sizes = model.sample_sizes();
         let fingerprint = fingerprint(spec);
         let checkpoint_error: Mutex<Option<CheckpointError>> = Mutex::default();
@@ -649,6 +656,7 @@ mod tests {
         let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
         Arc::new(Env {
             warmer: Warmer::new(store.clone()),
+            router: crate::rollout::tests::router(),
             store,
             checkpoints: Checkpoints::new(checkpoints),
             metrics: Counters::default(),

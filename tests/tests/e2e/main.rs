@@ -11,15 +11,42 @@ mod leader;
 mod rollouts;
 mod training;
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::future::Future;
+use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kernelflow_e2e::env::{Process, Shared, shared, test_namespace};
 use kube::api::{Api, Patch, PatchParams};
 
+/// Tests share the machine; a test that measures timing runs alone (see [`setup_alone`]).
+static MACHINE: RwLock<()> = RwLock::new(());
+
+thread_local! {
+    /// This test's guard on [`MACHINE`], released when its thread ends (each test runs on
+    /// a thread of its own).
+    static HOLD: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
 /// A client and a fresh namespace for one test.
 pub async fn setup(prefix: &str) -> (&'static Shared, kube::Client, String) {
+    let guard = MACHINE.read().unwrap_or_else(PoisonError::into_inner);
+    HOLD.with(|h| *h.borrow_mut() = Some(Box::new(guard)));
+    namespace(prefix).await
+}
+
+/// Like [`setup`], but waits until no other test runs and keeps the machine to itself:
+/// for tests whose verdict depends on timing (two cores under a full suite are no place to
+/// compare latencies).
+pub async fn setup_alone(prefix: &str) -> (&'static Shared, kube::Client, String) {
+    let guard = MACHINE.write().unwrap_or_else(PoisonError::into_inner);
+    HOLD.with(|h| *h.borrow_mut() = Some(Box::new(guard)));
+    namespace(prefix).await
+}
+
+async fn namespace(prefix: &str) -> (&'static Shared, kube::Client, String) {
     let env = shared();
     let client = env
         .plane

@@ -18,7 +18,7 @@ use crate::{eventually, gpu_node, merged, operator_with, setup, yaml};
 const WAIT: Duration = Duration::from_secs(120);
 
 /// A small job: 3x8x8 inputs through 3 -> 4 -> 3 channels, on the nodes labelled `pool`.
-fn job(name: &str, pool: &str, patch: serde_json::Value) -> AsyncTrainingJob {
+pub(crate) fn job(name: &str, pool: &str, patch: serde_json::Value) -> AsyncTrainingJob {
     let base = yaml(&format!(
         r#"
 apiVersion: kernelflow.dev/v1alpha1
