@@ -9,6 +9,7 @@ use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 use kernelflow_e2e::env::{Shared, binary_path};
+use kernelflow_e2e::prometheus::{Prometheus, RULES, Target};
 
 use crate::{eventually, gpu_nodes, merged, operator, pack, setup, setup_alone};
 
@@ -583,5 +584,50 @@ async fn a_training_job_on_a_deployment_mid_rollout_takes_the_split() {
     assert!(
         canary.abs_diff(stable) <= 2,
         "50%: {canary} canary, {stable} stable"
+    );
+}
+
+#[tokio::test]
+async fn prometheus_fires_the_rollback_alert_for_a_bad_kernel() {
+    let (env, client, ns) = setup("alert-rollback").await;
+    let agents = gpu_nodes(env, &client, &ns, &["a", "b"], AGENT_FLAGS).await;
+    let operator = operator(env, &ns);
+    let targets: Vec<Target> = std::iter::once(&operator)
+        .chain(&agents)
+        .map(|p| Target::new(p.http).label("node", &p.name))
+        .collect();
+    let prometheus = Prometheus::start(RULES, &targets).await.unwrap();
+    let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
+    let reports: Api<NodeReport> = Api::all(client.clone());
+    let (url, sha) = pack(env, &format!("{ns}-good"), 8, 1, &[]);
+    let fast = serde_json::json!({"spec": {"rollout": {"steps": [{"trafficPercent": 100, "pause": "1s"}]}}});
+    kds.create(&PostParams::default(), &kd(&ns, "conv", &url, &sha, fast))
+        .await
+        .unwrap();
+    let (_, done) = walk(&kds, &reports, &ns, "conv", 0).await;
+    assert_eq!(status_of(&done).phase, RolloutPhase::Healthy);
+
+    let (bad_url, bad_sha) = pack(
+        env,
+        &format!("{ns}-bad"),
+        8,
+        2,
+        &["--weight-scale", "2.5e39"],
+    );
+    let patch = serde_json::json!({"spec": {"kernel": {"artifact": {"url": bad_url, "sha256": bad_sha}},
+        "rollout": {"steps": [{"trafficPercent": 10, "pause": "1s"}, {"trafficPercent": 100, "pause": "1s"}]}}});
+    kds.patch("conv", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    rolled_back(&kds, "conv").await;
+    let alert = prometheus
+        .wait_for_alert("KernelflowRolloutRolledBack", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    assert_eq!(alert.labels.get("namespace"), Some(&ns));
+    assert_eq!(alert.labels.get("name").map(String::as_str), Some("conv"));
+    assert!(
+        alert.annotations["description"].contains(&format!("{ns}/conv")),
+        "{alert:?}"
     );
 }
