@@ -316,7 +316,9 @@ impl Machine<'_> {
         self.s.current_step_index = Some(index as u32);
         self.s.traffic_percent = step.traffic_percent;
         self.s.step_epoch += 1;
-        self.s.step_start_time = Some(Time(self.now));
+        // Rounded up to the second the API keeps, so that the pause is never cut short.
+        let start = self.now.as_second() + i64::from(self.now.subsec_nanosecond() > 0);
+        self.s.step_start_time = Some(Time(Timestamp::from_second(start).unwrap_or(self.now)));
         self.s.analysis = None;
         self.note(
             false,

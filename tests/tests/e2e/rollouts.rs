@@ -457,7 +457,7 @@ async fn an_operator_restarted_mid_rollout_resumes_where_it_was() {
     let (url, sha) = pack(env, &format!("{ns}-v1"), 8, 1, &[]);
     let slow_steps = serde_json::json!({"spec": {"rollout": {"steps": [
         {"trafficPercent": 1, "pause": "1s"}, {"trafficPercent": 10, "pause": "8s"},
-        {"trafficPercent": 50, "pause": "1s"}, {"trafficPercent": 100, "pause": "1s"}]}}});
+        {"trafficPercent": 50, "pause": "3s"}, {"trafficPercent": 100, "pause": "3s"}]}}});
     kds.create(
         &PostParams::default(),
         &kd(&ns, "r", &url, &sha, slow_steps),
