@@ -16,6 +16,28 @@ pub use training_job::{AsyncTrainingJob, AsyncTrainingJobSpec, AsyncTrainingJobS
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+/// Applies a JSON merge patch (RFC 7386), as the API server does: objects merge, null
+/// removes a field, anything else replaces. Tests, the demo and fixtures build objects with it.
+pub fn apply_merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
+    use serde_json::Value;
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Default::default());
+            }
+            let t = target.as_object_mut().expect("made an object above");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    apply_merge_patch(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        p => *target = p,
+    }
+}
+
 /// The API group.
 pub const GROUP: &str = "kernelflow.dev";
 

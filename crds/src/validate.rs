@@ -392,7 +392,7 @@ kernel:
 nodeSelector: {matchLabels: {gpu: "true"}}
 "#;
         let mut v: serde_json::Value = serde_yaml::from_str(base).unwrap();
-        merge(&mut v, serde_yaml::from_str(yaml).unwrap());
+        crate::apply_merge_patch(&mut v, serde_yaml::from_str(yaml).unwrap());
         serde_json::from_value(v).unwrap()
     }
 
@@ -405,7 +405,7 @@ training: {batchSize: 8, steps: 10, learningRate: 0.01, momentum: 0.9}
 placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
 "#;
         let mut v: serde_json::Value = serde_yaml::from_str(base).unwrap();
-        merge(&mut v, serde_yaml::from_str(yaml).unwrap());
+        crate::apply_merge_patch(&mut v, serde_yaml::from_str(yaml).unwrap());
         serde_json::from_value(v).unwrap()
     }
 
@@ -439,17 +439,6 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
             ManualAction::parse("promote-full:9"),
             Ok(ManualAction::PromoteFull)
         );
-    }
-
-    fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
-        match (base, patch) {
-            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-                for (k, v) in p {
-                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (b, p) => *b = p,
-        }
     }
 
     fn fields(r: Result<(), Vec<FieldError>>) -> Vec<String> {

@@ -549,23 +549,8 @@ mod tests {
             serde_json::json!({"phase": "Healthy", "canary": {"a": 1, "b": null}, "step": null, "list": [1]})
         );
         let mut applied = old.clone();
-        json_patch_merge(&mut applied, &patch);
+        kernelflow_crds::apply_merge_patch(&mut applied, patch);
         assert_eq!(applied, new);
-    }
-
-    /// RFC 7386 applied, as the API server does.
-    fn json_patch_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-        let (Some(t), Some(p)) = (target.as_object_mut(), patch.as_object()) else {
-            *target = patch.clone();
-            return;
-        };
-        for (k, v) in p {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                json_patch_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-            }
-        }
     }
 
     #[test]

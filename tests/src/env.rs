@@ -52,12 +52,22 @@ pub fn shared() -> &'static Shared {
     }
 }
 
+impl Shared {
+    /// Starts the local control plane (or takes the `KUBECONFIG` cluster) with a logs
+    /// directory under the temp dir named `<tag>-<pid>`. Its children are tied to the
+    /// calling thread: they end with it.
+    pub fn start(tag: &str) -> anyhow::Result<Self> {
+        let plane = ControlPlane::start()?;
+        let logs = std::env::temp_dir()
+            .join(format!("{tag}-{}", std::process::id()))
+            .join("logs");
+        std::fs::create_dir_all(&logs)?;
+        Ok(Self { plane, logs })
+    }
+}
+
 fn start_shared() -> anyhow::Result<Shared> {
-    let plane = ControlPlane::start()?;
-    let logs = std::env::temp_dir()
-        .join(format!("kernelflow-{}", std::process::id()))
-        .join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let Shared { plane, logs } = Shared::start("kernelflow")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -631,19 +631,8 @@ mod tests {
             "placement": {"nodeSelector": {}},
             "checkpoint": {"everySteps": 5}
         });
-        merge(&mut base, patch);
+        kernelflow_crds::apply_merge_patch(&mut base, patch);
         serde_json::from_value(base).unwrap()
-    }
-
-    fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
-        match (base, patch) {
-            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-                for (k, v) in p {
-                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (b, p) => *b = p,
-        }
     }
 
     fn dir(name: &str) -> PathBuf {

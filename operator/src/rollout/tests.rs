@@ -19,19 +19,8 @@ fn spec(digest: &str, extra: serde_json::Value) -> KernelDeploymentSpec {
                               {"trafficPercent": 50, "pause": "20s"}, {"trafficPercent": 100, "pause": "20s"}],
                     "analysis": {"interval": "10s", "minSamples": 100}}
     });
-    merge(&mut v, extra);
+    kernelflow_crds::apply_merge_patch(&mut v, extra);
     serde_json::from_value(v).unwrap()
-}
-
-fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
-    match (base, patch) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
 }
 
 fn nodes(reporting: u32, warmed: u32) -> Summary {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
 use kernelflow_crds::{AsyncTrainingJob, KernelDeployment, NodeReport};
-use kernelflow_e2e::cluster::{ControlPlane, free_port};
+use kernelflow_e2e::cluster::free_port;
 use kernelflow_e2e::env::{SYSTEM_NAMESPACE, Shared};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -26,12 +26,7 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse::<u64>())
         .transpose()?;
     // Children are tied to this (main) thread: they end when the demo does.
-    let plane = ControlPlane::start()?;
-    let logs = std::env::temp_dir()
-        .join(format!("kernelflow-{}", std::process::id()))
-        .join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let env = Shared { plane, logs };
+    let env = Shared::start("kernelflow")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -193,7 +188,7 @@ async fn apply(
     let text = std::fs::read_to_string(path)?;
     let mut value: serde_json::Value = serde_yaml::from_str(&text)?;
     if let Some(patch) = patch {
-        merge(&mut value, patch);
+        kernelflow_crds::apply_merge_patch(&mut value, patch);
     }
     let object: DynamicObject = serde_json::from_value(value)?;
     let types = object.types.clone().context("no apiVersion/kind")?;
@@ -212,17 +207,6 @@ async fn apply(
     )
     .await?;
     Ok(())
-}
-
-fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
-    match (base, patch) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
 }
 
 /// A table of the demo's resources.

@@ -17,7 +17,6 @@ use k8s_openapi::jiff::Timestamp;
 use kernelflow_crds::kernel_deployment::RolloutPhase;
 use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
 use kernelflow_crds::{KernelDeployment, NodeReport, NodeReportSpec};
-use kernelflow_e2e::cluster::ControlPlane;
 use kernelflow_e2e::env::{SYSTEM_NAMESPACE, Shared, ensure_namespace};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -36,12 +35,7 @@ fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
 
 fn main() -> anyhow::Result<()> {
     let (nodes, deployments) = (arg("--nodes", 100)?, arg("--deployments", 1000)?);
-    let plane = ControlPlane::start()?;
-    let logs = std::env::temp_dir()
-        .join(format!("kernelflow-scale-{}", std::process::id()))
-        .join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let env = Shared { plane, logs };
+    let env = Shared::start("kernelflow-scale")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

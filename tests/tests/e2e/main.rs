@@ -203,20 +203,6 @@ spec:
 
 /// Deep-merges `patch` into `base` (objects merge, everything else replaces; null removes).
 pub fn merged(mut base: serde_json::Value, patch: serde_json::Value) -> serde_json::Value {
-    fn merge(b: &mut serde_json::Value, p: serde_json::Value) {
-        match (b, p) {
-            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-                for (k, v) in p {
-                    if v.is_null() {
-                        b.remove(&k);
-                    } else {
-                        merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-                    }
-                }
-            }
-            (b, p) => *b = p,
-        }
-    }
-    merge(&mut base, patch);
+    kernelflow_crds::apply_merge_patch(&mut base, patch);
     base
 }
