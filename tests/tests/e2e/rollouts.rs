@@ -2,7 +2,7 @@
 //! the agents split their traffic as each step says, and bad revisions are rolled back.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kernelflow_crds::kernel_deployment::RolloutPhase;
 use kernelflow_crds::{KernelDeployment, NodeReport};
@@ -199,11 +199,19 @@ async fn a_first_rollout_turns_async_on_step_by_step_then_a_new_artifact_follows
 
 /// Waits for the deployment to roll back and returns the Progressing condition's message.
 async fn rolled_back(kds: &Api<KernelDeployment>, name: &str) -> String {
-    let kd = eventually(WAIT, &format!("{name} rolled back"), || async {
-        let kd = kds.get(name).await.ok()?;
-        (status_of(&kd).phase == RolloutPhase::RolledBack).then_some(kd)
-    })
-    .await;
+    let deadline = Instant::now() + WAIT;
+    let kd = loop {
+        let kd = kds.get(name).await.expect("reading the deployment");
+        if status_of(&kd).phase == RolloutPhase::RolledBack {
+            break kd;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not rolled back after {WAIT:?}; its status: {}",
+            serde_json::to_string_pretty(&kd.status).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let s = status_of(&kd);
     assert_eq!(s.traffic_percent, 0);
     s.conditions
@@ -302,8 +310,9 @@ async fn revisions_that_overflow_or_disagree_are_rolled_back_while_stable_serves
 async fn a_slower_stream_pool_is_rolled_back_on_overhead() {
     // Latency is the verdict here: nothing else may run meanwhile.
     let (env, client, ns) = setup_alone("slow").await;
-    // Bursts of eight concurrent operations: a pool of one stream queues them.
-    let flags = ["--shadow-ops-per-second", "80", "--shadow-concurrency", "8"];
+    // Bursts of sixteen concurrent operations: one stream that takes one at a time queues
+    // them, where the stable pool of four runs them on every core.
+    let flags = ["--shadow-ops-per-second", "160", "--shadow-concurrency", "16"];
     let _agents = gpu_nodes(env, &client, &ns, &["a"], &flags).await;
     let operator = operator(env, &ns);
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
@@ -312,7 +321,7 @@ async fn a_slower_stream_pool_is_rolled_back_on_overhead() {
     let heavier = serde_json::json!({"spec": {
         "kernel": {"inputSize": [32, 32], "conv2d": {"inChannels": 16, "outChannels": 16}},
         "rollout": {"steps": [{"trafficPercent": 100, "pause": "1s"}],
-                    "analysis": {"minSamples": 100, "maxOverheadRatio": 1.25, "failureLimit": 2}}}});
+                    "analysis": {"minSamples": 100, "maxOverheadRatio": 2.0, "failureLimit": 2}}}});
     kds.create(
         &PostParams::default(),
         &kd(&ns, "pool", &url, &sha, heavier),
@@ -327,13 +336,18 @@ async fn a_slower_stream_pool_is_rolled_back_on_overhead() {
         operator.log_tail()
     );
 
-    let one = serde_json::json!({"spec": {"flags": {"streamPoolSize": 1}}});
+    // A single stream is about 1.5-2x slower here on two cores; the gate is set well under
+    // that so that a noisy machine cannot pass it.
+    let one = serde_json::json!({"spec": {
+        "flags": {"streamPoolSize": 1, "maxConcurrentOps": 1},
+        "rollout": {"analysis": {"maxOverheadRatio": 1.1}}}});
     kds.patch("pool", &PatchParams::default(), &Patch::Merge(&one))
         .await
         .unwrap();
     let why = rolled_back(&kds, "pool").await;
+    eprintln!("pool rolled back: {why}");
     assert!(
-        why.contains("overhead ratio") && why.contains("is over maxOverheadRatio 1.25"),
+        why.contains("overhead ratio") && why.contains("is over maxOverheadRatio 1.1"),
         "{why}"
     );
 }
