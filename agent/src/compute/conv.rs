@@ -4,9 +4,13 @@
 //! and no padding, whose input already is the column matrix), multiplied by `faer`'s
 //! safe, cache-blocked and SIMD matmul.
 
+use std::cell::Cell;
+use std::ops::Range;
+
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use kernelflow_crds::Conv2dSpec;
+use rayon::prelude::*;
 
 use super::ComputeError;
 
@@ -113,65 +117,89 @@ impl Conv2dParams {
     }
 }
 
-/// Unfolds one group of one sample into a `[cg*r*s, oh*ow]` row-major column matrix.
+/// The output columns `o` of one kernel tap whose input column `o * stride + offset - pad`
+/// lies inside `[0, extent)`: everything outside reads padding.
+fn inside(outputs: usize, extent: usize, stride: usize, offset: usize, pad: usize) -> Range<usize> {
+    let lo = pad.saturating_sub(offset).div_ceil(stride);
+    let hi = if extent + pad > offset {
+        ((extent - 1 + pad - offset) / stride + 1).min(outputs)
+    } else {
+        0
+    };
+    lo.min(hi)..hi
+}
+
+/// Unfolds channels of one sample into a `[c*r*s, oh*ow]` row-major column matrix: each row
+/// is one kernel tap of one channel, copied a line at a time (a plain copy at stride 1).
 fn im2col(p: &Conv2dParams, x: &[f32], col: &mut [f32]) {
     let [oh, ow] = p.output();
     let (kh, kw) = (p.kernel[0], p.kernel[1]);
-    let cg = x.len() / (p.height * p.width);
-    for c in 0..cg {
-        let plane = &x[c * p.height * p.width..(c + 1) * p.height * p.width];
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let row = &mut col[((c * kh + ki) * kw + kj) * oh * ow..][..oh * ow];
-                for oy in 0..oh {
-                    let iy =
-                        (oy * p.stride[0] + ki * p.dilation[0]) as isize - p.padding[0] as isize;
-                    let out = &mut row[oy * ow..(oy + 1) * ow];
-                    if iy < 0 || iy as usize >= p.height {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let line = &plane[iy as usize * p.width..(iy as usize + 1) * p.width];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * p.stride[1] + kj * p.dilation[1]) as isize
-                            - p.padding[1] as isize;
-                        *o = if ix < 0 || ix as usize >= p.width {
-                            0.0
-                        } else {
-                            line[ix as usize]
-                        };
-                    }
+    let (sy, sx) = (p.stride[0], p.stride[1]);
+    let (hw, w) = (p.height * p.width, p.width);
+    for (plane, taps) in x
+        .chunks_exact(hw)
+        .zip(col.chunks_exact_mut(kh * kw * oh * ow))
+    {
+        for (tap, row) in taps.chunks_exact_mut(oh * ow).enumerate() {
+            let (ki, kj) = (tap / kw, tap % kw);
+            let (dy, dx) = (ki * p.dilation[0], kj * p.dilation[1]);
+            let rows = inside(oh, p.height, sy, dy, p.padding[0]);
+            let cols = inside(ow, w, sx, dx, p.padding[1]);
+            if cols.is_empty() {
+                row.fill(0.0);
+                continue;
+            }
+            let ix0 = cols.start * sx + dx - p.padding[1];
+            for (oy, out) in row.chunks_exact_mut(ow).enumerate() {
+                if !rows.contains(&oy) {
+                    out.fill(0.0);
+                    continue;
+                }
+                let iy = oy * sy + dy - p.padding[0];
+                let line = &plane[iy * w..][..w];
+                out[..cols.start].fill(0.0);
+                out[cols.end..].fill(0.0);
+                let out = &mut out[cols.clone()];
+                if sx == 1 {
+                    out.copy_from_slice(&line[ix0..][..out.len()]);
+                } else {
+                    out.iter_mut()
+                        .zip(line[ix0..].iter().step_by(sx))
+                        .for_each(|(o, v)| *o = *v);
                 }
             }
         }
     }
 }
 
-/// Folds a column matrix back, accumulating into one group of one sample's gradient.
+/// Folds a column matrix back, accumulating into channels of one sample's gradient.
 fn col2im(p: &Conv2dParams, col: &[f32], dx: &mut [f32]) {
     let [oh, ow] = p.output();
     let (kh, kw) = (p.kernel[0], p.kernel[1]);
-    let cg = dx.len() / (p.height * p.width);
-    for c in 0..cg {
-        let plane = &mut dx[c * p.height * p.width..(c + 1) * p.height * p.width];
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let row = &col[((c * kh + ki) * kw + kj) * oh * ow..][..oh * ow];
-                for oy in 0..oh {
-                    let iy =
-                        (oy * p.stride[0] + ki * p.dilation[0]) as isize - p.padding[0] as isize;
-                    if iy < 0 || iy as usize >= p.height {
-                        continue;
-                    }
-                    let line = &mut plane[iy as usize * p.width..(iy as usize + 1) * p.width];
-                    for (ox, g) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
-                        let ix = (ox * p.stride[1] + kj * p.dilation[1]) as isize
-                            - p.padding[1] as isize;
-                        if ix >= 0 && (ix as usize) < p.width {
-                            line[ix as usize] += g;
-                        }
-                    }
-                }
+    let (sy, sx) = (p.stride[0], p.stride[1]);
+    let (hw, w) = (p.height * p.width, p.width);
+    for (plane, taps) in dx
+        .chunks_exact_mut(hw)
+        .zip(col.chunks_exact(kh * kw * oh * ow))
+    {
+        for (tap, row) in taps.chunks_exact(oh * ow).enumerate() {
+            let (ki, kj) = (tap / kw, tap % kw);
+            let (dy, dxo) = (ki * p.dilation[0], kj * p.dilation[1]);
+            let rows = inside(oh, p.height, sy, dy, p.padding[0]);
+            let cols = inside(ow, w, sx, dxo, p.padding[1]);
+            if cols.is_empty() {
+                continue;
+            }
+            let ix0 = cols.start * sx + dxo - p.padding[1];
+            for oy in rows {
+                let iy = oy * sy + dy - p.padding[0];
+                let line = &mut plane[iy * w..][..w];
+                let g = &row[oy * ow..][cols.clone()];
+                line[ix0..]
+                    .iter_mut()
+                    .step_by(sx)
+                    .zip(g)
+                    .for_each(|(v, g)| *v += g);
             }
         }
     }
@@ -208,7 +236,12 @@ impl Layout {
     }
 }
 
-/// `y = conv2d(x, w) + b`, using `par` for the GEMMs.
+/// `y = conv2d(x, w) + b` on `par.degree()` threads.
+///
+/// One GEMM per sample and group. With at least as many of them as threads, each thread
+/// takes a contiguous share and runs it sequentially, unfolding included, which keeps every
+/// core busy without synchronising inside small GEMMs; with fewer, the unfolding and the GEMM
+/// are split instead. Either way each output element is the same sum in the same order.
 pub fn forward(
     p: &Conv2dParams,
     x: &[f32],
@@ -220,39 +253,78 @@ pub fn forward(
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
     let l = Layout::of(p);
     let mut y = vec![0.0; p.output_len()];
-    let mut col = if p.pointwise() {
-        Vec::new()
+    let tasks = p.batch * p.groups;
+    let threads = par.degree().max(1);
+    let (shares, inner) = if tasks >= threads {
+        (threads, Par::Seq)
     } else {
-        vec![0.0; l.ckk * l.ohw]
+        (1, par)
     };
-    for n in 0..p.batch {
-        for g in 0..p.groups {
-            let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
-            let cols: &[f32] = if p.pointwise() {
-                xg
-            } else {
-                im2col(p, xg, &mut col);
-                &col
-            };
-            let yg = &mut y[(n * p.out_channels + g * l.kg) * l.ohw..][..l.kg * l.ohw];
-            let wg = &w[g * l.kg * l.ckk..][..l.kg * l.ckk];
-            matmul(
-                rows_mut(yg, l.kg, l.ohw),
-                Accum::Replace,
-                rows(wg, l.kg, l.ckk),
-                rows(cols, l.ckk, l.ohw),
-                1.0,
-                par,
-            );
-            if let Some(b) = b {
-                for (k, plane) in yg.chunks_exact_mut(l.ohw).enumerate() {
-                    let bias = b[g * l.kg + k];
-                    plane.iter_mut().for_each(|v| *v += bias);
+    let per = tasks.div_ceil(shares);
+    let share = |(i, ys): (usize, &mut [f32])| {
+        with_scratch(|col| {
+            for (t, yg) in ys.chunks_exact_mut(l.kg * l.ohw).enumerate() {
+                let (n, g) = ((i * per + t) / p.groups, (i * per + t) % p.groups);
+                let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
+                let cols: &[f32] = if p.pointwise() {
+                    xg
+                } else {
+                    col.resize(l.ckk * l.ohw, 0.0);
+                    unfold(p, xg, col, inner);
+                    col
+                };
+                matmul(
+                    rows_mut(yg, l.kg, l.ohw),
+                    Accum::Replace,
+                    rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk),
+                    rows(cols, l.ckk, l.ohw),
+                    1.0,
+                    inner,
+                );
+                if let Some(b) = b {
+                    for (plane, bias) in yg.chunks_exact_mut(l.ohw).zip(&b[g * l.kg..]) {
+                        plane.iter_mut().for_each(|v| *v += bias);
+                    }
                 }
             }
-        }
+        });
+    };
+    let chunk = (per * l.kg * l.ohw).max(1);
+    if shares > 1 {
+        y.par_chunks_mut(chunk).enumerate().for_each(share);
+    } else {
+        y.chunks_mut(chunk).enumerate().for_each(share);
     }
     Ok(y)
+}
+
+/// [`im2col`] split over channels on `par.degree()` threads.
+fn unfold(p: &Conv2dParams, x: &[f32], col: &mut [f32], par: Par) {
+    let threads = par.degree().max(1);
+    let channels = x.len() / (p.height * p.width);
+    if threads == 1 || channels < 2 {
+        return im2col(p, x, col);
+    }
+    let per = channels.div_ceil(threads);
+    let (xs, cs) = (per * p.height * p.width, per * col.len() / channels);
+    x.par_chunks(xs)
+        .zip(col.par_chunks_mut(cs))
+        .for_each(|(x, col)| im2col(p, x, col));
+}
+
+thread_local! {
+    /// Column matrices are large (megabytes) and their size repeats from call to call: each
+    /// thread keeps its last one rather than faulting fresh pages in every time.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer. Taken, not borrowed, so that a nested call
+/// (rayon runs other tasks while a thread waits) gets a fresh one instead of a conflict.
+fn with_scratch<T>(f: impl FnOnce(&mut Vec<f32>) -> T) -> T {
+    let mut buf = SCRATCH.take();
+    let out = f(&mut buf);
+    SCRATCH.set(buf);
+    out
 }
 
 /// Gradients of a conv2d given the gradient `dy` of its output.
@@ -263,7 +335,11 @@ pub struct Conv2dGrads {
     pub db: Vec<f32>,
 }
 
-/// Backward pass: gradients for input, weight and bias.
+/// Backward pass: gradients for input, weight and bias, on `par.degree()` threads.
+///
+/// Shared out by sample like [`forward`]: each thread writes its samples' `dx` and sums its
+/// own partial `dw` and `db`, which are then added in thread order. So the bits depend on
+/// the thread count (not on scheduling): the same op with the same threads is reproducible.
 pub fn backward(
     p: &Conv2dParams,
     x: &[f32],
@@ -281,66 +357,78 @@ pub fn backward(
         )));
     }
     let l = Layout::of(p);
+    let threads = par.degree().max(1);
+    let (shares, inner) = if p.batch >= threads {
+        (threads, Par::Seq)
+    } else {
+        (1, par)
+    };
+    let per = p.batch.div_ceil(shares);
+    let share = |(i, dxs): (usize, &mut [f32])| {
+        let mut dw = vec![0.0; w.len()];
+        let mut db = vec![0.0; p.out_channels];
+        with_scratch(|buf| {
+            buf.resize(if p.pointwise() { 0 } else { 2 * l.ckk * l.ohw }, 0.0);
+            let half = buf.len() / 2;
+            let (col, dcol) = buf.split_at_mut(half);
+            for (t, dxn) in dxs.chunks_exact_mut(p.in_channels * l.hw).enumerate() {
+                let n = i * per + t;
+                for g in 0..p.groups {
+                    let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
+                    let dyg = &dy[(n * p.out_channels + g * l.kg) * l.ohw..][..l.kg * l.ohw];
+                    let wg = &w[g * l.kg * l.ckk..][..l.kg * l.ckk];
+                    for (plane, db) in dyg.chunks_exact(l.ohw).zip(&mut db[g * l.kg..]) {
+                        *db += plane.iter().sum::<f32>();
+                    }
+                    let cols: &[f32] = if p.pointwise() {
+                        xg
+                    } else {
+                        unfold(p, xg, col, inner);
+                        col
+                    };
+                    // dW_g += dY_g · colsᵀ
+                    matmul(
+                        rows_mut(&mut dw[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk),
+                        Accum::Add,
+                        rows(dyg, l.kg, l.ohw),
+                        rows(cols, l.ckk, l.ohw).transpose(),
+                        1.0,
+                        inner,
+                    );
+                    // dcols = W_gᵀ · dY_g, folded back into dX (the input itself when 1x1).
+                    let dxg = &mut dxn[g * l.cg * l.hw..][..l.cg * l.hw];
+                    let target = if p.pointwise() { &mut *dxg } else { &mut *dcol };
+                    matmul(
+                        rows_mut(target, l.ckk, l.ohw),
+                        Accum::Replace,
+                        rows(wg, l.kg, l.ckk).transpose(),
+                        rows(dyg, l.kg, l.ohw),
+                        1.0,
+                        inner,
+                    );
+                    if !p.pointwise() {
+                        col2im(p, dcol, dxg);
+                    }
+                }
+            }
+        });
+        (dw, db)
+    };
     let mut dx = vec![0.0; x.len()];
-    let mut dw = vec![0.0; w.len()];
-    let mut db = vec![0.0; p.out_channels];
-    let mut col = if p.pointwise() {
-        Vec::new()
+    // At least 1: an empty batch (or no channels) has no chunks, never a chunk of 0.
+    let chunk = (per * p.in_channels * l.hw).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = if shares > 1 {
+        dx.par_chunks_mut(chunk).enumerate().map(share).collect()
     } else {
-        vec![0.0; l.ckk * l.ohw]
+        dx.chunks_mut(chunk).enumerate().map(share).collect()
     };
-    let mut dcol = if p.pointwise() {
-        Vec::new()
-    } else {
-        vec![0.0; l.ckk * l.ohw]
-    };
-    for n in 0..p.batch {
-        for g in 0..p.groups {
-            let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
-            let dyg = &dy[(n * p.out_channels + g * l.kg) * l.ohw..][..l.kg * l.ohw];
-            let wg = &w[g * l.kg * l.ckk..][..l.kg * l.ckk];
-            for (k, plane) in dyg.chunks_exact(l.ohw).enumerate() {
-                db[g * l.kg + k] += plane.iter().sum::<f32>();
-            }
-            let cols: &[f32] = if p.pointwise() {
-                xg
-            } else {
-                im2col(p, xg, &mut col);
-                &col
-            };
-            // dW_g += dY_g · colsᵀ
-            let dwg = &mut dw[g * l.kg * l.ckk..][..l.kg * l.ckk];
-            matmul(
-                rows_mut(dwg, l.kg, l.ckk),
-                Accum::Add,
-                rows(dyg, l.kg, l.ohw),
-                rows(cols, l.ckk, l.ohw).transpose(),
-                1.0,
-                par,
-            );
-            // dcols = W_gᵀ · dY_g, folded back into dX.
-            let dxg = &mut dx[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
-            if p.pointwise() {
-                matmul(
-                    rows_mut(dxg, l.ckk, l.ohw),
-                    Accum::Replace,
-                    rows(wg, l.kg, l.ckk).transpose(),
-                    rows(dyg, l.kg, l.ohw),
-                    1.0,
-                    par,
-                );
-            } else {
-                matmul(
-                    rows_mut(&mut dcol, l.ckk, l.ohw),
-                    Accum::Replace,
-                    rows(wg, l.kg, l.ckk).transpose(),
-                    rows(dyg, l.kg, l.ohw),
-                    1.0,
-                    par,
-                );
-                col2im(p, &dcol, dxg);
-            }
-        }
+    let mut partials = partials.into_iter();
+    let (mut dw, mut db) = partials
+        .next()
+        .unwrap_or_else(|| (vec![0.0; w.len()], vec![0.0; p.out_channels]));
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
     }
     Ok(Conv2dGrads { dx, dw, db })
 }
@@ -468,13 +556,61 @@ pub(crate) mod tests {
         /// f32 sums of at most a few hundred products of values in [-1, 1] differ from the
         /// f64 reference by rounding only: well under 1e-5 of the output's magnitude.
         #[test]
-        fn forward_matches_the_reference(p in params(), seed in 0u64..1000, bias in any::<bool>()) {
+        ///
+        /// Any thread count gives the same bits as one: the synchronous path and the streams
+        /// must agree exactly for the same op.
+        fn forward_matches_the_reference(
+            p in params(), seed in 0u64..1000, bias in any::<bool>(), threads in 2usize..=3,
+        ) {
             let x = random(p.input_len(), seed);
             let w = random(p.weight_len(), seed + 1);
             let b = bias.then(|| random(p.out_channels, seed + 2));
             let fast = forward(&p, &x, &w, b.as_deref(), Par::Seq).unwrap();
             let slow = reference::forward(&p, &x, &w, b.as_deref());
             prop_assert!(max_rel_diff(&fast, &slow) < 1e-5, "{p:?}");
+            let parallel = forward(&p, &x, &w, b.as_deref(), Par::rayon(threads)).unwrap();
+            prop_assert_eq!(parallel, fast, "{:?} on {} threads", p, threads);
+        }
+    }
+
+    /// Large enough for the GEMM and the unfolding to be split across threads (one sample)
+    /// or shared out by sample (three): forward keeps the bits of one thread, and so does
+    /// the input gradient.
+    #[test]
+    fn large_convolutions_give_the_same_bits_on_any_thread_count() {
+        for batch in [1, 3] {
+            let p = Conv2dParams {
+                padding: [1, 1],
+                ..plain(batch, 48, [40, 40], 64, 3)
+            };
+            let (x, w) = (random(p.input_len(), 1), random(p.weight_len(), 2));
+            let one = forward(&p, &x, &w, None, Par::Seq).unwrap();
+            let dy = random(p.output_len(), 3);
+            let grads = backward(&p, &x, &w, &dy, Par::Seq).unwrap();
+            for threads in [2, 4] {
+                let many = forward(&p, &x, &w, None, Par::rayon(threads)).unwrap();
+                assert!(many == one, "batch {batch}, {threads} threads");
+                // Partial weight gradients are summed per thread, then added: rounding only.
+                let shared = backward(&p, &x, &w, &dy, Par::rayon(threads)).unwrap();
+                assert_eq!(shared.dx, grads.dx, "batch {batch}, {threads} threads");
+                assert!(max_rel_diff(&shared.dw, &grads.dw) < 1e-5);
+                assert!(max_rel_diff(&shared.db, &grads.db) < 1e-5);
+            }
+        }
+    }
+
+    /// No samples: empty outputs and zero gradients of the right sizes, not a panic.
+    #[test]
+    fn an_empty_batch_has_empty_outputs() {
+        let p = plain(0, 2, [5, 5], 3, 3);
+        let w = random(p.weight_len(), 1);
+        for par in [Par::Seq, Par::rayon(2)] {
+            assert!(forward(&p, &[], &w, None, par).unwrap().is_empty());
+            let g = backward(&p, &[], &w, &[], par).unwrap();
+            assert_eq!(
+                (g.dx.len(), g.dw, g.db),
+                (0, vec![0.0; w.len()], vec![0.0; 3])
+            );
         }
     }
 
