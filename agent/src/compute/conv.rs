@@ -1,11 +1,12 @@
 //! conv2d over NCHW f32 tensors: forward, and backward for input, weight and bias.
 //!
-//! Lowered to GEMM per sample and group (im2col; none for 1x1 convolutions with unit stride
-//! and no padding, whose input already is the column matrix), multiplied by `faer`'s
-//! safe, cache-blocked and SIMD matmul.
+//! Lowered to one GEMM per sample and group, multiplied by `faer`'s safe, cache-blocked and
+//! SIMD matmul. 1x1 convolutions with unit stride and no padding need no lowering: the input
+//! already is the column matrix. Every other one goes through [`Phases`]: the padded input
+//! split by stride phase, so that each row of the column matrix is a single contiguous copy
+//! rather than a gather per output line.
 
 use std::cell::Cell;
-use std::ops::Range;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -117,90 +118,114 @@ impl Conv2dParams {
     }
 }
 
-/// The output columns `o` of one kernel tap whose input column `o * stride + offset - pad`
-/// lies inside `[0, extent)`: everything outside reads padding.
-fn inside(outputs: usize, extent: usize, stride: usize, offset: usize, pad: usize) -> Range<usize> {
-    let lo = pad.saturating_sub(offset).div_ceil(stride);
-    let hi = if extent + pad > offset {
-        ((extent - 1 + pad - offset) / stride + 1).min(outputs)
-    } else {
-        0
-    };
-    lo.min(hi)..hi
+/// The padded input of one sample's channels split into `sy * sx` phase planes by stride
+/// (plane `(py, px)` holds padded rows `py, py + sy, ...` and columns `px, px + sx, ...`),
+/// each `hq` x `wq`.
+///
+/// Output `(oy, ox)` of kernel tap `(ki, kj)` reads padded `(oy*sy + ki*dh, ox*sx + kj*dw)`,
+/// which is row `oy + ki*dh/sy`, column `ox + kj*dw/sx` of one phase plane. Computing the
+/// output `wq` columns wide (the columns past `ow` are discarded) makes a tap's inputs over
+/// the whole output one run of `oh * wq` floats in that plane, so the column matrix is built
+/// from `c*r*s` copies and folded back with as many additions. The wide columns cost
+/// `(wq - ow) / ow` more GEMM work: about 4% on a 56-wide 3x3 layer.
+#[derive(Clone, Copy)]
+struct Phases {
+    stride: [usize; 2],
+    hq: usize,
+    wq: usize,
+    /// `oh * wq`: the wide output's length, a column matrix row's.
+    wide: usize,
+    /// Zeros after the last plane: a tap's run may pass its plane's end by `kj*dw/sx`
+    /// (into wide columns only).
+    slack: usize,
 }
 
-/// Unfolds channels of one sample into a `[c*r*s, oh*ow]` row-major column matrix: each row
-/// is one kernel tap of one channel, copied a line at a time (a plain copy at stride 1).
-fn im2col(p: &Conv2dParams, x: &[f32], col: &mut [f32]) {
-    let [oh, ow] = p.output();
-    let (kh, kw) = (p.kernel[0], p.kernel[1]);
-    let (sy, sx) = (p.stride[0], p.stride[1]);
-    let (hw, w) = (p.height * p.width, p.width);
-    for (plane, taps) in x
-        .chunks_exact(hw)
-        .zip(col.chunks_exact_mut(kh * kw * oh * ow))
-    {
-        for (tap, row) in taps.chunks_exact_mut(oh * ow).enumerate() {
-            let (ki, kj) = (tap / kw, tap % kw);
-            let (dy, dx) = (ki * p.dilation[0], kj * p.dilation[1]);
-            let rows = inside(oh, p.height, sy, dy, p.padding[0]);
-            let cols = inside(ow, w, sx, dx, p.padding[1]);
-            if cols.is_empty() {
-                row.fill(0.0);
-                continue;
-            }
-            let ix0 = cols.start * sx + dx - p.padding[1];
-            for (oy, out) in row.chunks_exact_mut(ow).enumerate() {
-                if !rows.contains(&oy) {
-                    out.fill(0.0);
-                    continue;
-                }
-                let iy = oy * sy + dy - p.padding[0];
-                let line = &plane[iy * w..][..w];
-                out[..cols.start].fill(0.0);
-                out[cols.end..].fill(0.0);
-                let out = &mut out[cols.clone()];
-                if sx == 1 {
-                    out.copy_from_slice(&line[ix0..][..out.len()]);
-                } else {
-                    out.iter_mut()
-                        .zip(line[ix0..].iter().step_by(sx))
-                        .for_each(|(o, v)| *o = *v);
+impl Phases {
+    fn of(p: &Conv2dParams) -> Self {
+        let [sy, sx] = p.stride;
+        let (hp, wp) = (p.height + 2 * p.padding[0], p.width + 2 * p.padding[1]);
+        let (hq, wq) = (hp.div_ceil(sy), wp.div_ceil(sx));
+        Self {
+            stride: p.stride,
+            hq,
+            wq,
+            wide: p.output()[0] * wq,
+            slack: (p.kernel[1] - 1) * p.dilation[1] / sx,
+        }
+    }
+
+    /// Floats of the planes of `channels` channels.
+    fn len(&self, channels: usize) -> usize {
+        channels * self.stride[0] * self.stride[1] * self.hq * self.wq + self.slack
+    }
+
+    /// Where padded position `(y, x)` of channel `c` lies.
+    fn at(&self, c: usize, y: usize, x: usize) -> usize {
+        let [sy, sx] = self.stride;
+        ((c * sy + y % sy) * sx + x % sx) * self.hq * self.wq + (y / sy) * self.wq + x / sx
+    }
+
+    /// Where the run of tap `(c, ki, kj)` starts.
+    fn tap(&self, p: &Conv2dParams, c: usize, ki: usize, kj: usize) -> usize {
+        self.at(c, ki * p.dilation[0], kj * p.dilation[1])
+    }
+
+    /// For input row `iy` of channel `c`, one run per column phase: where in the planes its
+    /// first input column `ix0` lands; the slots after it hold `ix0 + sx, ix0 + 2*sx, ...`.
+    fn runs(&self, p: &Conv2dParams, c: usize, iy: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (sx, pw) = (self.stride[1], p.padding[1]);
+        (0..sx)
+            .map(move |px| (px + sx - pw % sx) % sx)
+            .filter(move |&ix0| ix0 < p.width)
+            .map(move |ix0| (self.at(c, iy + p.padding[0], ix0 + pw), ix0))
+    }
+
+    /// Writes channels `x` (unpadded, `h*w` each) into zeroed planes.
+    fn split(&self, p: &Conv2dParams, x: &[f32], planes: &mut [f32]) {
+        planes.fill(0.0);
+        let sx = self.stride[1];
+        for (c, plane) in x.chunks_exact(p.height * p.width).enumerate() {
+            for (iy, line) in plane.chunks_exact(p.width).enumerate() {
+                for (at, ix0) in self.runs(p, c, iy) {
+                    let to = planes[at..].iter_mut();
+                    to.zip(line[ix0..].iter().step_by(sx))
+                        .for_each(|(d, v)| *d = *v);
                 }
             }
         }
     }
-}
 
-/// Folds a column matrix back, accumulating into channels of one sample's gradient.
-fn col2im(p: &Conv2dParams, col: &[f32], dx: &mut [f32]) {
-    let [oh, ow] = p.output();
-    let (kh, kw) = (p.kernel[0], p.kernel[1]);
-    let (sy, sx) = (p.stride[0], p.stride[1]);
-    let (hw, w) = (p.height * p.width, p.width);
-    for (plane, taps) in dx
-        .chunks_exact_mut(hw)
-        .zip(col.chunks_exact(kh * kw * oh * ow))
-    {
-        for (tap, row) in taps.chunks_exact(oh * ow).enumerate() {
-            let (ki, kj) = (tap / kw, tap % kw);
-            let (dy, dxo) = (ki * p.dilation[0], kj * p.dilation[1]);
-            let rows = inside(oh, p.height, sy, dy, p.padding[0]);
-            let cols = inside(ow, w, sx, dxo, p.padding[1]);
-            if cols.is_empty() {
-                continue;
+    /// Adds the planes' unpadded positions into channels `dx`.
+    fn merge(&self, p: &Conv2dParams, planes: &[f32], dx: &mut [f32]) {
+        let sx = self.stride[1];
+        for (c, plane) in dx.chunks_exact_mut(p.height * p.width).enumerate() {
+            for (iy, line) in plane.chunks_exact_mut(p.width).enumerate() {
+                for (at, ix0) in self.runs(p, c, iy) {
+                    let to = line[ix0..].iter_mut().step_by(sx);
+                    to.zip(&planes[at..]).for_each(|(d, v)| *d += v);
+                }
             }
-            let ix0 = cols.start * sx + dxo - p.padding[1];
-            for oy in rows {
-                let iy = oy * sy + dy - p.padding[0];
-                let line = &mut plane[iy * w..][..w];
-                let g = &row[oy * ow..][cols.clone()];
-                line[ix0..]
-                    .iter_mut()
-                    .step_by(sx)
-                    .zip(g)
-                    .for_each(|(v, g)| *v += g);
-            }
+        }
+    }
+
+    /// The column matrix of channels `c0..` (`col` holds whole channels' rows) from `planes`.
+    fn unfold(&self, p: &Conv2dParams, planes: &[f32], c0: usize, col: &mut [f32]) {
+        let [kh, kw] = p.kernel;
+        for (r, row) in col.chunks_exact_mut(self.wide).enumerate() {
+            let (c, ki, kj) = (c0 + r / (kh * kw), r / kw % kh, r % kw);
+            row.copy_from_slice(&planes[self.tap(p, c, ki, kj)..][..self.wide]);
+        }
+    }
+
+    /// Adds each row of the column matrix `col` into its run in `planes`.
+    fn fold(&self, p: &Conv2dParams, col: &[f32], planes: &mut [f32]) {
+        let [kh, kw] = p.kernel;
+        for (r, row) in col.chunks_exact(self.wide).enumerate() {
+            let (c, ki, kj) = (r / (kh * kw), r / kw % kh, r % kw);
+            planes[self.tap(p, c, ki, kj)..][..self.wide]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(v, g)| *v += g);
         }
     }
 }
@@ -239,8 +264,8 @@ impl Layout {
 /// `y = conv2d(x, w) + b` on `par.degree()` threads.
 ///
 /// One GEMM per sample and group. With at least as many of them as threads, each thread
-/// takes a contiguous share and runs it sequentially, unfolding included, which keeps every
-/// core busy without synchronising inside small GEMMs; with fewer, the unfolding and the GEMM
+/// takes a contiguous share and runs it sequentially, lowering included, which keeps every
+/// core busy without synchronising inside small GEMMs; with fewer, the lowering and the GEMM
 /// are split instead. Either way each output element is the same sum in the same order.
 pub fn forward(
     p: &Conv2dParams,
@@ -251,36 +276,52 @@ pub fn forward(
 ) -> Result<Vec<f32>, ComputeError> {
     p.check()?;
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
-    let l = Layout::of(p);
+    let (l, ph) = (Layout::of(p), Phases::of(p));
+    let ow = p.output()[1];
     let mut y = vec![0.0; p.output_len()];
-    let tasks = p.batch * p.groups;
-    let threads = par.degree().max(1);
-    let (shares, inner) = if tasks >= threads {
-        (threads, Par::Seq)
-    } else {
-        (1, par)
-    };
-    let per = tasks.div_ceil(shares);
+    let (shares, inner) = split_work(p.batch * p.groups, par);
+    let per = (p.batch * p.groups).div_ceil(shares);
     let share = |(i, ys): (usize, &mut [f32])| {
-        with_scratch(|col| {
+        with_scratch(|buf| {
+            let sizes = if p.pointwise() {
+                [0; 3]
+            } else {
+                [ph.len(l.cg), l.ckk * ph.wide, l.kg * ph.wide]
+            };
+            let [planes, col, wide] = carve(buf, sizes);
             for (t, yg) in ys.chunks_exact_mut(l.kg * l.ohw).enumerate() {
                 let (n, g) = ((i * per + t) / p.groups, (i * per + t) % p.groups);
                 let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
-                let cols: &[f32] = if p.pointwise() {
-                    xg
+                let wg = rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk);
+                if p.pointwise() {
+                    let cols = rows(xg, l.ckk, l.ohw);
+                    matmul(
+                        rows_mut(yg, l.kg, l.ohw),
+                        Accum::Replace,
+                        wg,
+                        cols,
+                        1.0,
+                        inner,
+                    );
                 } else {
-                    col.resize(l.ckk * l.ohw, 0.0);
-                    unfold(p, xg, col, inner);
-                    col
-                };
-                matmul(
-                    rows_mut(yg, l.kg, l.ohw),
-                    Accum::Replace,
-                    rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk),
-                    rows(cols, l.ckk, l.ohw),
-                    1.0,
-                    inner,
-                );
+                    ph.split(p, xg, planes);
+                    unfold(&ph, p, planes, col, inner);
+                    let cols = rows(col, l.ckk, ph.wide);
+                    matmul(
+                        rows_mut(wide, l.kg, ph.wide),
+                        Accum::Replace,
+                        wg,
+                        cols,
+                        1.0,
+                        inner,
+                    );
+                    // Keep the first `ow` of every `wq` columns.
+                    for (yk, wk) in yg.chunks_exact_mut(l.ohw).zip(wide.chunks_exact(ph.wide)) {
+                        for (line, run) in yk.chunks_exact_mut(ow).zip(wk.chunks_exact(ph.wq)) {
+                            line.copy_from_slice(&run[..ow]);
+                        }
+                    }
+                }
                 if let Some(b) = b {
                     for (plane, bias) in yg.chunks_exact_mut(l.ohw).zip(&b[g * l.kg..]) {
                         plane.iter_mut().for_each(|v| *v += bias);
@@ -298,22 +339,45 @@ pub fn forward(
     Ok(y)
 }
 
-/// [`im2col`] split over channels on `par.degree()` threads.
-fn unfold(p: &Conv2dParams, x: &[f32], col: &mut [f32], par: Par) {
+/// How `tasks` independent GEMMs use `par`: shared out whole among threads when there are
+/// enough of them (each then sequential), else one at a time, each split across threads.
+fn split_work(tasks: usize, par: Par) -> (usize, Par) {
     let threads = par.degree().max(1);
-    let channels = x.len() / (p.height * p.width);
+    if tasks >= threads {
+        (threads, Par::Seq)
+    } else {
+        (1, par)
+    }
+}
+
+/// The column matrix of a sample's channels from their planes, split by channel across
+/// `par.degree()` threads.
+fn unfold(ph: &Phases, p: &Conv2dParams, planes: &[f32], col: &mut [f32], par: Par) {
+    let threads = par.degree().max(1);
+    let taps = p.kernel[0] * p.kernel[1] * ph.wide;
+    let channels = col.len() / taps;
     if threads == 1 || channels < 2 {
-        return im2col(p, x, col);
+        return ph.unfold(p, planes, 0, col);
     }
     let per = channels.div_ceil(threads);
-    let (xs, cs) = (per * p.height * p.width, per * col.len() / channels);
-    x.par_chunks(xs)
-        .zip(col.par_chunks_mut(cs))
-        .for_each(|(x, col)| im2col(p, x, col));
+    col.par_chunks_mut(per * taps)
+        .enumerate()
+        .for_each(|(i, col)| ph.unfold(p, planes, i * per, col));
+}
+
+/// Splits the front of `buf` (grown as needed) into slices of `sizes`.
+fn carve<const N: usize>(buf: &mut Vec<f32>, sizes: [usize; N]) -> [&mut [f32]; N] {
+    buf.resize(sizes.iter().sum(), 0.0);
+    let mut rest = buf.as_mut_slice();
+    sizes.map(|n| {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        rest = tail;
+        part
+    })
 }
 
 thread_local! {
-    /// Column matrices are large (megabytes) and their size repeats from call to call: each
+    /// Lowering buffers are large (megabytes) and their size repeats from call to call: each
     /// thread keeps its last one rather than faulting fresh pages in every time.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
@@ -356,59 +420,58 @@ pub fn backward(
             p.output_len()
         )));
     }
-    let l = Layout::of(p);
-    let threads = par.degree().max(1);
-    let (shares, inner) = if p.batch >= threads {
-        (threads, Par::Seq)
-    } else {
-        (1, par)
-    };
+    let (l, ph) = (Layout::of(p), Phases::of(p));
+    let ow = p.output()[1];
+    let (shares, inner) = split_work(p.batch, par);
     let per = p.batch.div_ceil(shares);
     let share = |(i, dxs): (usize, &mut [f32])| {
         let mut dw = vec![0.0; w.len()];
         let mut db = vec![0.0; p.out_channels];
         with_scratch(|buf| {
-            buf.resize(if p.pointwise() { 0 } else { 2 * l.ckk * l.ohw }, 0.0);
-            let half = buf.len() / 2;
-            let (col, dcol) = buf.split_at_mut(half);
+            let sizes = if p.pointwise() {
+                [0; 4]
+            } else {
+                let col = l.ckk * ph.wide;
+                [ph.len(l.cg), col, col, l.kg * ph.wide]
+            };
+            let [planes, col, dcol, dyw] = carve(buf, sizes);
             for (t, dxn) in dxs.chunks_exact_mut(p.in_channels * l.hw).enumerate() {
                 let n = i * per + t;
                 for g in 0..p.groups {
                     let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
                     let dyg = &dy[(n * p.out_channels + g * l.kg) * l.ohw..][..l.kg * l.ohw];
-                    let wg = &w[g * l.kg * l.ckk..][..l.kg * l.ckk];
+                    let wg = rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk);
+                    let dwg = rows_mut(&mut dw[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk);
+                    let dxg = &mut dxn[g * l.cg * l.hw..][..l.cg * l.hw];
                     for (plane, db) in dyg.chunks_exact(l.ohw).zip(&mut db[g * l.kg..]) {
                         *db += plane.iter().sum::<f32>();
                     }
-                    let cols: &[f32] = if p.pointwise() {
-                        xg
-                    } else {
-                        unfold(p, xg, col, inner);
-                        col
-                    };
-                    // dW_g += dY_g · colsᵀ
-                    matmul(
-                        rows_mut(&mut dw[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk),
-                        Accum::Add,
-                        rows(dyg, l.kg, l.ohw),
-                        rows(cols, l.ckk, l.ohw).transpose(),
-                        1.0,
-                        inner,
-                    );
-                    // dcols = W_gᵀ · dY_g, folded back into dX (the input itself when 1x1).
-                    let dxg = &mut dxn[g * l.cg * l.hw..][..l.cg * l.hw];
-                    let target = if p.pointwise() { &mut *dxg } else { &mut *dcol };
-                    matmul(
-                        rows_mut(target, l.ckk, l.ohw),
-                        Accum::Replace,
-                        rows(wg, l.kg, l.ckk).transpose(),
-                        rows(dyg, l.kg, l.ohw),
-                        1.0,
-                        inner,
-                    );
-                    if !p.pointwise() {
-                        col2im(p, dcol, dxg);
+                    if p.pointwise() {
+                        // dW_g += dY_g · Xᵀ; dX_g = W_gᵀ · dY_g
+                        let (xs, dys) = (rows(xg, l.ckk, l.ohw), rows(dyg, l.kg, l.ohw));
+                        matmul(dwg, Accum::Add, dys, xs.transpose(), 1.0, inner);
+                        let dxs = rows_mut(dxg, l.ckk, l.ohw);
+                        matmul(dxs, Accum::Replace, wg.transpose(), dys, 1.0, inner);
+                        continue;
                     }
+                    ph.split(p, xg, planes);
+                    unfold(&ph, p, planes, col, inner);
+                    // dY_g as wide as the columns, zero past `ow`: the wide columns are no
+                    // outputs and must add nothing.
+                    for (dk, wk) in dyg.chunks_exact(l.ohw).zip(dyw.chunks_exact_mut(ph.wide)) {
+                        for (line, run) in dk.chunks_exact(ow).zip(wk.chunks_exact_mut(ph.wq)) {
+                            run[..ow].copy_from_slice(line);
+                            run[ow..].fill(0.0);
+                        }
+                    }
+                    let (cols, dys) = (rows(col, l.ckk, ph.wide), rows(dyw, l.kg, ph.wide));
+                    // dW_g += dY_g · colsᵀ; dcols = W_gᵀ · dY_g, folded back into dX_g.
+                    matmul(dwg, Accum::Add, dys, cols.transpose(), 1.0, inner);
+                    let dcols = rows_mut(dcol, l.ckk, ph.wide);
+                    matmul(dcols, Accum::Replace, wg.transpose(), dys, 1.0, inner);
+                    planes.fill(0.0);
+                    ph.fold(p, dcol, planes);
+                    ph.merge(p, planes, dxg);
                 }
             }
         });
@@ -512,30 +575,27 @@ pub(crate) mod tests {
     }
 
     fn params() -> impl Strategy<Value = Conv2dParams> {
+        let axis = || (1usize..4, 0usize..3, 1usize..3); // stride, padding, dilation
         (
-            1usize..3,
-            1usize..4,
-            1usize..4,
-            1usize..4,
-            1usize..4,
-            1usize..3,
-            0usize..3,
-            1usize..3,
-            3usize..10,
-            3usize..10,
+            (1usize..3, 1usize..4, 1usize..4, 1usize..4),
+            (1usize..4, 1usize..4),
+            (axis(), axis()),
+            (3usize..10, 3usize..10),
         )
             .prop_map(
-                |(batch, g, cpg, kpg, kh, stride, pad, dil, h, w)| Conv2dParams {
-                    batch,
-                    in_channels: g * cpg,
-                    height: h,
-                    width: w,
-                    out_channels: g * kpg,
-                    kernel: [kh, (kh % 3) + 1],
-                    stride: [stride, 1],
-                    padding: [pad, pad.min(1)],
-                    dilation: [dil, 1],
-                    groups: g,
+                |((batch, g, cpg, kpg), (kh, kw), ((sy, py, dy), (sx, px, dx)), (h, w))| {
+                    Conv2dParams {
+                        batch,
+                        in_channels: g * cpg,
+                        height: h,
+                        width: w,
+                        out_channels: g * kpg,
+                        kernel: [kh, kw],
+                        stride: [sy, sx],
+                        padding: [py, px],
+                        dilation: [dy, dx],
+                        groups: g,
+                    }
                 },
             )
             .prop_filter("an output exists", |p| p.check().is_ok())
@@ -570,6 +630,43 @@ pub(crate) mod tests {
             prop_assert!(max_rel_diff(&fast, &slow) < 1e-5, "{p:?}");
             let parallel = forward(&p, &x, &w, b.as_deref(), Par::rayon(threads)).unwrap();
             prop_assert_eq!(parallel, fast, "{:?} on {} threads", p, threads);
+        }
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// conv2d is linear in `x` and in `w`, so its gradients are the adjoints:
+        /// `<dx, x> = <y, dy> = <dw, w>` for `y = conv2d(x, w)`. That pins every index of the
+        /// backward pass on every stride, padding, dilation and group mix; the sums differ by
+        /// f32 rounding of a few hundred products only (1e-4 relative, with an absolute floor
+        /// for sums that cancel).
+        #[test]
+        fn gradients_are_the_adjoints(p in params(), seed in 0u64..1000, threads in 1usize..=2) {
+            let (x, w) = (random(p.input_len(), seed), random(p.weight_len(), seed + 1));
+            let dy = random(p.output_len(), seed + 2);
+            let y = forward(&p, &x, &w, None, Par::Seq).unwrap();
+            let g = backward(&p, &x, &w, &dy, Par::rayon(threads)).unwrap();
+            let want = dot(&y, &dy);
+            let tol = 1e-4 * (1.0 + want.abs() + dot(&y, &y).sqrt());
+            prop_assert!((dot(&g.dx, &x) - want).abs() < tol, "dx of {:?}", p);
+            prop_assert!((dot(&g.dw, &w) - want).abs() < tol, "dw of {:?}", p);
+            let per_channel = |k: usize| -> f32 {
+                dy.chunks_exact(p.output()[0] * p.output()[1])
+                    .skip(k)
+                    .step_by(p.out_channels)
+                    .flatten()
+                    .sum()
+            };
+            for (k, db) in g.db.iter().enumerate() {
+                prop_assert!((db - per_channel(k)).abs() < 1e-4 * (1.0 + db.abs()));
+            }
         }
     }
 
@@ -667,6 +764,12 @@ pub(crate) mod tests {
             padding: [2, 1],
             ..base
         });
+        check_gradients(Conv2dParams {
+            stride: [3, 2],
+            dilation: [1, 2],
+            padding: [1, 3],
+            ..base
+        });
         check_gradients(Conv2dParams { groups: 2, ..base });
         check_gradients(Conv2dParams {
             kernel: [1, 1],
@@ -676,7 +779,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn pointwise_convolutions_skip_im2col_and_agree() {
+    fn pointwise_convolutions_need_no_lowering_and_agree() {
         let p = Conv2dParams {
             groups: 2,
             ..plain(2, 8, [5, 5], 4, 1)
