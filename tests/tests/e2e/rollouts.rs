@@ -312,7 +312,12 @@ async fn a_slower_stream_pool_is_rolled_back_on_overhead() {
     let (env, client, ns) = setup_alone("slow").await;
     // Bursts of sixteen concurrent operations: one stream that takes one at a time queues
     // them, where the stable pool of four runs them on every core.
-    let flags = ["--shadow-ops-per-second", "160", "--shadow-concurrency", "16"];
+    let flags = [
+        "--shadow-ops-per-second",
+        "160",
+        "--shadow-concurrency",
+        "16",
+    ];
     let _agents = gpu_nodes(env, &client, &ns, &["a"], &flags).await;
     let operator = operator(env, &ns);
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
