@@ -126,11 +126,11 @@ impl Metrics {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // object_store links aws-lc-rs beside kube's ring: pick one for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let device = compute::device::detect(args.backend).context("choosing the compute backend")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
     let metrics = Metrics::new();
-    let device = compute::device::detect(args.backend).context("choosing the compute backend")?;
     let backend = device.name();
     info!(node = %args.node_name, backend, "starting");
     let app = Router::new()
