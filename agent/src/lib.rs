@@ -69,6 +69,10 @@ pub struct Args {
     /// worker moved to another node resume too.
     #[arg(long, env = "KERNELFLOW_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Compute backend: `cuda` when a GPU, cuBLAS and cuDNN are usable (auto) or required
+    /// (cuda: the agent does not start without them), or `cpu`.
+    #[arg(long, env = "KERNELFLOW_BACKEND", value_enum, default_value_t = compute::device::BackendChoice::Auto)]
+    pub backend: compute::device::BackendChoice,
 }
 
 impl Args {
@@ -122,11 +126,12 @@ impl Metrics {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // object_store links aws-lc-rs beside kube's ring: pick one for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let device = compute::device::detect(args.backend).context("choosing the compute backend")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
     let metrics = Metrics::new();
-    let backend = "cpu";
+    let backend = device.name();
     info!(node = %args.node_name, backend, "starting");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -160,6 +165,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             op_timeout: Duration::from_secs_f64(args.op_timeout_seconds.max(0.001)),
             shadow_ops_per_second: args.shadow_ops_per_second,
             shadow_concurrency: args.shadow_concurrency,
+            device,
         },
         rollout::RolloutMetrics::new(&metrics.registry)?,
     );

@@ -20,7 +20,7 @@ use crate::artifact::format::Kernel;
 use crate::compute::ComputeError;
 use crate::compute::backend::Op;
 use crate::compute::conv::Conv2dParams;
-use crate::compute::cpu::CpuBackend;
+use crate::compute::device::{Device, DeviceBackend};
 use crate::compute::engine::{Engine, EngineConfig, run_sync};
 use crate::compute::ops::uniform;
 use crate::compute::train::{KernelLayerRunner, Layer, SyncPath};
@@ -65,22 +65,24 @@ pub struct RouterConfig {
     pub shadow_ops_per_second: f64,
     /// Shadow operations issued at once per revision: the load a stream pool is judged under.
     pub shadow_concurrency: usize,
+    /// Where the lanes' and the training workers' engines run.
+    pub device: Device,
 }
 
 /// One revision as this node runs it.
 struct Lane {
     kernel: Arc<Kernel>,
     /// None: the synchronous path.
-    engine: Option<Engine<CpuBackend>>,
+    engine: Option<Engine<DeviceBackend>>,
 }
 
 impl Lane {
-    fn new(revision: &Revision, kernel: Arc<Kernel>) -> Self {
+    fn new(revision: &Revision, kernel: Arc<Kernel>, device: &Device) -> Self {
         let f = &revision.flags;
         // On the CPU backend a stream is one core's worker, so the pool size is the
         // revision's parallelism, as streams are on a GPU.
         let engine = f.async_enabled.then(|| {
-            let backend = CpuBackend::new(f.stream_pool_size as usize, 1);
+            let backend = device.backend(f.stream_pool_size as usize, 1);
             Engine::new(Arc::new(backend), EngineConfig::from(f))
         });
         Self { kernel, engine }
@@ -437,6 +439,11 @@ impl Router {
         })
     }
 
+    /// The device engines run on: the lanes', and the training workers' too.
+    pub fn device(&self) -> &Device {
+        &self.config.device
+    }
+
     /// Brings the splits in line with the deployments' statuses and the warm kernels.
     pub fn sync(
         &self,
@@ -479,7 +486,7 @@ impl Router {
             // Lanes exist only for warm kernels: a kernel takes traffic once warm.
             let lane = |r: &Option<(Revision, bool)>| {
                 let (r, _) = r.as_ref()?;
-                Some(Lane::new(r, warm(r)?))
+                Some(Lane::new(r, warm(r)?, &self.config.device))
             };
             let (canary, stable) = (lane(&plan.canary), lane(&plan.stable));
             let comparable = match (&canary, &stable) {

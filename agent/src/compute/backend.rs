@@ -87,6 +87,11 @@ impl Event {
         self.0.notify.notify_waiters();
     }
 
+    /// Whether `other` is this event or a clone of it.
+    pub fn same(&self, other: &Event) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn is_done(&self) -> bool {
         *self.0.done.lock().expect("event lock")
     }

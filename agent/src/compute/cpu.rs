@@ -19,6 +19,11 @@ type Slot = OnceLock<Result<Arc<Vec<f32>>, ComputeError>>;
 pub struct CpuBuffer(Arc<Slot>);
 
 impl CpuBuffer {
+    /// A buffer that reads back as `error`.
+    pub fn failed(error: ComputeError) -> Self {
+        Self(Arc::new(OnceLock::from(Err(error))))
+    }
+
     fn read(&self) -> Result<Arc<Vec<f32>>, ComputeError> {
         match self.0.get() {
             Some(r) => r.clone(),

@@ -4,6 +4,10 @@
 pub mod backend;
 pub mod conv;
 pub mod cpu;
+// The one module that talks to CUDA, and the only one allowed `unsafe`.
+#[allow(unsafe_code)]
+pub mod cuda;
+pub mod device;
 pub mod engine;
 pub mod ops;
 pub mod pipeline;
@@ -28,6 +32,9 @@ pub enum ComputeError {
     /// output).
     #[error("kernel: {0}")]
     Kernel(String),
+    /// The GPU, its driver or a CUDA library failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl ComputeError {
@@ -39,6 +46,7 @@ impl ComputeError {
             ComputeError::Injected => "injected",
             ComputeError::Kernel(_) => "kernel",
             ComputeError::Stopped(_) => "stopped",
+            ComputeError::Device(_) => "device",
         }
     }
 }

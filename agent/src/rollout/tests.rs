@@ -107,6 +107,7 @@ pub(crate) fn router() -> Arc<Router> {
             op_timeout: Duration::from_secs(10),
             shadow_ops_per_second: 0.0,
             shadow_concurrency: 4,
+            device: Device::Cpu,
         },
         RolloutMetrics::new(&Registry::new()).unwrap(),
     )

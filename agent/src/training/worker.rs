@@ -26,7 +26,7 @@ use super::data::{self, Data};
 use crate::artifact::format::{ArtifactError, Kernel, Limits};
 use crate::compute::ComputeError;
 use crate::compute::backend::Backend;
-use crate::compute::cpu::{CpuBackend, InlineBackend};
+use crate::compute::cpu::InlineBackend;
 use crate::compute::pipeline::{self, PipelineReport, Stage};
 use crate::compute::train::{KernelLayerRunner, Model, Staged, staged_gradients, upload};
 use crate::rollout::RolloutLayers;
@@ -275,10 +275,14 @@ async fn train(
         data,
     };
     let handle = Handle::current();
-    let backend = CpuBackend::new(spec.pipeline.streams as usize, OP_THREADS);
-    tokio::task::spawn_blocking(move || job.run(&handle, backend, model, start, first_loss))
-        .await
-        .map_err(|e| ComputeError::Stopped(e.to_string()))?
+    let (device, streams) = (env.router.device().clone(), spec.pipeline.streams as usize);
+    tokio::task::spawn_blocking(move || {
+        // Off the runtime: CUDA streams start with handles that take a while to create.
+        let backend = device.backend(streams, OP_THREADS);
+        job.run(&handle, backend, model, start, first_loss)
+    })
+    .await
+    .map_err(|e| ComputeError::Stopped(e.to_string()))?
 }
 
 fn stopped(stop: Stop) -> Outcome {
@@ -425,10 +429,10 @@ struct Item<B: Backend> {
 impl Steps {
     /// Runs steps `start..` on this (blocking) thread, entering the runtime of `handle` for
     /// the async compute.
-    fn run(
+    fn run<B: Backend>(
         self,
         handle: &Handle,
-        backend: CpuBackend,
+        backend: B,
         mut model: Model,
         start: u64,
         mut first_loss: Option<f32>,
@@ -469,7 +473,7 @@ impl Steps {
                 loss: None,
                 checkpoint: None,
             });
-        let load: Stage<'_, Item<CpuBackend>> = Box::new(|mut item| {
+        let load: Stage<'_, Item<B>> = Box::new(|mut item| {
             item.batch =
                 Some(
                     self.data
@@ -477,13 +481,13 @@ impl Steps {
                 );
             Ok(item)
         });
-        let upload_stage: Stage<'_, Item<CpuBackend>> = Box::new(|mut item| {
+        let upload_stage: Stage<'_, Item<B>> = Box::new(|mut item| {
             if let Some((x, t)) = &item.batch {
                 item.staged = Some(upload(&backend, sizes, x, t, batch, micro)?);
             }
             Ok(item)
         });
-        let compute: Stage<'_, Item<CpuBackend>> = Box::new(|mut item| {
+        let compute: Stage<'_, Item<B>> = Box::new(|mut item| {
             let (Some(staged), Some((x, t))) = (item.staged.take(), item.batch.take()) else {
                 return Ok(item);
             };
@@ -517,7 +521,7 @@ impl Steps {
             }
             Ok(item)
         });
-        let download: Stage<'_, Item<CpuBackend>> = Box::new(|item| {
+        let download: Stage<'_, Item<B>> = Box::new(|item| {
             if let Some(loss) = item.loss {
                 let mut p = self.progress.lock().expect("progress lock");
                 p.step = item.step + 1;
@@ -614,6 +618,7 @@ mod tests {
     use crate::artifact::format::{pack, sha256_hex};
     use crate::artifact::metrics::CacheMetrics;
     use crate::artifact::store::{KernelStore, StoreConfig};
+    use crate::compute::cpu::CpuBackend;
     use crate::compute::ops::uniform;
     use crate::training::checkpoint::Checkpoints;
     use crate::training::metrics::Counters;

@@ -1,0 +1,205 @@
+//! CUDA backend benchmarks: conv2d forward GFLOP/s on the shapes of the compute benchmark,
+//! copy/compute overlap through pinned memory, and the engine's end-to-end rate on one stream
+//! and on four. Needs a GPU with cuBLAS and cuDNN; without them it prints one line and exits.
+//! On the GPU machine: `bench/cuda-device.sh`, beside `bench/torch_conv.py`.
+//! `KF_CUDA_ITERS` sets the timed iterations per shape (default 50).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kernelflow_agent::compute::backend::{Backend, Op};
+use kernelflow_agent::compute::conv::Conv2dParams;
+use kernelflow_agent::compute::cuda::{CudaBackend, CudaBuffer, CudaDevice};
+use kernelflow_agent::compute::engine::{Engine, EngineConfig};
+use kernelflow_agent::compute::ops::uniform;
+
+const SHAPES: [(usize, usize, usize, usize, usize, usize, usize); 5] = [
+    // N, C, H (= W), K, R (= S), stride, pad
+    (8, 64, 56, 64, 3, 1, 1),
+    (8, 128, 28, 128, 3, 1, 1),
+    (8, 256, 14, 256, 1, 1, 0),
+    (8, 3, 224, 64, 7, 2, 3),
+    (1, 32, 32, 32, 3, 1, 1),
+];
+
+fn params(
+    (n, c, h, k, r, stride, pad): (usize, usize, usize, usize, usize, usize, usize),
+) -> Conv2dParams {
+    Conv2dParams {
+        batch: n,
+        in_channels: c,
+        height: h,
+        width: h,
+        out_channels: k,
+        kernel: [r, r],
+        stride: [stride, stride],
+        padding: [pad, pad],
+        dilation: [1, 1],
+        groups: 1,
+    }
+}
+
+/// Blocks until everything enqueued on `stream` so far has run.
+fn sync(b: &CudaBackend, stream: usize) {
+    b.record(stream).wait_blocking();
+}
+
+/// Reads `buffer` back, failing the benchmark on a device error.
+fn check(b: &CudaBackend, stream: usize, buffer: &CudaBuffer) -> Vec<f32> {
+    let (event, sink) = b.download(stream, buffer);
+    event.wait_blocking();
+    let data = sink.lock().unwrap().take().unwrap();
+    data.unwrap_or_else(|e| panic!("the GPU failed: {e}"))
+}
+
+fn main() {
+    let device = match CudaDevice::open() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("skipping the CUDA benchmark: no usable GPU ({why})");
+            return;
+        }
+    };
+    let iters: usize = std::env::var("KF_CUDA_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let b = CudaBackend::new(&device, 2).expect("CUDA streams");
+    println!(
+        "## kernelflow CUDA backend on {}, FP32 (no TF32)\n",
+        device.name()
+    );
+    conv_throughput(&b, iters);
+    overlap(&b, iters);
+    engine_rate(&device);
+}
+
+/// Forward conv2d with bias, back to back on one stream, inputs already on the device.
+fn conv_throughput(b: &CudaBackend, iters: usize) {
+    println!("| N,C,H,W,K,RxS,stride,pad | ms | GFLOP/s |");
+    println!("|---|---|---|");
+    for shape in SHAPES {
+        let p = params(shape);
+        let x = b.upload(0, Arc::new(uniform(p.input_len(), 1, 1.0)));
+        let w = b.upload(0, Arc::new(uniform(p.weight_len(), 2, 0.1)));
+        let bias = b.upload(0, Arc::new(uniform(p.out_channels, 3, 0.1)));
+        // Warm-up: the algorithm choice, the workspace, the memory pool.
+        for _ in 0..3 {
+            b.launch(0, Op::Conv2d(p), &[&x, &w, &bias]);
+        }
+        sync(b, 0);
+        let start = Instant::now();
+        let mut last = Vec::new();
+        for _ in 0..iters {
+            last = b.launch(0, Op::Conv2d(p), &[&x, &w, &bias]);
+        }
+        sync(b, 0);
+        let secs = start.elapsed().as_secs_f64() / iters as f64;
+        check(b, 0, &last[0]);
+        let (n, c, h, k, r, stride, pad) = shape;
+        println!(
+            "| {n},{c},{h},{h},{k},{r}x{r},{stride},{pad} | {:.3} | {:.0} |",
+            secs * 1e3,
+            p.flops() / secs / 1e9
+        );
+    }
+    println!();
+}
+
+/// Host-to-device copies from pinned staging on stream 1 while conv2d runs on stream 0: how
+/// much of the shorter of the two hides behind the longer (1: all of it, 0: none).
+fn overlap(b: &CudaBackend, iters: usize) {
+    let p = params(SHAPES[0]);
+    let x = b.upload(0, Arc::new(uniform(p.input_len(), 1, 1.0)));
+    let w = b.upload(0, Arc::new(uniform(p.weight_len(), 2, 0.1)));
+    let data = Arc::new(uniform(16 << 20, 4, 1.0)); // 64 MiB
+    let copies = (iters / 5).max(4);
+    let compute = |b: &CudaBackend| {
+        for _ in 0..iters {
+            b.launch(0, Op::Conv2d(p), &[&x, &w]);
+        }
+    };
+    let copy = |b: &CudaBackend| {
+        for _ in 0..copies {
+            b.upload(1, data.clone());
+        }
+    };
+    // Warm-up, which also fills the pinned pool.
+    copy(b);
+    compute(b);
+    sync(b, 0);
+    sync(b, 1);
+    let time = |run: &dyn Fn()| {
+        let start = Instant::now();
+        run();
+        sync(b, 0);
+        sync(b, 1);
+        start.elapsed().as_secs_f64()
+    };
+    let t_copy = time(&|| copy(b));
+    let t_compute = time(&|| compute(b));
+    let t_both = time(&|| {
+        compute(b);
+        copy(b);
+    });
+    let hidden = (t_copy + t_compute - t_both) / t_copy.min(t_compute);
+    let gbps = copies as f64 * (data.len() * 4) as f64 / t_copy / 1e9;
+    println!("| copy/compute overlap | seconds |");
+    println!("|---|---|");
+    println!(
+        "| {copies} x 64 MiB host-to-device (pinned staging), alone: {gbps:.1} GB/s | {t_copy:.3} |"
+    );
+    println!(
+        "| {iters} x conv2d {:?}, alone | {t_compute:.3} |",
+        SHAPES[0]
+    );
+    println!("| both, on two streams | {t_both:.3} |");
+    println!("| overlap (1 = the shorter fully hidden) | {hidden:.2} |\n");
+}
+
+/// The async engine end to end (upload, conv2d, download per op) from 64 tasks.
+fn engine_rate(device: &CudaDevice) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    let p = params(SHAPES[4]);
+    let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
+    println!("| engine, {:?} with copies, 1024 ops | ops/s |", SHAPES[4]);
+    println!("|---|---|");
+    for streams in [1, 4] {
+        let engine = Engine::new(
+            Arc::new(CudaBackend::new(device, streams).expect("CUDA streams")),
+            EngineConfig {
+                max_concurrent_ops: 64,
+                fallback_on_error: false,
+            },
+        );
+        let xs: Vec<Arc<Vec<f32>>> = (0..16)
+            .map(|i| Arc::new(uniform(p.input_len(), 10 + i, 1.0)))
+            .collect();
+        let run = |ops: usize| {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..64)
+                    .map(|t| {
+                        let (engine, w, xs) = (engine.clone(), w.clone(), xs.clone());
+                        tokio::spawn(async move {
+                            for i in 0..ops / 64 {
+                                let x = xs[(t + i) % xs.len()].clone();
+                                engine.conv2d(p, x, w.clone(), None).await.unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            })
+        };
+        run(128);
+        let start = Instant::now();
+        run(1024);
+        let rate = 1024.0 / start.elapsed().as_secs_f64();
+        println!("| {streams} stream(s) | {rate:.0} |");
+    }
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The CUDA backend on a GPU machine: its GPU tests, then its conv2d benchmark beside PyTorch's.
+#
+# Here (any machine with the Rust toolchain; no GPU or CUDA toolkit needed):
+#   bench/cuda-device.sh --prepare     # builds and strips both binaries into target/gpu (~35 MB)
+# On the GPU machine (PyTorch installed; its pip packages provide cuDNN and cuBLAS), from the
+# repository root, with target/gpu carried over:
+#   bench/cuda-device.sh               # or: bench/cuda-device.sh TEST_BINARY BENCH_BINARY
+# Env: PYTHON (default python3), KF_CUDA_ITERS (timed iterations per shape, default 50).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$root/target/gpu
+
+if [[ ${1:-} == --prepare ]]; then
+  cd "$root"
+  # The executable of the artifact whose target matches $1 in cargo's JSON messages.
+  exe() { grep "$1" | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
+  tests=$(cargo test -p kernelflow-agent --lib --no-run --message-format=json \
+    | exe '"kind":\["lib"\].*"test":true')
+  bench=$(cargo build -p kernelflow-agent --bench cuda --message-format=json \
+    | exe '"kind":\["bench"\],"crate_types":\["bin"\],"name":"cuda"')
+  mkdir -p "$out"
+  strip -o "$out/agent-tests" "$tests"
+  strip -o "$out/cuda-bench" "$bench"
+  ls -l "$out"
+  exit 0
+fi
+
+tests=${1:-$out/agent-tests}
+bench=${2:-$out/cuda-bench}
+python=${PYTHON:-python3}
+
+# cudarc dlopens libcuda (the driver's), libcublas and libcudnn at run time. cuDNN, cuBLAS and
+# what cuDNN loads itself (cuBLASLt, NVRTC) come from PyTorch's nvidia-* pip packages: put
+# every nvidia/*/lib directory of the site-packages on the loader's path.
+libs=$("$python" - <<'PY'
+import glob, os, site
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+print(":".join(sorted({d for s in dirs for d in glob.glob(os.path.join(s, "nvidia", "*", "lib"))})))
+PY
+)
+export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+echo "== GPU tests (a test without a usable GPU prints 'skipping' and passes: check there are none)"
+"$tests" compute::cuda compute::device --nocapture 2>&1 | tee /tmp/kf-cuda-tests.log
+if grep -q 'no usable GPU' /tmp/kf-cuda-tests.log; then
+  echo "the CUDA tests were skipped: the backend did not find a usable GPU" >&2
+  exit 1
+fi
+
+echo "== kernelflow CUDA benchmark"
+"$bench"
+echo "== PyTorch"
+"$python" "$root/bench/torch_conv.py"
