@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use faer::Par;
 use kernelflow_agent::compute::backend::Op;
 use kernelflow_agent::compute::conv::{self, Conv2dParams};
-use kernelflow_agent::compute::cpu::CpuBackend;
-use kernelflow_agent::compute::engine::{Engine, EngineConfig, run_sync};
+use kernelflow_agent::compute::cpu::{CpuBackend, run_op};
+use kernelflow_agent::compute::engine::{Engine, EngineConfig};
 use kernelflow_agent::compute::ops::uniform;
 use kernelflow_agent::compute::pipeline::{self, STAGES, Stage};
 use kernelflow_agent::compute::train::{Model, gradients};
@@ -129,48 +129,53 @@ fn training_step(rt: &tokio::runtime::Runtime) {
 
 fn async_overhead(rt: &tokio::runtime::Runtime) {
     println!(
-        "\n## async path overhead (1, 32, 32, 32, 32, 3x3; one stream, one op at a time)\n\n| path | µs/op |\n|---|---|"
+        "\n## async path overhead (1, 32, 32, 32, 32, 3x3; one stream, one op at a time)\n\n| op threads | synchronous µs/op | async µs/op | overhead |\n|---|---|---|---|"
     );
     let p = shape(1, 32, 32, 32, 3, 1, 1);
     let x = Arc::new(uniform(p.input_len(), 1, 1.0));
     let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
-    let engine = Engine::new(
-        Arc::new(CpuBackend::new(1, 2)),
-        EngineConfig {
-            max_concurrent_ops: 1,
-            fallback_on_error: false,
-        },
-    );
-    let ops = 300;
-    let mut sync = Vec::new();
-    let mut asynchronous = Vec::new();
-    // Interleaved rounds, so drift in machine load hits both paths alike.
-    for _ in 0..5 {
-        let t = Instant::now();
-        for _ in 0..ops {
-            std::hint::black_box(run_sync(Op::Conv2d(p), &[x.clone(), w.clone()]).unwrap());
-        }
-        sync.push(t.elapsed().as_secs_f64() / ops as f64);
-        let t = Instant::now();
-        rt.block_on(async {
+    // The same compute threads on both paths: what differs is only the stream around it.
+    for threads in [1, 2] {
+        let engine = Engine::new(
+            Arc::new(CpuBackend::new(1, threads)),
+            EngineConfig {
+                max_concurrent_ops: 1,
+                fallback_on_error: false,
+            },
+        );
+        let ops = 300;
+        let mut sync = Vec::new();
+        let mut asynchronous = Vec::new();
+        // Interleaved rounds, so drift in machine load hits both paths alike.
+        for _ in 0..7 {
+            let t = Instant::now();
             for _ in 0..ops {
-                std::hint::black_box(engine.conv2d(p, x.clone(), w.clone(), None).await.unwrap());
+                let out = run_op(Op::Conv2d(p), &[&x, &w], Par::rayon(threads));
+                std::hint::black_box(out.unwrap());
             }
-        });
-        asynchronous.push(t.elapsed().as_secs_f64() / ops as f64);
+            sync.push(t.elapsed().as_secs_f64() / ops as f64);
+            let t = Instant::now();
+            rt.block_on(async {
+                for _ in 0..ops {
+                    let out = engine.conv2d(p, x.clone(), w.clone(), None).await;
+                    std::hint::black_box(out.unwrap());
+                }
+            });
+            asynchronous.push(t.elapsed().as_secs_f64() / ops as f64);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (s, a) = (med(&mut sync), med(&mut asynchronous));
+        println!(
+            "| {threads} | {:.1} | {:.1} | {:.1} µs ({:+.2}%) |",
+            s * 1e6,
+            a * 1e6,
+            (a - s) * 1e6,
+            (a / s - 1.0) * 100.0
+        );
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (s, a) = (med(&mut sync), med(&mut asynchronous));
-    println!(
-        "| synchronous call | {:.1} |\n| async engine | {:.1} |\n| overhead | {:.1} µs ({:+.2}%) |",
-        s * 1e6,
-        a * 1e6,
-        (a - s) * 1e6,
-        (a / s - 1.0) * 100.0
-    );
 }
 
 fn pipelines() {

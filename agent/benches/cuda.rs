@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kernelflow_agent::compute::backend::{Backend, Op};
+use kernelflow_agent::compute::backend::{Backend, Op, take_download};
 use kernelflow_agent::compute::conv::Conv2dParams;
 use kernelflow_agent::compute::cuda::{CudaBackend, CudaBuffer, CudaDevice};
 use kernelflow_agent::compute::engine::{Engine, EngineConfig};
@@ -48,8 +48,7 @@ fn sync(b: &CudaBackend, stream: usize) {
 fn check(b: &CudaBackend, stream: usize, buffer: &CudaBuffer) -> Vec<f32> {
     let (event, sink) = b.download(stream, buffer);
     event.wait_blocking();
-    let data = sink.lock().unwrap().take().unwrap();
-    data.unwrap_or_else(|e| panic!("the GPU failed: {e}"))
+    take_download(&sink).unwrap_or_else(|e| panic!("the GPU failed: {e}"))
 }
 
 fn main() {

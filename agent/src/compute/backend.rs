@@ -65,8 +65,18 @@ pub trait Backend: Send + Sync + 'static {
     fn utilization(&self) -> Vec<f64>;
 }
 
-/// Where a download's data lands.
-pub type Download = Arc<Mutex<Option<Result<Vec<f32>, ComputeError>>>>;
+/// Where a download's data lands: shared, so that a CPU buffer's data is handed over, not
+/// copied.
+pub type Download = Arc<Mutex<Option<Result<Arc<Vec<f32>>, ComputeError>>>>;
+
+/// A landed download's data; a copy only when something else still holds it (a buffer the
+/// caller kept).
+pub fn take_download(sink: &Download) -> Result<Vec<f32>, ComputeError> {
+    let landed = sink.lock().expect("download lock").take();
+    landed
+        .unwrap_or_else(|| Err(ComputeError::Stopped("download lost".into())))
+        .map(Arc::unwrap_or_clone)
+}
 
 /// A completion signal. Threads block on it; async code awaits it without blocking.
 #[derive(Clone, Default)]

@@ -325,16 +325,14 @@ pub fn forward(
                     };
                     let mut out = rows_mut(wide, l.kg, ph.wide);
                     if inner.degree() > 1 {
-                        // One sample on many threads: they take column blocks, as many each.
-                        let threads = inner.degree();
-                        let rounds = ph.wide.div_ceil(threads * BLOCK);
-                        let nb = ph.wide.div_ceil(threads * rounds);
-                        out.par_col_chunks_mut(nb)
+                        // One sample on many threads: they take column blocks. The same
+                        // blocks as on one thread: a narrower GEMM may sum in another order.
+                        out.par_col_chunks_mut(BLOCK)
                             .enumerate()
                             .for_each(|(i, block)| {
                                 with_scratch(|c| {
-                                    c.resize(l.ckk * nb, 0.0);
-                                    lower(i * nb, block, c);
+                                    c.resize(l.ckk * BLOCK, 0.0);
+                                    lower(i * BLOCK, block, c);
                                 });
                             });
                     } else {

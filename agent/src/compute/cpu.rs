@@ -218,8 +218,11 @@ fn execute(
 }
 
 /// Copies a buffer into a download's sink and fires its event.
-fn land(buffer: &CpuBuffer, sink: &Download, signal: &Event) {
-    *sink.lock().expect("download lock") = Some(buffer.read().map(|d| d.as_ref().clone()));
+fn land(buffer: CpuBuffer, sink: &Download, signal: &Event) {
+    let data = buffer.read();
+    // Let go of the buffer before the waiter wakes, so that it may take the data uncopied.
+    drop(buffer);
+    *sink.lock().expect("download lock") = Some(data);
     signal.fire();
 }
 
@@ -273,7 +276,7 @@ impl Backend for InlineBackend {
 
     fn download(&self, _stream: usize, buffer: &CpuBuffer) -> (Event, Download) {
         let (event, sink) = (Event::default(), Download::default());
-        land(buffer, &sink, &event);
+        land(buffer.clone(), &sink, &event);
         (event, sink)
     }
 
@@ -328,7 +331,7 @@ impl Backend for CpuBackend {
         let event = Event::default();
         let out: Download = Arc::default();
         let (buffer, sink, signal) = (buffer.clone(), out.clone(), event.clone());
-        self.enqueue(stream, Box::new(move || land(&buffer, &sink, &signal)));
+        self.enqueue(stream, Box::new(move || land(buffer, &sink, &signal)));
         (event, out)
     }
 

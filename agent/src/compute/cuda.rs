@@ -307,7 +307,7 @@ impl Backend for CudaBackend {
                     let data = outcome.and_then(|()| {
                         staging
                             .as_slice()
-                            .map(<[f32]>::to_vec)
+                            .map(|d| Arc::new(d.to_vec()))
                             .or_device("reading pinned memory")
                     });
                     pool.give(staging);
@@ -1183,6 +1183,7 @@ mod tests {
     use faer::Par;
 
     use super::*;
+    use crate::compute::backend::take_download;
     use crate::compute::cpu::run_op;
     use crate::compute::engine::{Engine, EngineConfig, run_sync};
     use crate::compute::ops::uniform;
@@ -1215,7 +1216,7 @@ mod tests {
             .map(|o| {
                 let (event, sink) = b.download(stream, o);
                 event.wait_blocking();
-                sink.lock().unwrap().take().unwrap()
+                take_download(&sink)
             })
             .collect()
     }
@@ -1341,10 +1342,7 @@ mod tests {
         let out = b.launch(0, Op::Relu, &[&failed]);
         let (event, sink) = b.download(0, &out[0]);
         event.wait_blocking();
-        assert_eq!(
-            sink.lock().unwrap().take().unwrap(),
-            Err(ComputeError::Injected)
-        );
+        assert_eq!(take_download(&sink), Err(ComputeError::Injected));
     }
 
     /// A stream waits for an event recorded on another (on the GPU), and for one fired on the
@@ -1373,7 +1371,7 @@ mod tests {
         assert!(ready.is_done());
         let mut want = x;
         crate::compute::ops::relu(&mut want);
-        assert_eq!(sink.lock().unwrap().take().unwrap().unwrap(), want);
+        assert_eq!(take_download(&sink).unwrap(), want);
     }
 
     /// Many tasks at once on a two-thread runtime over three streams: every result equals the

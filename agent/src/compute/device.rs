@@ -194,6 +194,7 @@ impl Backend for DeviceBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::backend::take_download;
     use crate::compute::engine::{Engine, EngineConfig, run_sync};
     use crate::compute::ops::uniform;
 
@@ -248,9 +249,9 @@ mod tests {
         let outputs = backend.launch(0, Op::Relu, &[&other]);
         let (event, sink) = backend.download(0, &outputs[0]);
         event.wait_blocking();
-        assert_eq!(sink.lock().unwrap().take().unwrap(), Err(foreign()));
+        assert_eq!(take_download(&sink), Err(foreign()));
         let (event, sink) = backend.download(0, &other);
         event.wait_blocking();
-        assert_eq!(sink.lock().unwrap().take().unwrap(), Err(foreign()));
+        assert_eq!(take_download(&sink), Err(foreign()));
     }
 }

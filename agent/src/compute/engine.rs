@@ -10,7 +10,7 @@ use kernelflow_crds::kernel_deployment::RolloutFlags;
 use tokio::sync::Semaphore;
 
 use super::ComputeError;
-use super::backend::{Backend, Op};
+use super::backend::{Backend, Op, take_download};
 use super::cpu::run_op;
 
 /// How an engine runs: the rollout flags that size and shape it.
@@ -172,14 +172,11 @@ impl<B: Backend> Engine<B> {
         if let Some((event, _)) = downloads.last() {
             event.fired().await;
         }
+        // Ours dropped, the downloads hold the only references: no copies.
+        drop((buffers, outputs));
         downloads
             .into_iter()
-            .map(|(_, sink)| {
-                sink.lock()
-                    .expect("download lock")
-                    .take()
-                    .unwrap_or_else(|| Err(ComputeError::Stopped("download lost".into())))
-            })
+            .map(|(_, sink)| take_download(&sink))
             .collect()
     }
 }

@@ -11,7 +11,7 @@ use futures::future::{BoxFuture, try_join_all};
 use kernelflow_crds::Conv2dSpec;
 
 use super::ComputeError;
-use super::backend::{Backend, Download, Event, Op};
+use super::backend::{Backend, Download, Event, Op, take_download};
 use super::conv::Conv2dParams;
 use super::engine::{Engine, run_sync};
 use super::ops::{sgd, uniform};
@@ -353,8 +353,7 @@ pub async fn staged_gradients<B: Backend>(
 /// A download's data once its event has fired.
 async fn landed((event, sink): (Event, Download)) -> Result<Vec<f32>, ComputeError> {
     event.fired().await;
-    let value = sink.lock().expect("download lock").take();
-    value.unwrap_or_else(|| Err(ComputeError::Stopped("download lost".into())))
+    take_download(&sink)
 }
 
 /// One micro-batch's forward and backward passes on its stream. Returns its size, then its
