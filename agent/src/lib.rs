@@ -39,6 +39,10 @@ pub struct Args {
     /// Bytes of kernels kept in memory.
     #[arg(long, env = "KERNELFLOW_MEMORY_CACHE_BYTES", default_value_t = 512 << 20)]
     pub memory_cache_bytes: usize,
+    /// Bytes of kernel weights kept on the device (GPU memory; on the CPU backend they share
+    /// the memory tier's).
+    #[arg(long, env = "KERNELFLOW_DEVICE_CACHE_BYTES", default_value_t = 2 << 30)]
+    pub device_cache_bytes: usize,
     /// Bytes of artifacts kept on disk.
     #[arg(long, env = "KERNELFLOW_DISK_CACHE_BYTES", default_value_t = 10 << 30)]
     pub disk_cache_bytes: u64,
@@ -157,7 +161,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    let store = artifact::store::KernelStore::new(store_config, cache_metrics)
+    let store = artifact::store::KernelStore::new(store_config, cache_metrics.clone())
         .context("opening the kernel cache")?;
     let warmer = warm::Warmer::new(store.clone());
     let router = rollout::Router::new(
@@ -166,8 +170,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             shadow_ops_per_second: args.shadow_ops_per_second,
             shadow_concurrency: args.shadow_concurrency,
             device,
+            device_cache_bytes: args.device_cache_bytes,
         },
         rollout::RolloutMetrics::new(&metrics.registry)?,
+        cache_metrics,
     );
     let warming = tokio::spawn(warm::run(
         client.clone(),

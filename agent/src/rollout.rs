@@ -17,10 +17,12 @@ use kube::ResourceExt;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::artifact::format::Kernel;
+use crate::artifact::memory::{MemoryCache, footprint};
+use crate::artifact::metrics::{CacheMetrics, Tier};
 use crate::compute::ComputeError;
-use crate::compute::backend::Op;
+use crate::compute::backend::{Backend, Op};
 use crate::compute::conv::Conv2dParams;
-use crate::compute::device::{Device, DeviceBackend};
+use crate::compute::device::{Device, DeviceBackend, DeviceBuffer};
 use crate::compute::engine::{Engine, EngineConfig, run_sync};
 use crate::compute::ops::uniform;
 use crate::compute::train::{KernelLayerRunner, Layer, SyncPath};
@@ -67,45 +69,71 @@ pub struct RouterConfig {
     pub shadow_concurrency: usize,
     /// Where the lanes' and the training workers' engines run.
     pub device: Device,
+    /// Bytes of kernel weights kept on the device (the device cache tier).
+    pub device_cache_bytes: usize,
 }
+
+/// A kernel's weight and bias where the backend computes, uploaded once per digest and
+/// shared by every lane running that kernel.
+type Weights = Arc<Vec<DeviceBuffer>>;
 
 /// One revision as this node runs it.
 struct Lane {
     kernel: Arc<Kernel>,
     /// None: the synchronous path.
-    engine: Option<Engine<DeviceBackend>>,
+    engine: Option<(Engine<DeviceBackend>, Weights)>,
 }
 
 impl Lane {
-    fn new(revision: &Revision, kernel: Arc<Kernel>, device: &Device) -> Self {
+    fn new(
+        revision: &Revision,
+        kernel: Arc<Kernel>,
+        device: &Device,
+        weights: &MemoryCache<Weights>,
+    ) -> Self {
         let f = &revision.flags;
         // On the CPU backend a stream is one core's worker, so the pool size is the
         // revision's parallelism, as streams are on a GPU.
         let engine = f.async_enabled.then(|| {
             let backend = device.backend(f.stream_pool_size as usize, 1);
-            Engine::new(Arc::new(backend), EngineConfig::from(f))
+            let resident = weights.get(&kernel.sha256).unwrap_or_else(|| {
+                let host = [Some(kernel.weight.clone()), kernel.bias.clone()];
+                let up: Weights = Arc::new(
+                    host.into_iter()
+                        .flatten()
+                        .map(|d| backend.resident(d))
+                        .collect(),
+                );
+                weights.insert(kernel.sha256.clone(), up.clone(), footprint(&kernel));
+                up
+            });
+            (
+                Engine::new(Arc::new(backend), EngineConfig::from(f)),
+                resident,
+            )
         });
         Self { kernel, engine }
     }
 
     async fn run(&self, p: Conv2dParams, x: Arc<Vec<f32>>) -> Result<Vec<f32>, ComputeError> {
         let (w, b) = (self.kernel.weight.clone(), self.kernel.bias.clone());
+        let inputs: Vec<_> = [Some(x), Some(w), b].into_iter().flatten().collect();
         match &self.engine {
-            Some(engine) => engine.conv2d(p, x, w, b).await,
-            None => {
-                let inputs: Vec<_> = [Some(x), Some(w), b].into_iter().flatten().collect();
-                tokio::task::spawn_blocking(move || run_sync(Op::Conv2d(p), &inputs))
-                    .await
-                    .map_err(|e| ComputeError::Stopped(e.to_string()))?
-                    .map(|mut out| out.swap_remove(0))
+            Some((engine, resident)) => {
+                let out = engine.run_with(Op::Conv2d(p), inputs, resident).await;
+                Ok(out?.swap_remove(0))
             }
+            None => tokio::task::spawn_blocking(move || run_sync(Op::Conv2d(p), &inputs))
+                .await
+                .map_err(|e| ComputeError::Stopped(e.to_string()))?
+                .map(|mut out| out.swap_remove(0)),
         }
     }
 
     fn fallbacks(&self) -> u64 {
         self.engine
             .as_ref()
-            .map_or(0, |e| e.stats.fallbacks.load(Ordering::Relaxed))
+            .map_or(0, |(e, _)| e.stats.fallbacks.load(Ordering::Relaxed))
     }
 }
 
@@ -423,6 +451,8 @@ impl RolloutMetrics {
 pub struct Router {
     config: RouterConfig,
     metrics: RolloutMetrics,
+    /// The device tier of the kernel cache.
+    weights: MemoryCache<Weights>,
     serving: Mutex<BTreeMap<(String, String), Arc<Serving>>>,
     /// Replaced or removed splits with operations still in flight; a deleted deployment
     /// stays in the report until these finish.
@@ -430,10 +460,16 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(config: RouterConfig, metrics: RolloutMetrics) -> Arc<Self> {
+    pub fn new(
+        config: RouterConfig,
+        metrics: RolloutMetrics,
+        cache_metrics: CacheMetrics,
+    ) -> Arc<Self> {
+        let weights = MemoryCache::new(config.device_cache_bytes, Tier::Device, cache_metrics);
         Arc::new(Self {
             config,
             metrics,
+            weights,
             serving: Mutex::default(),
             draining: Mutex::default(),
         })
@@ -486,7 +522,7 @@ impl Router {
             // Lanes exist only for warm kernels: a kernel takes traffic once warm.
             let lane = |r: &Option<(Revision, bool)>| {
                 let (r, _) = r.as_ref()?;
-                Some(Lane::new(r, warm(r)?, &self.config.device))
+                Some(Lane::new(r, warm(r)?, &self.config.device, &self.weights))
             };
             let (canary, stable) = (lane(&plan.canary), lane(&plan.stable));
             let comparable = match (&canary, &stable) {

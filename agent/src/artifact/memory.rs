@@ -1,4 +1,5 @@
-//! L1: verified kernels in memory, least recently used first out, bounded in bytes.
+//! L1: verified kernels in memory, and their weights on the device, least recently used
+//! first out, bounded in bytes.
 
 use std::sync::{Arc, Mutex};
 
@@ -7,73 +8,71 @@ use lru::LruCache;
 use super::format::Kernel;
 use super::metrics::{CacheMetrics, Tier};
 
-/// An LRU of kernels keyed by artifact digest.
-pub struct MemoryCache {
-    inner: Mutex<Inner>,
+/// An LRU keyed by artifact digest, bounded in bytes: of kernels in memory, or (the device
+/// tier) of their weights where the backend computes.
+pub struct MemoryCache<V = Arc<Kernel>> {
+    inner: Mutex<Inner<V>>,
     capacity: usize,
+    tier: Tier,
     metrics: CacheMetrics,
 }
 
-struct Inner {
-    lru: LruCache<String, Arc<Kernel>>,
+struct Inner<V> {
+    /// Each value with the bytes it takes.
+    lru: LruCache<String, (V, usize)>,
     bytes: usize,
 }
 
-/// Memory a kernel takes here.
+/// Memory a kernel's weights take.
 pub fn footprint(k: &Kernel) -> usize {
     4 * (k.weight.len() + k.bias.as_ref().map_or(0, |b| b.len()))
 }
 
-impl MemoryCache {
-    pub fn new(capacity: usize, metrics: CacheMetrics) -> Self {
+impl<V: Clone> MemoryCache<V> {
+    pub fn new(capacity: usize, tier: Tier, metrics: CacheMetrics) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             }),
             capacity,
+            tier,
             metrics,
         }
     }
 
-    /// The kernel with this digest, marked as recently used.
-    pub fn get(&self, digest: &str) -> Option<Arc<Kernel>> {
-        let found = self
-            .inner
-            .lock()
-            .expect("cache lock")
-            .lru
-            .get(digest)
-            .cloned();
-        self.metrics.count(Tier::Memory, found.is_some());
+    /// The value under this digest, marked as recently used.
+    pub fn get(&self, digest: &str) -> Option<V> {
+        let mut inner = self.inner.lock().expect("cache lock");
+        let found = inner.lru.get(digest).map(|(v, _)| v.clone());
+        self.metrics.count(self.tier, found.is_some());
         found
     }
 
-    /// Inserts a kernel, evicting the least recently used until it fits. A kernel larger
-    /// than the whole cache is not kept.
-    pub fn insert(&self, kernel: Arc<Kernel>) {
-        let size = footprint(&kernel);
+    /// Inserts `value`, taking `size` bytes, evicting the least recently used until it fits.
+    /// A value larger than the whole cache is not kept.
+    pub fn insert(&self, digest: String, value: V, size: usize) {
         if size > self.capacity {
             return;
         }
         let mut inner = self.inner.lock().expect("cache lock");
-        if let Some(old) = inner.lru.put(kernel.sha256.clone(), kernel) {
-            inner.bytes -= footprint(&old);
+        if let Some((_, old)) = inner.lru.put(digest, (value, size)) {
+            inner.bytes -= old;
         }
         inner.bytes += size;
         while inner.bytes > self.capacity {
-            let Some((_, evicted)) = inner.lru.pop_lru() else {
+            let Some((_, (_, evicted))) = inner.lru.pop_lru() else {
                 break;
             };
-            inner.bytes -= footprint(&evicted);
+            inner.bytes -= evicted;
             self.metrics
                 .evictions
-                .with_label_values(&[Tier::Memory.label()])
+                .with_label_values(&[self.tier.label()])
                 .inc();
         }
         self.metrics
             .bytes
-            .with_label_values(&[Tier::Memory.label()])
+            .with_label_values(&[self.tier.label()])
             .set(inner.bytes as i64);
     }
 
@@ -104,17 +103,25 @@ mod tests {
         })
     }
 
+    fn memory(capacity: usize) -> MemoryCache {
+        MemoryCache::new(capacity, Tier::Memory, CacheMetrics::default())
+    }
+
+    fn put(cache: &MemoryCache, k: Arc<Kernel>) {
+        cache.insert(k.sha256.clone(), k.clone(), footprint(&k));
+    }
+
     #[test]
     fn least_recently_used_goes_first() {
-        let cache = MemoryCache::new(400, CacheMetrics::default());
-        cache.insert(kernel(1, 40));
-        cache.insert(kernel(2, 40));
+        let cache = memory(400);
+        put(&cache, kernel(1, 40));
+        put(&cache, kernel(2, 40));
         assert!(cache.get(&kernel(1, 0).sha256).is_some());
-        cache.insert(kernel(3, 40)); // 480 bytes: evicts 2, used least recently.
+        put(&cache, kernel(3, 40)); // 480 bytes: evicts 2, used least recently.
         assert!(cache.contains(&kernel(1, 0).sha256) && cache.contains(&kernel(3, 0).sha256));
         assert!(!cache.contains(&kernel(2, 0).sha256));
         assert_eq!(cache.bytes(), 320);
-        cache.insert(kernel(4, 1000)); // Larger than the cache: not kept, nothing evicted.
+        put(&cache, kernel(4, 1000)); // Larger than the cache: not kept, nothing evicted.
         assert_eq!(cache.bytes(), 320);
         let m = &cache.metrics;
         assert_eq!(
@@ -131,17 +138,17 @@ mod tests {
         /// exactly, and keeps the most recently inserted kernel when it fits.
         #[test]
         fn stays_within_its_bound(ops in proptest::collection::vec((0usize..20, 1usize..60, any::<bool>()), 1..200)) {
-            let cache = MemoryCache::new(800, CacheMetrics::default());
+            let cache = memory(800);
             for (id, params, read) in ops {
                 if read {
                     cache.get(&kernel(id, 0).sha256);
                 } else {
-                    cache.insert(kernel(id, params));
+                    put(&cache, kernel(id, params));
                     prop_assert!(cache.contains(&kernel(id, 0).sha256));
                 }
                 let inner = cache.inner.lock().unwrap();
                 prop_assert!(inner.bytes <= 800);
-                prop_assert_eq!(inner.bytes, inner.lru.iter().map(|(_, k)| footprint(k)).sum::<usize>());
+                prop_assert_eq!(inner.bytes, inner.lru.iter().map(|(_, (k, _))| footprint(k)).sum::<usize>());
             }
         }
     }

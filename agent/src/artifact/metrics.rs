@@ -1,11 +1,14 @@
 //! Metrics of the kernel cache, in Prometheus conventions (base units, `_total`, `_seconds`,
-//! `_bytes`), labelled by tier (`memory`, `disk`, `remote`).
+//! `_bytes`), labelled by tier (`device`, `memory`, `disk`, `remote`).
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// A cache tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
+    /// Weights where the backend computes: GPU memory on CUDA; on the CPU the memory tier's
+    /// own vectors, shared, not copied.
+    Device,
     Memory,
     Disk,
     Remote,
@@ -14,6 +17,7 @@ pub enum Tier {
 impl Tier {
     pub fn label(self) -> &'static str {
         match self {
+            Tier::Device => "device",
             Tier::Memory => "memory",
             Tier::Disk => "disk",
             Tier::Remote => "remote",

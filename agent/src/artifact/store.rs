@@ -13,7 +13,7 @@ use kernelflow_crds::{ArtifactRef, Conv2dSpec};
 
 use super::disk::DiskCache;
 use super::format::{self, ArtifactError, Kernel, Limits};
-use super::memory::MemoryCache;
+use super::memory::{MemoryCache, footprint};
 use super::metrics::{CacheMetrics, Tier};
 use super::remote::{Remote, RetryPolicy};
 
@@ -60,7 +60,7 @@ impl KernelStore {
             .map(|d| DiskCache::open(d, config.disk_bytes, metrics.clone()))
             .transpose()?;
         Ok(Arc::new(Self {
-            memory: MemoryCache::new(config.memory_bytes, metrics.clone()),
+            memory: MemoryCache::new(config.memory_bytes, Tier::Memory, metrics.clone()),
             disk,
             remote: Remote::new(config.retry, metrics.clone()),
             limits: config.limits,
@@ -103,7 +103,8 @@ impl KernelStore {
         self.inflight.lock().expect("inflight lock").remove(&key);
         match &result {
             Ok(k) => {
-                self.memory.insert(k.clone());
+                self.memory
+                    .insert(k.sha256.clone(), k.clone(), footprint(k));
                 self.metrics
                     .load_seconds
                     .observe(started.elapsed().as_secs_f64());

@@ -53,6 +53,9 @@ pub trait Backend: Send + Sync + 'static {
     fn streams(&self) -> usize;
     /// Enqueues a copy of host data into a new device buffer.
     fn upload(&self, stream: usize, data: Arc<Vec<f32>>) -> Self::Buffer;
+    /// A buffer of long-lived data (a kernel's weights) that work on any stream may read:
+    /// copied to the device once, or on the CPU the host data itself.
+    fn resident(&self, data: Arc<Vec<f32>>) -> Self::Buffer;
     /// Enqueues `op` on `stream`; returns its output buffers.
     fn launch(&self, stream: usize, op: Op, inputs: &[&Self::Buffer]) -> Vec<Self::Buffer>;
     /// Enqueues a copy back to the host, complete when the returned event fires.

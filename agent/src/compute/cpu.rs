@@ -19,6 +19,13 @@ type Slot = OnceLock<Result<Arc<Vec<f32>>, ComputeError>>;
 pub struct CpuBuffer(Arc<Slot>);
 
 impl CpuBuffer {
+    /// A buffer holding `data` now, readable from any stream.
+    fn ready(data: Arc<Vec<f32>>) -> Self {
+        let buffer = Self::default();
+        drop(buffer.0.set(Ok(data)));
+        buffer
+    }
+
     /// A buffer that reads back as `error`.
     pub fn failed(error: ComputeError) -> Self {
         Self(Arc::new(OnceLock::from(Err(error))))
@@ -259,9 +266,11 @@ impl Backend for InlineBackend {
     }
 
     fn upload(&self, _stream: usize, data: Arc<Vec<f32>>) -> CpuBuffer {
-        let buffer = CpuBuffer::default();
-        drop(buffer.0.set(Ok(data)));
-        buffer
+        CpuBuffer::ready(data)
+    }
+
+    fn resident(&self, data: Arc<Vec<f32>>) -> CpuBuffer {
+        CpuBuffer::ready(data)
     }
 
     fn launch(&self, _stream: usize, op: Op, inputs: &[&CpuBuffer]) -> Vec<CpuBuffer> {
@@ -306,6 +315,10 @@ impl Backend for CpuBackend {
 
     fn streams(&self) -> usize {
         self.streams.len()
+    }
+
+    fn resident(&self, data: Arc<Vec<f32>>) -> CpuBuffer {
+        CpuBuffer::ready(data)
     }
 
     fn upload(&self, stream: usize, data: Arc<Vec<f32>>) -> CpuBuffer {

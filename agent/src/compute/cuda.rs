@@ -269,6 +269,12 @@ impl Backend for CudaBackend {
             .unwrap_or_else(CudaBuffer::failed)
     }
 
+    /// Uploaded on stream 0; work on other streams that reads it waits for the copy
+    /// through cudarc's event tracking, as for any buffer written on another stream.
+    fn resident(&self, data: Arc<Vec<f32>>) -> CudaBuffer {
+        self.upload(0, data)
+    }
+
     fn launch(&self, stream: usize, op: Op, inputs: &[&CudaBuffer]) -> Vec<CudaBuffer> {
         let s = self.stream(stream);
         let launched = inputs

@@ -119,6 +119,13 @@ impl Backend for DeviceBackend {
         }
     }
 
+    fn resident(&self, data: Arc<Vec<f32>>) -> DeviceBuffer {
+        match self {
+            DeviceBackend::Cpu(b) => DeviceBuffer::Cpu(b.resident(data)),
+            DeviceBackend::Cuda(b) => DeviceBuffer::Cuda(b.resident(data)),
+        }
+    }
+
     fn launch(&self, stream: usize, op: Op, inputs: &[&DeviceBuffer]) -> Vec<DeviceBuffer> {
         match self {
             DeviceBackend::Cpu(b) => {

@@ -112,6 +112,25 @@ impl<B: Backend> Engine<B> {
         op: Op,
         inputs: Vec<Arc<Vec<f32>>>,
     ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        self.run_with(op, inputs, &[]).await
+    }
+
+    /// Like [`Engine::run`], with the last inputs already on the device as `resident` (a
+    /// kernel's weights, uploaded once): only the others are uploaded. The synchronous
+    /// fallback still reads all of `inputs`.
+    pub async fn run_with(
+        &self,
+        op: Op,
+        inputs: Vec<Arc<Vec<f32>>>,
+        resident: &[B::Buffer],
+    ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        if resident.len() > inputs.len() {
+            return Err(ComputeError::Shape(format!(
+                "{} resident buffers for {} inputs",
+                resident.len(),
+                inputs.len()
+            )));
+        }
         let _permit = self
             .limit
             .acquire()
@@ -120,7 +139,7 @@ impl<B: Backend> Engine<B> {
         self.stats.ops.fetch_add(1, Ordering::Relaxed);
         let result = {
             let lease = self.lease();
-            self.on_stream(lease.stream, op, &inputs).await
+            self.on_stream(lease.stream, op, &inputs, resident).await
         };
         match result {
             Err(e) if self.config.fallback_on_error => {
@@ -157,10 +176,12 @@ impl<B: Backend> Engine<B> {
         stream: usize,
         op: Op,
         inputs: &[Arc<Vec<f32>>],
+        resident: &[B::Buffer],
     ) -> Result<Vec<Vec<f32>>, ComputeError> {
-        let buffers: Vec<B::Buffer> = inputs
+        let buffers: Vec<B::Buffer> = inputs[..inputs.len() - resident.len()]
             .iter()
             .map(|d| self.backend.upload(stream, d.clone()))
+            .chain(resident.iter().cloned())
             .collect();
         let refs: Vec<&B::Buffer> = buffers.iter().collect();
         let outputs = self.backend.launch(stream, op, &refs);
