@@ -315,6 +315,26 @@ mod tests {
         assert!(matches!(err, ComputeError::Shape(_)), "{err}");
     }
 
+    /// Weights already on the device take the place of the last inputs: the same result,
+    /// and more resident buffers than inputs is a typed error, not a panic.
+    #[tokio::test]
+    async fn resident_inputs_replace_the_last_uploads() {
+        let e = engine(2, false);
+        let p = params(1);
+        let (x, w) = (
+            uniform(p.input_len(), 1, 1.0),
+            uniform(p.weight_len(), 2, 0.5),
+        );
+        let (x, w) = (Arc::new(x), Arc::new(w));
+        let resident = [e.backend().resident(w.clone())];
+        let inputs = vec![x.clone(), w.clone()];
+        let y = e.run_with(Op::Conv2d(p), inputs, &resident).await.unwrap();
+        assert_eq!(y, run_sync(Op::Conv2d(p), &[x.clone(), w]).unwrap());
+        let two = [resident[0].clone(), resident[0].clone()];
+        let err = e.run_with(Op::Relu, vec![x], &two).await.unwrap_err();
+        assert!(matches!(err, ComputeError::Shape(_)), "{err}");
+    }
+
     /// A future dropped while its op waits in the stream: the op still runs later on buffers
     /// kept alive by the queue, and the engine stays usable.
     #[tokio::test]
