@@ -278,11 +278,22 @@ impl Machine<'_> {
         if summary.unservable {
             self.s.phase = RolloutPhase::Failed;
             self.s.traffic_percent = 0;
+            // A first revision's baseline is the same artifact: then nothing can serve.
+            let fallback = self
+                .s
+                .stable_revision
+                .as_ref()
+                .filter(|s| s.artifact.sha256 != self.spec.kernel.artifact.sha256);
+            let then = if fallback.is_some() {
+                "the stable revision keeps all traffic"
+            } else {
+                "nothing serves until a servable artifact is set"
+            };
             self.note(
                 true,
                 "RolloutFailed",
                 format!(
-                    "the revision cannot be served, the stable revision keeps all traffic: {}",
+                    "the revision cannot be served, {then}: {}",
                     summary.readiness.message
                 ),
             );

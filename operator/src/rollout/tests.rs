@@ -518,11 +518,30 @@ fn an_artifact_no_node_can_serve_fails_and_leaves_traffic_on_stable() {
         (run.phase(), run.status.traffic_percent),
         (RolloutPhase::Failed, 0)
     );
-    assert!(run.notes.last().unwrap().message.contains("DigestMismatch"));
+    let message = &run.notes.last().unwrap().message;
+    assert!(message.contains("DigestMismatch"), "{message}");
+    assert!(
+        message.contains("the stable revision keeps all traffic"),
+        "{message}"
+    );
     assert_eq!(
         run.status.stable_revision.as_ref().unwrap().artifact.sha256,
         A
     );
+}
+
+/// A first revision's baseline is the same artifact, so when it cannot be served nothing
+/// can, and the message must not promise a stable revision.
+#[test]
+fn a_first_artifact_no_node_can_serve_says_nothing_serves() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    let mut broken = nodes(3, 0);
+    broken.unservable = true;
+    broken.readiness.message = "node a: NonFinite".into();
+    run.at(0, &broken);
+    assert_eq!(run.phase(), RolloutPhase::Failed);
+    let message = &run.notes.last().unwrap().message;
+    assert!(message.contains("nothing serves"), "{message}");
 }
 
 #[test]
