@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use faer::Par;
 use kernelflow_agent::compute::backend::Op;
-use kernelflow_agent::compute::conv::{self, Conv2dParams};
+use kernelflow_agent::compute::conv;
 use kernelflow_agent::compute::cpu::{CpuBackend, run_op};
 use kernelflow_agent::compute::engine::{Engine, EngineConfig};
 use kernelflow_agent::compute::ops::uniform;
@@ -16,28 +16,8 @@ use kernelflow_agent::compute::train::{Model, gradients};
 use kernelflow_crds::Conv2dSpec;
 use kernelflow_crds::training_job::PipelineMode;
 
-fn shape(
-    n: usize,
-    c: usize,
-    h: usize,
-    k: usize,
-    r: usize,
-    stride: usize,
-    pad: usize,
-) -> Conv2dParams {
-    Conv2dParams {
-        batch: n,
-        in_channels: c,
-        height: h,
-        width: h,
-        out_channels: k,
-        kernel: [r, r],
-        stride: [stride, stride],
-        padding: [pad, pad],
-        dilation: [1, 1],
-        groups: 1,
-    }
-}
+mod shapes;
+use shapes::{SHAPES, SMALL, params};
 
 /// Median seconds of `f` over enough runs to fill about `budget`, after one warm-up.
 fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
@@ -57,14 +37,7 @@ fn conv_throughput() {
     println!(
         "## conv2d forward, 2 threads\n\n| N, C, H, W, K, RxS, stride, pad | ms | GFLOP/s |\n|---|---|---|"
     );
-    let shapes = [
-        shape(8, 64, 56, 64, 3, 1, 1),
-        shape(8, 128, 28, 128, 3, 1, 1),
-        shape(8, 256, 14, 256, 1, 1, 0),
-        shape(8, 3, 224, 64, 7, 2, 3),
-        shape(1, 32, 32, 32, 3, 1, 1),
-    ];
-    for p in shapes {
+    for p in SHAPES.map(params) {
         let x = uniform(p.input_len(), 1, 1.0);
         let w = uniform(p.weight_len(), 2, 0.1);
         let b = uniform(p.out_channels, 3, 0.1);
@@ -131,7 +104,7 @@ fn async_overhead(rt: &tokio::runtime::Runtime) {
     println!(
         "\n## async path overhead (1, 32, 32, 32, 32, 3x3; one stream, one op at a time)\n\n| op threads | synchronous µs/op | async µs/op | overhead |\n|---|---|---|---|"
     );
-    let p = shape(1, 32, 32, 32, 3, 1, 1);
+    let p = params(SMALL);
     let x = Arc::new(uniform(p.input_len(), 1, 1.0));
     let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
     // The same compute threads on both paths: what differs is only the stream around it.
@@ -229,7 +202,7 @@ fn stream_scaling(rt: &tokio::runtime::Runtime) {
     println!(
         "\n## stream scaling (1, 32, 32, 32, 32, 3x3; 64 ops in flight; 1 thread per op)\n\n| streams | ops/s |\n|---|---|"
     );
-    let p = shape(1, 32, 32, 32, 3, 1, 1);
+    let p = params(SMALL);
     let x = Arc::new(uniform(p.input_len(), 1, 1.0));
     let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
     for streams in [1, 2, 4] {

@@ -8,36 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kernelflow_agent::compute::backend::{Backend, Op, take_download};
-use kernelflow_agent::compute::conv::Conv2dParams;
 use kernelflow_agent::compute::cuda::{CudaBackend, CudaBuffer, CudaDevice};
 use kernelflow_agent::compute::engine::{Engine, EngineConfig};
 use kernelflow_agent::compute::ops::uniform;
 
-const SHAPES: [(usize, usize, usize, usize, usize, usize, usize); 5] = [
-    // N, C, H (= W), K, R (= S), stride, pad
-    (8, 64, 56, 64, 3, 1, 1),
-    (8, 128, 28, 128, 3, 1, 1),
-    (8, 256, 14, 256, 1, 1, 0),
-    (8, 3, 224, 64, 7, 2, 3),
-    (1, 32, 32, 32, 3, 1, 1),
-];
-
-fn params(
-    (n, c, h, k, r, stride, pad): (usize, usize, usize, usize, usize, usize, usize),
-) -> Conv2dParams {
-    Conv2dParams {
-        batch: n,
-        in_channels: c,
-        height: h,
-        width: h,
-        out_channels: k,
-        kernel: [r, r],
-        stride: [stride, stride],
-        padding: [pad, pad],
-        dilation: [1, 1],
-        groups: 1,
-    }
-}
+mod shapes;
+use shapes::{SHAPES, SMALL, params};
 
 /// Blocks until everything enqueued on `stream` so far has run.
 fn sync(b: &CudaBackend, stream: usize) {
@@ -162,9 +138,9 @@ fn engine_rate(device: &CudaDevice) {
         .worker_threads(4)
         .build()
         .unwrap();
-    let p = params(SHAPES[4]);
+    let p = params(SMALL);
     let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
-    println!("| engine, {:?} with copies, 1024 ops | ops/s |", SHAPES[4]);
+    println!("| engine, {SMALL:?} with copies, 1024 ops | ops/s |");
     println!("|---|---|");
     for streams in [1, 4] {
         let engine = Engine::new(
