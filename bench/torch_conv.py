@@ -13,13 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = [  # N, C, H (= W), K, R (= S), stride, pad
-    (8, 64, 56, 64, 3, 1, 1),
-    (8, 128, 28, 128, 3, 1, 1),
-    (8, 256, 14, 256, 1, 1, 0),
-    (8, 3, 224, 64, 7, 2, 3),
-    (1, 32, 32, 32, 3, 1, 1),
-]
+from conv_shapes import SHAPES
 
 
 def flops(n, c, h, k, r, stride, pad):

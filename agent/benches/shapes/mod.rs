@@ -1,6 +1,6 @@
 //! The conv2d shapes every benchmark measures (the compute engine issue's list), shared by the
-//! CPU and the CUDA benchmarks; `bench/onnxruntime_conv.py` and `bench/torch_conv.py` hold
-//! the same list.
+//! CPU and the CUDA benchmarks; `bench/conv_shapes.py` is the same list for the onnxruntime and
+//! PyTorch scripts.
 
 use kernelflow_agent::compute::conv::Conv2dParams;
 
