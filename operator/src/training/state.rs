@@ -641,6 +641,12 @@ mod tests {
             .map(|c| (c.status.clone(), c.reason.clone()))
     }
 
+    /// The message of `d`'s condition `type_`.
+    fn message<'a>(d: &'a Decision, type_: &str) -> &'a str {
+        let c = d.status.conditions.iter().find(|c| c.type_ == type_);
+        &c.expect("the condition is set").message
+    }
+
     fn is(d: &Decision, type_: &str, status: &str, reason: &str) -> bool {
         condition(d, type_) == Some((status.into(), reason.into()))
     }
@@ -849,14 +855,8 @@ mod tests {
         assert_eq!(d.status.phase, TrainingPhase::Failed);
         assert!(is(&d, "Failed", "True", "WorkerFailed"));
         assert_eq!(d.status.restarts, 0);
-        let failed = d
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Failed")
-            .unwrap();
         assert_eq!(
-            failed.message,
+            message(&d, "Failed"),
             "worker 0 on node b: InvalidModel: stream fault"
         );
     }
@@ -872,15 +872,8 @@ mod tests {
         assert!(is(&d, "Failed", "True", "BackoffLimitExceeded"));
         assert!(is(&d, "Running", "False", "BackoffLimitExceeded"));
         assert_eq!(d.status.completion_time, Some(Time(at(2))));
-        let message = &d
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Failed")
-            .unwrap()
-            .message;
         assert_eq!(
-            message,
+            message(&d, "Failed"),
             "worker 0 on node b: node b is gone; the job has used its backoffLimit of 1 restarts"
         );
         let zero = job(1, serde_json::json!({"backoffLimit": 0}));
@@ -904,15 +897,8 @@ mod tests {
         let d = decide_at(&j, &nodes(), &reports, 10);
         assert_eq!(d.status.phase, TrainingPhase::Failed);
         assert!(is(&d, "Failed", "True", "DeadlineExceeded"));
-        let message = &d
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Failed")
-            .unwrap()
-            .message;
         assert_eq!(
-            message,
+            message(&d, "Failed"),
             "the job ran longer than activeDeadlineSeconds (10s)"
         );
     }

@@ -13,30 +13,22 @@ use kernelflow_e2e::env::{Process, Shared};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
-use crate::{eventually, gpu_node, merged, operator_with, setup, yaml};
+use crate::{eventually, gpu_node, merged, operator_with, setup, training_job};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A small job: 3x8x8 inputs through 3 -> 4 -> 3 channels, on the nodes labelled `pool`.
+/// A small job on the nodes labelled `pool` (and only those): the admission tests' valid job
+/// made quick, 3x8x8 inputs through 3 -> 4 -> 3 channels, a checkpoint every 10 steps.
 pub(crate) fn job(name: &str, pool: &str, patch: serde_json::Value) -> AsyncTrainingJob {
-    let base = yaml(&format!(
-        r#"
-apiVersion: kernelflow.dev/v1alpha1
-kind: AsyncTrainingJob
-metadata: {{name: {name}}}
-spec:
-  model:
-    layers:
-    - {{name: conv1, conv2d: {{inChannels: 3, outChannels: 4, kernelSize: [3, 3], padding: [1, 1]}}}}
-    - {{name: conv2, conv2d: {{inChannels: 4, outChannels: 3, kernelSize: [3, 3], padding: [1, 1]}}}}
-  data: {{synthetic: {{shape: [3, 8, 8], samples: 64, seed: 7}}}}
-  training: {{batchSize: 4, steps: 60, learningRate: 0.05, momentum: 0.9, seed: 1}}
-  pipeline: {{mode: triple, prefetchDepth: 2, streams: 2}}
-  placement: {{nodeSelector: {{matchLabels: {{pool: {pool}}}}}, replicas: 1}}
-  checkpoint: {{everySteps: 10}}
-"#
-    ));
-    serde_json::from_value(merged(base, patch)).expect("a valid job")
+    let conv = |name: &str, c: u32, k: u32| serde_json::json!({"name": name, "conv2d": {"inChannels": c, "outChannels": k, "kernelSize": [3, 3], "padding": [1, 1]}});
+    let small = serde_json::json!({"spec": {
+        "model": {"layers": [conv("conv1", 3, 4), conv("conv2", 4, 3)]},
+        "data": {"synthetic": {"shape": [3, 8, 8], "samples": 64}},
+        "training": {"batchSize": 4, "steps": 60, "learningRate": 0.05, "seed": 1},
+        "placement": {"nodeSelector": {"matchLabels": {"nvidia.com/gpu.present": null, "pool": pool}}},
+        "checkpoint": {"everySteps": 10}}});
+    let job = merged(merged(training_job(name), small), patch);
+    serde_json::from_value(job).expect("a valid job")
 }
 
 /// The test's nodes `<ns>-<n>`, labelled `pool=<ns>` and `slot=<n>`, and their agents.
