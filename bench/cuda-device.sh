@@ -17,7 +17,7 @@ if [[ ${1:-} == --prepare ]]; then
   exe() { grep "$1" | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
   tests=$(cargo test -p kernelflow-agent --lib --no-run --message-format=json \
     | exe '"kind":\["lib"\].*"test":true')
-  bench=$(cargo build -p kernelflow-agent --bench cuda --message-format=json \
+  bench=$(cargo build --release -p kernelflow-agent --bench cuda --message-format=json \
     | exe '"kind":\["bench"\],"crate_types":\["bin"\],"name":"cuda"')
   mkdir -p "$out"
   strip -o "$out/agent-tests" "$tests"
@@ -39,18 +39,37 @@ dirs = site.getsitepackages() + [site.getusersitepackages()]
 print(":".join(sorted({d for s in dirs for d in glob.glob(os.path.join(s, "nvidia", "*", "lib"))})))
 PY
 )
-export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# cudarc built for CUDA 12.8 looks for lib<name>.so and the .so.12, .so.11... majors; CUDA 13's
+# packages ship .so.13 alone. A folder of unversioned links to whatever major is there bridges
+# that: the calls the backend makes keep their ABI across these majors.
+shim=$(mktemp -d)
+for name in cublas cublasLt cudnn; do
+  for dir in ${libs//:/ }; do
+    for lib in "$dir"/lib$name.so.[0-9]*; do
+      [[ -e $lib && ! -e $shim/lib$name.so ]] && ln -s "$lib" "$shim/lib$name.so"
+    done
+  done
+done
+ls -l "$shim"
+export LD_LIBRARY_PATH=${shim}:${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 echo "== GPU tests (a test without a usable GPU prints 'skipping' and passes: check there are none)"
-"$tests" compute::cuda compute::device --nocapture 2>&1 | tee /tmp/kf-cuda-tests.log
+: >/tmp/kf-cuda-tests.log
+# One process per test, each under a time limit, so that a hang names its test and spares the rest.
+failed=0
+for test in $("$tests" compute::cuda compute::device --list 2>/dev/null | sed -n 's/: test$//p'); do
+  timeout 120 "$tests" --exact "$test" --nocapture 2>&1 | tee -a /tmp/kf-cuda-tests.log \
+    || { echo "FAILED or timed out: $test" >&2; failed=1; }
+done
 if grep -q 'no usable GPU' /tmp/kf-cuda-tests.log; then
   echo "the CUDA tests were skipped: the backend did not find a usable GPU" >&2
   exit 1
 fi
 
 echo "== kernelflow CUDA benchmark"
-"$bench"
+timeout 300 "$bench" || failed=1
 echo "== PyTorch"
-"$python" "$root/bench/torch_conv.py"
+timeout 120 "$python" "$root/bench/torch_conv.py" || failed=1
+exit $failed

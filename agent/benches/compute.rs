@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faer::Par;
+use futures::stream::{self, StreamExt};
 use kernelflow_agent::compute::backend::Op;
 use kernelflow_agent::compute::conv;
 use kernelflow_agent::compute::cpu::{CpuBackend, run_op};
@@ -102,52 +103,59 @@ fn training_step(rt: &tokio::runtime::Runtime) {
 
 fn async_overhead(rt: &tokio::runtime::Runtime) {
     println!(
-        "\n## async path overhead (1, 32, 32, 32, 32, 3x3; one stream, one op at a time)\n\n| op threads | synchronous µs/op | async µs/op | overhead |\n|---|---|---|---|"
+        "\n## async path overhead (1, 32, 32, 32, 32, 3x3; one stream)\n\n| op threads | async ops in flight | synchronous µs/op | async µs/op | overhead |\n|---|---|---|---|---|"
     );
     let p = params(SMALL);
     let x = Arc::new(uniform(p.input_len(), 1, 1.0));
     let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
     // The same compute threads on both paths: what differs is only the stream around it.
     for threads in [1, 2] {
-        let engine = Engine::new(
-            Arc::new(CpuBackend::new(1, threads)),
-            EngineConfig {
-                max_concurrent_ops: 1,
-                fallback_on_error: false,
-            },
-        );
-        let ops = 300;
-        let mut sync = Vec::new();
-        let mut asynchronous = Vec::new();
-        // Interleaved rounds, so drift in machine load hits both paths alike.
-        for _ in 0..7 {
-            let t = Instant::now();
-            for _ in 0..ops {
-                let out = run_op(Op::Conv2d(p), &[&x, &w], Par::rayon(threads));
-                std::hint::black_box(out.unwrap());
-            }
-            sync.push(t.elapsed().as_secs_f64() / ops as f64);
-            let t = Instant::now();
-            rt.block_on(async {
+        // One op awaited before the next: the stream's worker sleeps between ops, and each
+        // op pays for waking it. Several in flight: the worker goes from one to the next.
+        for in_flight in [1, 4] {
+            let engine = Engine::new(
+                Arc::new(CpuBackend::new(1, threads)),
+                EngineConfig {
+                    max_concurrent_ops: in_flight,
+                    fallback_on_error: false,
+                },
+            );
+            let ops = 300;
+            let mut sync = Vec::new();
+            let mut asynchronous = Vec::new();
+            // Interleaved rounds, so drift in machine load hits both paths alike.
+            for _ in 0..7 {
+                let t = Instant::now();
                 for _ in 0..ops {
-                    let out = engine.conv2d(p, x.clone(), w.clone(), None).await;
+                    let out = run_op(Op::Conv2d(p), &[&x, &w], Par::rayon(threads));
                     std::hint::black_box(out.unwrap());
                 }
-            });
-            asynchronous.push(t.elapsed().as_secs_f64() / ops as f64);
+                sync.push(t.elapsed().as_secs_f64() / ops as f64);
+                let t = Instant::now();
+                rt.block_on(
+                    stream::iter(0..ops)
+                        .map(|_| engine.conv2d(p, x.clone(), w.clone(), None))
+                        .buffered(in_flight)
+                        .for_each(|out| {
+                            std::hint::black_box(out.unwrap());
+                            async {}
+                        }),
+                );
+                asynchronous.push(t.elapsed().as_secs_f64() / ops as f64);
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (s, a) = (med(&mut sync), med(&mut asynchronous));
+            println!(
+                "| {threads} | {in_flight} | {:.1} | {:.1} | {:.1} µs ({:+.2}%) |",
+                s * 1e6,
+                a * 1e6,
+                (a - s) * 1e6,
+                (a / s - 1.0) * 100.0
+            );
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (s, a) = (med(&mut sync), med(&mut asynchronous));
-        println!(
-            "| {threads} | {:.1} | {:.1} | {:.1} µs ({:+.2}%) |",
-            s * 1e6,
-            a * 1e6,
-            (a - s) * 1e6,
-            (a / s - 1.0) * 100.0
-        );
     }
 }
 

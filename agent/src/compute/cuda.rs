@@ -18,7 +18,10 @@
 //!   asynchronous and overlap compute on other streams.
 //! - **Convolutions** use cuDNN in FP32 (FMA math: no TF32 tensor cores, so results agree with
 //!   the CPU backend's), with the algorithm chosen once per shape and op by cuDNN's heuristics
-//!   and one growing workspace per stream. ReLU, bias and the bias gradient are legacy cuDNN
+//!   and one growing workspace per stream. Forward runs an execution plan of cuDNN's graph API,
+//!   built once per shape and stream (the legacy call spends 50-170 µs of host time per call
+//!   re-deriving one); a shape the graph API cannot plan, and the backward passes, use the
+//!   legacy calls. ReLU, bias and the bias gradient are legacy cuDNN
 //!   calls; MSE, SGD and axpy are cuBLAS level-1 calls; nothing compiles code at run time.
 //! - **Errors** of CUDA and its libraries become [`ComputeError::Device`]: a failed op's
 //!   outputs carry its error, and downloads surface it. Nothing here panics on them.
@@ -464,7 +467,10 @@ impl Stream {
 
     /// Makes the stream wait for an event fired on the host: a host function on the stream
     /// blocks the driver's callback thread until it fires. This backend runs no other host
-    /// function, so that holds up only the work that must wait anyway.
+    /// function, so that holds up only the work that must wait anyway. But CUDA loads kernels
+    /// lazily, and loading one may synchronize the whole context: until the event fires, a
+    /// first launch of a kernel on any stream may wait for it, so the thread that fires it
+    /// must not be one that launches new kernels meanwhile.
     fn block_on_host(&self, event: &Event) -> Result<(), ComputeError> {
         extern "C" fn block(user: *mut c_void) {
             // SAFETY: `user` is the `Box<Event>` leaked below for exactly this one call.
@@ -563,34 +569,41 @@ impl PinnedPool {
     }
 }
 
-/// Convolution algorithms chosen for one shape, by op.
+/// Convolution algorithms chosen for one shape, by op, each with its workspace size in bytes.
 #[derive(Clone, Copy, Debug, Default)]
 struct Algos {
-    forward: Option<cudnn::sys::cudnnConvolutionFwdAlgo_t>,
-    data: Option<cudnn::sys::cudnnConvolutionBwdDataAlgo_t>,
-    filter: Option<cudnn::sys::cudnnConvolutionBwdFilterAlgo_t>,
+    forward: Option<(cudnn::sys::cudnnConvolutionFwdAlgo_t, usize)>,
+    data: Option<(cudnn::sys::cudnnConvolutionBwdDataAlgo_t, usize)>,
+    filter: Option<(cudnn::sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
 }
 
-/// The algorithm in `slot` of `p`'s entry, chosen by `choose` the first time.
+/// The algorithm in `slot` of `p`'s entry and its workspace size, found by `choose` and
+/// `size` the first time. Both are cached: in cuDNN 9 the legacy size query costs 40 to
+/// 170 µs of host time per call (measured on an H200), more than the convolution's launch.
 fn pick<A: Copy>(
     algos: &Mutex<HashMap<Conv2dParams, Algos>>,
     p: &Conv2dParams,
-    slot: impl Fn(&mut Algos) -> &mut Option<A>,
+    slot: impl Fn(&mut Algos) -> &mut Option<(A, usize)>,
     choose: impl FnOnce() -> Result<A, cudnn::CudnnError>,
-) -> Result<A, ComputeError> {
+    size: impl FnOnce(A) -> Result<usize, cudnn::CudnnError>,
+) -> Result<(A, usize), ComputeError> {
     let mut algos = lock(algos);
     let entry = slot(algos.entry(*p).or_default());
-    if let Some(algo) = *entry {
-        return Ok(algo);
+    if let Some(chosen) = *entry {
+        return Ok(chosen);
     }
     let algo = choose().or_device("choosing a cuDNN algorithm")?;
-    *entry = Some(algo);
-    Ok(algo)
+    let bytes = size(algo).or_device("sizing a cuDNN workspace")?;
+    *entry = Some((algo, bytes));
+    Ok((algo, bytes))
 }
 
 /// One stream's library state.
 struct Libs {
-    /// Declared first, so dropped before the handle that keeps the stream alive.
+    /// Forward plans by shape (`None`: the graph API cannot plan it). Declared first, so
+    /// dropped before the handle they were built on.
+    graphs: HashMap<Conv2dParams, Option<ForwardGraph>>,
+    /// Declared before `cudnn`, so dropped before the handle that keeps the stream alive.
     raw: RawCudnn,
     cudnn: Arc<Cudnn>,
     blas: CudaBlas,
@@ -613,6 +626,7 @@ impl Libs {
             raw: RawCudnn::new(stream).or_device("creating a cuDNN handle")?,
             cudnn: Cudnn::new(stream.clone()).or_device("creating a cuDNN handle")?,
             blas: CudaBlas::new(stream.clone()).or_device("creating a cuBLAS handle")?,
+            graphs: HashMap::new(),
             plans: HashMap::new(),
             workspace: None,
         })
@@ -692,23 +706,46 @@ impl Libs {
         b: Option<&Slice>,
     ) -> Result<Slice, ComputeError> {
         check_conv(p, x.len(), w.len(), b.map(CudaSlice::len))?;
+        let graph = self.graphs.entry(*p).or_insert_with(|| {
+            ForwardGraph::new(self.raw.handle, p)
+                .inspect_err(|e| {
+                    tracing::warn!(?p, error = %e, "cuDNN's graph API cannot plan this convolution; using the legacy call")
+                })
+                .ok()
+        });
         let plan = plan(&mut self.plans, &self.cudnn, p)?;
-        let forward = ConvForward {
-            conv: &plan.conv,
-            x: &plan.x,
-            w: &plan.w,
-            y: &plan.y,
+        let mut y = match graph {
+            Some(graph) => {
+                let workspace = grow(&mut self.workspace, st, graph.workspace)?;
+                // SAFETY: the plan writes all of it (beta = 0).
+                let mut y = unsafe { unset(st, p.output_len()) }?;
+                graph.run(self.raw.handle, st, x, w, &mut y, workspace)?;
+                y
+            }
+            None => {
+                let forward = ConvForward {
+                    conv: &plan.conv,
+                    x: &plan.x,
+                    w: &plan.w,
+                    y: &plan.y,
+                };
+                let (algo, bytes) = pick(
+                    algos,
+                    p,
+                    |a| &mut a.forward,
+                    || forward.pick_algorithm(),
+                    |a| forward.get_workspace_size(a),
+                )?;
+                let workspace = grow(&mut self.workspace, st, bytes)?;
+                // SAFETY: the convolution writes all of it (beta = 0).
+                let mut y = unsafe { unset(st, p.output_len()) }?;
+                // SAFETY: the plan's descriptors are `p`'s shapes in f32, and the buffers'
+                // lengths were checked against `p`.
+                unsafe { forward.launch(algo, workspace, (1.0, 0.0), x, w, &mut y) }
+                    .or_device("cuDNN convolution forward")?;
+                y
+            }
         };
-        let algo = pick(algos, p, |a| &mut a.forward, || forward.pick_algorithm())?;
-        let bytes = forward
-            .get_workspace_size(algo)
-            .or_device("sizing a cuDNN workspace")?;
-        let workspace = grow(&mut self.workspace, st, bytes)?;
-        let mut y = zeros(st, p.output_len())?;
-        // SAFETY: the plan's descriptors are `p`'s shapes in f32, and the buffers' lengths
-        // were checked against `p`.
-        unsafe { forward.launch(algo, workspace, (1.0, 0.0), x, w, &mut y) }
-            .or_device("cuDNN convolution forward")?;
         if let Some(b) = b {
             self.raw.add_bias(st, &plan.bias, b, &plan.y_raw, &mut y)?;
         }
@@ -740,12 +777,16 @@ impl Libs {
             w: &plan.w,
             dy: &plan.y,
         };
-        let algo = pick(algos, p, |a| &mut a.data, || data.pick_algorithm())?;
-        let bytes = data
-            .get_workspace_size(algo)
-            .or_device("sizing a cuDNN workspace")?;
+        let (algo, bytes) = pick(
+            algos,
+            p,
+            |a| &mut a.data,
+            || data.pick_algorithm(),
+            |a| data.get_workspace_size(a),
+        )?;
         let workspace = grow(&mut self.workspace, st, bytes)?;
-        let mut dx = zeros(st, x.len())?;
+        // SAFETY: the convolution writes all of it (beta = 0).
+        let mut dx = unsafe { unset(st, x.len()) }?;
         // SAFETY: as in `conv_forward`; `dy` was checked against `p` too.
         unsafe { data.launch(algo, workspace, (1.0, 0.0), &mut dx, w, dy) }
             .or_device("cuDNN convolution backward data")?;
@@ -756,12 +797,16 @@ impl Libs {
             dw: &plan.w,
             dy: &plan.y,
         };
-        let algo = pick(algos, p, |a| &mut a.filter, || filter.pick_algorithm())?;
-        let bytes = filter
-            .get_workspace_size(algo)
-            .or_device("sizing a cuDNN workspace")?;
+        let (algo, bytes) = pick(
+            algos,
+            p,
+            |a| &mut a.filter,
+            || filter.pick_algorithm(),
+            |a| filter.get_workspace_size(a),
+        )?;
         let workspace = grow(&mut self.workspace, st, bytes)?;
-        let mut dw = zeros(st, w.len())?;
+        // SAFETY: the convolution writes all of it (beta = 0).
+        let mut dw = unsafe { unset(st, w.len()) }?;
         // SAFETY: as above.
         unsafe { filter.launch(algo, workspace, (1.0, 0.0), x, &mut dw, dy) }
             .or_device("cuDNN convolution backward filter")?;
@@ -845,6 +890,15 @@ impl Libs {
 fn zeros(st: &Arc<CudaStream>, len: usize) -> Result<Slice, ComputeError> {
     st.alloc_zeros::<f32>(len)
         .or_device("allocating device memory")
+}
+
+/// Device memory for `len` f32, left as it was: no memset enqueued.
+///
+/// # Safety
+/// The caller's next use of it on `st` must write every element before anything reads it.
+unsafe fn unset(st: &Arc<CudaStream>, len: usize) -> Result<Slice, ComputeError> {
+    // SAFETY: passed on to the caller.
+    unsafe { st.alloc::<f32>(len) }.or_device("allocating device memory")
 }
 
 /// The stream's workspace, grown to at least `bytes` (none when nothing is needed). A
@@ -981,6 +1035,396 @@ impl ConvPlan {
             conv,
         })
     }
+}
+
+/// A cuDNN graph-API ("backend") descriptor, destroyed on drop.
+struct Desc(cudnn::sys::cudnnBackendDescriptor_t);
+
+impl Desc {
+    fn new(kind: cudnn::sys::cudnnBackendDescriptorType_t) -> Result<Self, cudnn::CudnnError> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid place for the new descriptor.
+        unsafe { cudnn::sys::cudnnBackendCreateDescriptor(kind, &raw mut raw) }.result()?;
+        Ok(Self(raw))
+    }
+
+    /// Sets attribute `name` to `values`.
+    ///
+    /// # Safety
+    /// `T` must be the C type that cuDNN reads for `kind`, and `name` must take `kind`.
+    unsafe fn set<T>(
+        &self,
+        name: cudnn::sys::cudnnBackendAttributeName_t,
+        kind: cudnn::sys::cudnnBackendAttributeType_t,
+        values: &[T],
+    ) -> Result<(), cudnn::CudnnError> {
+        let count = i64::try_from(values.len()).expect("a handful of values");
+        // SAFETY: the descriptor is live; cuDNN copies `count` values of `T` (the caller's
+        // promise) out of `values`, which outlives the call.
+        unsafe {
+            cudnn::sys::cudnnBackendSetAttribute(self.0, name, kind, count, values.as_ptr().cast())
+        }
+        .result()
+    }
+
+    fn ints(
+        &self,
+        name: cudnn::sys::cudnnBackendAttributeName_t,
+        values: &[i64],
+    ) -> Result<(), cudnn::CudnnError> {
+        use cudnn::sys::cudnnBackendAttributeType_t::CUDNN_TYPE_INT64;
+        // SAFETY: CUDNN_TYPE_INT64 values are int64_t.
+        unsafe { self.set(name, CUDNN_TYPE_INT64, values) }
+    }
+
+    fn descs(
+        &self,
+        name: cudnn::sys::cudnnBackendAttributeName_t,
+        values: &[&Desc],
+    ) -> Result<(), cudnn::CudnnError> {
+        use cudnn::sys::cudnnBackendAttributeType_t::CUDNN_TYPE_BACKEND_DESCRIPTOR;
+        let raw: Vec<_> = values.iter().map(|d| d.0).collect();
+        // SAFETY: CUDNN_TYPE_BACKEND_DESCRIPTOR values are descriptor handles, live here.
+        unsafe { self.set(name, CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw) }
+    }
+
+    /// Fills `out` with up to `out.len()` values of attribute `name`; returns how many values
+    /// the attribute holds, which may be more.
+    ///
+    /// # Safety
+    /// As for [`Desc::set`]; for descriptors, `out` holds created descriptors of the right
+    /// type, which cuDNN fills in.
+    unsafe fn get<T>(
+        &self,
+        name: cudnn::sys::cudnnBackendAttributeName_t,
+        kind: cudnn::sys::cudnnBackendAttributeType_t,
+        out: &mut [T],
+    ) -> Result<usize, cudnn::CudnnError> {
+        let mut count = 0;
+        let room = i64::try_from(out.len()).expect("a handful of values");
+        // SAFETY: cuDNN writes at most `room` values of `T` (the caller's promise) into `out`.
+        unsafe {
+            cudnn::sys::cudnnBackendGetAttribute(
+                self.0,
+                name,
+                kind,
+                room,
+                &raw mut count,
+                out.as_mut_ptr().cast(),
+            )
+        }
+        .result()?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
+    fn finalize(self) -> Result<Self, cudnn::CudnnError> {
+        // SAFETY: the descriptor is live; finalizing only validates and freezes it.
+        unsafe { cudnn::sys::cudnnBackendFinalize(self.0) }.result()?;
+        Ok(self)
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created in `new` and destroyed only here.
+        let _ = unsafe { cudnn::sys::cudnnBackendDestroyDescriptor(self.0) };
+    }
+}
+
+/// Unique ids of a forward plan's tensors, which its variant packs pair with addresses.
+const X_ID: i64 = 1;
+const W_ID: i64 = 2;
+const Y_ID: i64 = 3;
+
+/// A forward convolution as an execution plan of cuDNN's graph API, built for one shape on
+/// one handle: running it costs a few µs of host time, where the legacy
+/// `cudnnConvolutionForward` derives a plan again at every call.
+struct ForwardGraph {
+    plan: Desc,
+    workspace: usize,
+}
+
+impl ForwardGraph {
+    /// The operation graph of `p`'s forward convolution on `handle`.
+    fn describe(
+        handle: cudnn::sys::cudnnHandle_t,
+        p: &Conv2dParams,
+    ) -> Result<Desc, cudnn::CudnnError> {
+        use cudnn::sys::cudnnBackendAttributeName_t::*;
+        use cudnn::sys::cudnnBackendAttributeType_t::*;
+        use cudnn::sys::cudnnBackendDescriptorType_t::*;
+        use cudnn::sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+        let as_i64 = |v: usize| i64::try_from(v).expect("checked shapes fit");
+        let [oh, ow] = p.output();
+        let tensor = |id: i64, dims: [usize; 4]| {
+            let dims = dims.map(as_i64);
+            let strides = [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1];
+            let t = Desc::new(CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
+            // SAFETY: CUDNN_TYPE_DATA_TYPE values are cudnnDataType_t.
+            unsafe {
+                t.set(
+                    CUDNN_ATTR_TENSOR_DATA_TYPE,
+                    CUDNN_TYPE_DATA_TYPE,
+                    &[CUDNN_DATA_FLOAT],
+                )
+            }?;
+            t.ints(CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
+            t.ints(CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
+            t.ints(CUDNN_ATTR_TENSOR_UNIQUE_ID, &[id])?;
+            // Device allocations are 256-byte aligned.
+            t.ints(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[16])?;
+            t.finalize()
+        };
+        let x = tensor(X_ID, [p.batch, p.in_channels, p.height, p.width])?;
+        // Groups are implied: the filter's channels are the input's over the group count.
+        let w = tensor(
+            W_ID,
+            [
+                p.out_channels,
+                p.in_channels / p.groups,
+                p.kernel[0],
+                p.kernel[1],
+            ],
+        )?;
+        let y = tensor(Y_ID, [p.batch, p.out_channels, oh, ow])?;
+
+        let conv = Desc::new(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
+        // SAFETY: the types are cudnnDataType_t and cudnnConvolutionMode_t, as named.
+        unsafe {
+            conv.set(
+                CUDNN_ATTR_CONVOLUTION_COMP_TYPE,
+                CUDNN_TYPE_DATA_TYPE,
+                &[CUDNN_DATA_FLOAT],
+            )?;
+            conv.set(
+                CUDNN_ATTR_CONVOLUTION_CONV_MODE,
+                CUDNN_TYPE_CONVOLUTION_MODE,
+                &[cudnn::sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION],
+            )?;
+        }
+        conv.ints(CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, &[2])?;
+        conv.ints(CUDNN_ATTR_CONVOLUTION_DILATIONS, &p.dilation.map(as_i64))?;
+        conv.ints(CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, &p.stride.map(as_i64))?;
+        conv.ints(CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, &p.padding.map(as_i64))?;
+        conv.ints(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, &p.padding.map(as_i64))?;
+        let conv = conv.finalize()?;
+
+        let op = Desc::new(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
+        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &[&x])?;
+        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &[&w])?;
+        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &[&y])?;
+        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, &[&conv])?;
+        // SAFETY: with FP32 compute, alpha and beta are floats.
+        unsafe {
+            op.set(
+                CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+                CUDNN_TYPE_FLOAT,
+                &[1.0f32],
+            )?;
+            op.set(
+                CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+                CUDNN_TYPE_FLOAT,
+                &[0.0f32],
+            )?;
+        }
+        let op = op.finalize()?;
+
+        let graph = Desc::new(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
+        graph.descs(CUDNN_ATTR_OPERATIONGRAPH_OPS, &[&op])?;
+        // SAFETY: CUDNN_TYPE_HANDLE values are cudnnHandle_t; the handle outlives the plan
+        // (`Libs` drops its plans first).
+        unsafe {
+            graph.set(
+                CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
+                CUDNN_TYPE_HANDLE,
+                &[handle],
+            )
+        }?;
+        let graph = graph.finalize()?;
+
+        Ok(graph)
+    }
+
+    /// The first strict-FP32 engine of cuDNN's heuristics that can plan `p`: mode A's list
+    /// first, which can hold no strict-FP32 engine for a shape (seen for 3x3 convolutions on
+    /// an H200), then the fallback list. Without one, what was tried, for the log.
+    fn new(handle: cudnn::sys::cudnnHandle_t, p: &Conv2dParams) -> Result<Self, String> {
+        use cudnn::sys::cudnnBackendHeurMode_t::*;
+        let graph = Self::describe(handle, p).map_err(|e| format!("describing it: {e:?}"))?;
+        let mut tried = Vec::new();
+        for (name, mode) in [
+            ("A", CUDNN_HEUR_MODE_A),
+            ("fallback", CUDNN_HEUR_MODE_FALLBACK),
+        ] {
+            let configs = match engine_configs(&graph, mode) {
+                Ok(configs) => configs,
+                Err(e) => {
+                    tried.push(format!("heuristics {name}: {e:?}"));
+                    continue;
+                }
+            };
+            let (mut strict, mut refused) = (0, 0);
+            for config in &configs {
+                if !strict_fp32(config).unwrap_or(false) {
+                    continue;
+                }
+                strict += 1;
+                match Self::plan(handle, config) {
+                    Ok(found) => return Ok(found),
+                    Err(_) => refused += 1,
+                }
+            }
+            tried.push(format!(
+                "heuristics {name}: {} engines, {strict} in strict FP32, {refused} of them refused a plan",
+                configs.len()
+            ));
+        }
+        Err(tried.join("; "))
+    }
+
+    fn plan(handle: cudnn::sys::cudnnHandle_t, config: &Desc) -> Result<Self, cudnn::CudnnError> {
+        use cudnn::sys::cudnnBackendAttributeName_t::*;
+        use cudnn::sys::cudnnBackendAttributeType_t::*;
+        let plan = Desc::new(
+            cudnn::sys::cudnnBackendDescriptorType_t::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR,
+        )?;
+        // SAFETY: as for the graph's handle.
+        unsafe {
+            plan.set(
+                CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+                CUDNN_TYPE_HANDLE,
+                &[handle],
+            )
+        }?;
+        plan.descs(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[config])?;
+        let plan = plan.finalize()?;
+        let mut workspace = [0i64];
+        // SAFETY: CUDNN_TYPE_INT64 values are int64_t.
+        unsafe {
+            plan.get(
+                CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                CUDNN_TYPE_INT64,
+                &mut workspace,
+            )
+        }?;
+        Ok(Self {
+            plan,
+            workspace: usize::try_from(workspace[0]).unwrap_or(0),
+        })
+    }
+
+    /// Enqueues `y = conv(x, w)` on the handle's stream, `st`.
+    fn run(
+        &self,
+        handle: cudnn::sys::cudnnHandle_t,
+        st: &CudaStream,
+        x: &Slice,
+        w: &Slice,
+        y: &mut Slice,
+        workspace: Option<&mut CudaSlice<u8>>,
+    ) -> Result<(), ComputeError> {
+        use cudnn::sys::cudnnBackendAttributeName_t::*;
+        use cudnn::sys::cudnnBackendAttributeType_t::CUDNN_TYPE_VOID_PTR;
+        // The guards order this after the buffers' writers and record this use on drop.
+        let (x, _read_x) = x.device_ptr(st);
+        let (w, _read_w) = w.device_ptr(st);
+        let (y, _write_y) = y.device_ptr_mut(st);
+        let (space, _write_space) = workspace.map(|s| s.device_ptr_mut(st)).unzip();
+        let address = |ptr: u64| ptr as usize as *mut c_void;
+        let enqueue = || {
+            let pack = Desc::new(
+                cudnn::sys::cudnnBackendDescriptorType_t::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR,
+            )?;
+            pack.ints(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &[X_ID, W_ID, Y_ID])?;
+            // SAFETY: CUDNN_TYPE_VOID_PTR values are addresses: of live device buffers whose
+            // lengths were checked against the plan's shape, and of a workspace of at least
+            // the plan's size (or none when it needs none).
+            unsafe {
+                pack.set(
+                    CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
+                    CUDNN_TYPE_VOID_PTR,
+                    &[address(x), address(w), address(y)],
+                )?;
+                pack.set(
+                    CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+                    CUDNN_TYPE_VOID_PTR,
+                    &[space.map_or(std::ptr::null_mut(), address)],
+                )?;
+            }
+            let pack = pack.finalize()?;
+            // SAFETY: the plan was built on `handle`, whose stream is `st`; the pack holds
+            // every tensor of the plan.
+            unsafe { cudnn::sys::cudnnBackendExecute(handle, self.plan.0, pack.0) }.result()
+        };
+        enqueue().or_device("cuDNN graph convolution forward")
+    }
+}
+
+/// The engine configs that cuDNN's heuristics in `mode` propose for `graph`, best first.
+fn engine_configs(
+    graph: &Desc,
+    mode: cudnn::sys::cudnnBackendHeurMode_t,
+) -> Result<Vec<Desc>, cudnn::CudnnError> {
+    use cudnn::sys::cudnnBackendAttributeName_t::*;
+    use cudnn::sys::cudnnBackendAttributeType_t::*;
+    use cudnn::sys::cudnnBackendDescriptorType_t::*;
+    let heuristics = Desc::new(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
+    heuristics.descs(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
+    // SAFETY: CUDNN_TYPE_HEUR_MODE values are cudnnBackendHeurMode_t.
+    unsafe { heuristics.set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &[mode]) }?;
+    let heuristics = heuristics.finalize()?;
+    // Room for more than cuDNN 9 proposes for a convolution.
+    let configs = (0..64)
+        .map(|_| Desc::new(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut raw: Vec<_> = configs.iter().map(|c| c.0).collect();
+    // SAFETY: `raw` holds created engine-config descriptors, which cuDNN fills in.
+    let found = unsafe {
+        heuristics.get(
+            CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut raw,
+        )
+    }?;
+    Ok(configs.into_iter().take(found).collect())
+}
+
+/// Whether an engine config computes in plain FP32: no tensor cores, no inputs converted down
+/// to TF32, no reduced-precision sums, so that results agree with the CPU backend's.
+fn strict_fp32(config: &Desc) -> Result<bool, cudnn::CudnnError> {
+    use cudnn::sys::cudnnBackendAttributeName_t::*;
+    use cudnn::sys::cudnnBackendAttributeType_t::*;
+    use cudnn::sys::cudnnBackendNumericalNote_t::*;
+    let engine =
+        Desc::new(cudnn::sys::cudnnBackendDescriptorType_t::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
+    let mut raw = [engine.0];
+    // SAFETY: `raw` holds a created engine descriptor, which cuDNN fills in.
+    unsafe {
+        config.get(
+            CUDNN_ATTR_ENGINECFG_ENGINE,
+            CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut raw,
+        )
+    }?;
+    // Read as plain integers: a newer cuDNN may name notes that this binding's enum lacks.
+    let mut notes = [0u32; 32];
+    // SAFETY: CUDNN_TYPE_NUMERICAL_NOTE values are C enums, 32-bit integers.
+    let count = unsafe {
+        engine.get(
+            CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+            CUDNN_TYPE_NUMERICAL_NOTE,
+            &mut notes,
+        )
+    }?;
+    let lossy = [
+        CUDNN_NUMERICAL_NOTE_TENSOR_CORE,
+        CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS,
+        CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION,
+    ]
+    .map(|n| n as u32);
+    Ok(!notes[..count.min(notes.len())]
+        .iter()
+        .any(|n| lossy.contains(n)))
 }
 
 /// A cuDNN handle for the legacy calls that cudarc's safe API does not wrap (ReLU forward and
@@ -1182,7 +1626,7 @@ impl Drop for RawTensor {
 /// These need a GPU, cuBLAS and cuDNN: without them each prints one line and passes. On the
 /// GPU machine: `bench/cuda-device.sh`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::OnceLock;
     use std::time::Duration;
 
@@ -1194,11 +1638,21 @@ mod tests {
     use crate::compute::engine::{Engine, EngineConfig, run_sync};
     use crate::compute::ops::uniform;
 
-    /// The device, opened once for all tests; `None`, saying so, without one.
-    fn gpu(test: &str) -> Option<&'static CudaDevice> {
+    /// Held by every test that touches the GPU, so that they run one at a time: a test that
+    /// holds a stream on a host event would stall any other test whose first launch of a
+    /// kernel makes CUDA's lazy loader synchronize the context.
+    pub(crate) fn exclusive() -> MutexGuard<'static, ()> {
+        static GPU: Mutex<()> = Mutex::new(());
+        lock(&GPU)
+    }
+
+    /// The device, opened once for all tests, and the GPU to this test alone; `None`, saying
+    /// so, without one.
+    fn gpu(test: &str) -> Option<(MutexGuard<'static, ()>, &'static CudaDevice)> {
         static DEVICE: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
+        let alone = exclusive();
         match DEVICE.get_or_init(CudaDevice::open) {
-            Ok(device) => Some(device),
+            Ok(device) => Some((alone, device)),
             Err(why) => {
                 println!("skipping {test}: no usable GPU ({why})");
                 None
@@ -1275,7 +1729,7 @@ mod tests {
     /// loss (an f32 dot product against the CPU's f64 sum).
     #[test]
     fn every_op_matches_the_cpu() {
-        let Some(device) = gpu("every_op_matches_the_cpu") else {
+        let Some((_alone, device)) = gpu("every_op_matches_the_cpu") else {
             return;
         };
         let b = CudaBackend::new(device, 2).unwrap();
@@ -1326,10 +1780,44 @@ mod tests {
         }
     }
 
+    /// A plain convolution's forward pass runs on a graph-API plan (no silent fall back to the
+    /// legacy call), with the legacy call's results.
+    #[test]
+    fn forward_runs_on_a_graph_plan() {
+        let Some((_alone, device)) = gpu("forward_runs_on_a_graph_plan") else {
+            return;
+        };
+        let b = CudaBackend::new(device, 1).unwrap();
+        let p = Conv2dParams {
+            padding: [1, 1],
+            ..crate::compute::conv::tests::plain(2, 8, [12, 12], 16, 3)
+        };
+        let (x, w) = (
+            uniform(p.input_len(), 1, 1.0),
+            uniform(p.weight_len(), 2, 0.5),
+        );
+        let bias = uniform(p.out_channels, 3, 0.5);
+        let got = run_cuda(&b, 0, Op::Conv2d(p), &[&x, &w, &bias]).unwrap();
+        assert!(
+            matches!(lock(&b.streams[0].libs).graphs.get(&p), Some(Some(_))),
+            "no graph plan for {p:?}"
+        );
+        let legacy = {
+            let mut libs = lock(&b.streams[0].libs);
+            libs.graphs.insert(p, None);
+            drop(libs);
+            run_cuda(&b, 0, Op::Conv2d(p), &[&x, &w, &bias]).unwrap()
+        };
+        assert_close("graph vs legacy", &got[0], &legacy[0], 1e-5);
+        let views = [x.as_slice(), w.as_slice(), bias.as_slice()];
+        let want = run_op(Op::Conv2d(p), &views, Par::Seq).unwrap();
+        assert_close("graph vs cpu", &got[0], &want[0], 1e-3);
+    }
+
     /// Bad shapes and failed inputs come back as errors from the download, not panics.
     #[test]
     fn errors_surface_through_the_outputs() {
-        let Some(device) = gpu("errors_surface_through_the_outputs") else {
+        let Some((_alone, device)) = gpu("errors_surface_through_the_outputs") else {
             return;
         };
         let b = CudaBackend::new(device, 1).unwrap();
@@ -1355,11 +1843,13 @@ mod tests {
     /// host.
     #[test]
     fn streams_wait_for_events() {
-        let Some(device) = gpu("streams_wait_for_events") else {
+        let Some((_alone, device)) = gpu("streams_wait_for_events") else {
             return;
         };
         let b = CudaBackend::new(device, 2).unwrap();
         let x = uniform(1 << 20, 7, 1.0);
+        // Load the kernel before holding a stream: loading it later could wait for the gate.
+        run_cuda(&b, 0, Op::Relu, &[&x]).unwrap();
         let gate = Event::default();
         b.wait(1, &gate);
         let uploaded = b.upload(1, Arc::new(x.clone()));
@@ -1384,7 +1874,7 @@ mod tests {
     /// synchronous path's within the convolution tolerance, and every stream did work.
     #[test]
     fn engine_concurrency_matches_the_synchronous_path() {
-        let Some(device) = gpu("engine_concurrency_matches_the_synchronous_path") else {
+        let Some((_alone, device)) = gpu("engine_concurrency_matches_the_synchronous_path") else {
             return;
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1440,36 +1930,47 @@ mod tests {
 
     /// A future dropped while its op waits in the stream: the op still runs later on memory
     /// kept alive by its completion, and the engine stays usable.
-    #[tokio::test]
-    async fn dropping_a_future_is_safe() {
-        let Some(device) = gpu("dropping_a_future_is_safe") else {
+    #[test]
+    fn dropping_a_future_is_safe() {
+        let Some((_alone, device)) = gpu("dropping_a_future_is_safe") else {
             return;
         };
-        let engine = Engine::new(
-            Arc::new(CudaBackend::new(device, 1).unwrap()),
-            EngineConfig {
-                max_concurrent_ops: 4,
-                fallback_on_error: false,
-            },
-        );
-        let p = Conv2dParams {
-            padding: [1, 1],
-            ..crate::compute::conv::tests::plain(2, 8, [12, 12], 8, 3)
-        };
-        let (x, w) = (
-            Arc::new(uniform(p.input_len(), 1, 1.0)),
-            Arc::new(uniform(p.weight_len(), 2, 1.0)),
-        );
-        let gate = Event::default();
-        engine.backend().wait(0, &gate);
-        let abandoned = tokio::time::timeout(
-            Duration::from_millis(50),
-            engine.conv2d(p, x.clone(), w.clone(), None),
-        )
-        .await;
-        assert!(abandoned.is_err(), "the op cannot finish before the gate");
-        gate.fire();
-        let y = engine.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
-        assert_close("y", &y, &run_sync(Op::Conv2d(p), &[x, w]).unwrap()[0], 1e-3);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let engine = Engine::new(
+                Arc::new(CudaBackend::new(device, 1).unwrap()),
+                EngineConfig {
+                    max_concurrent_ops: 4,
+                    fallback_on_error: false,
+                },
+            );
+            let p = Conv2dParams {
+                padding: [1, 1],
+                ..crate::compute::conv::tests::plain(2, 8, [12, 12], 8, 3)
+            };
+            let (x, w) = (
+                Arc::new(uniform(p.input_len(), 1, 1.0)),
+                Arc::new(uniform(p.weight_len(), 2, 1.0)),
+            );
+            let want = run_sync(Op::Conv2d(p), &[x.clone(), w.clone()]).unwrap();
+            // Load the kernels before holding the stream: loading them later could wait for the
+            // gate, which this thread fires.
+            let y = engine.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
+            assert_close("y before", &y, &want[0], 1e-3);
+            let gate = Event::default();
+            engine.backend().wait(0, &gate);
+            let abandoned = tokio::time::timeout(
+                Duration::from_millis(50),
+                engine.conv2d(p, x.clone(), w.clone(), None),
+            )
+            .await;
+            assert!(abandoned.is_err(), "the op cannot finish before the gate");
+            gate.fire();
+            let y = engine.conv2d(p, x, w, None).await.unwrap();
+            assert_close("y", &y, &want[0], 1e-3);
+        });
     }
 }

@@ -208,6 +208,7 @@ mod tests {
     /// On a machine without a usable GPU (this one, in CI), `auto` is the CPU, cleanly.
     #[test]
     fn auto_without_a_gpu_is_the_cpu() {
+        let _alone = crate::compute::cuda::tests::exclusive();
         let device = detect(BackendChoice::Auto).unwrap();
         match CudaDevice::open() {
             Err(_) => assert!(matches!(device, Device::Cpu), "{device:?}"),
@@ -217,6 +218,7 @@ mod tests {
 
     #[test]
     fn cuda_without_a_gpu_is_a_clear_error() {
+        let _alone = crate::compute::cuda::tests::exclusive();
         let Err(why) = CudaDevice::open() else {
             println!("skipping cuda_without_a_gpu_is_a_clear_error: a GPU is usable here");
             return;
