@@ -48,7 +48,47 @@ def main():
             secs = (time.perf_counter() - start) / iters
             print(f"| {n},{c},{h},{h},{k},{r}x{r},{stride},{pad} | {secs * 1e3:.3f} | {flops(*shape) / secs / 1e9:.0f} |")
         print()
+    train_step(dev, iters)
+    with torch.no_grad():
         overlap(dev, iters)
+
+
+def per_call_ms(run, iters):
+    """Milliseconds per call of `run`, after a warm-up, synchronised with the GPU."""
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def train_step(dev, iters):
+    """Forward, backward for input, weight and bias, and SGD with momentum, against forward
+    alone, on the first shape: as kernelflow's benchmark."""
+    n, c, h, k, r, stride, pad = SHAPES[0]
+    x = (torch.rand(n, c, h, h, device=dev) * 2 - 1).requires_grad_()
+    w = ((torch.rand(k, c, r, r, device=dev) * 2 - 1) * 0.1).requires_grad_()
+    b = ((torch.rand(k, device=dev) * 2 - 1) * 0.1).requires_grad_()
+    out = (h + 2 * pad - r) // stride + 1
+    dy = torch.rand(n, k, out, out, device=dev) * 2 - 1
+    opt = torch.optim.SGD([w], lr=0.01, momentum=0.9)
+
+    def forward():
+        with torch.no_grad():
+            F.conv2d(x, w, b, stride=stride, padding=pad)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        x.grad = b.grad = None
+        F.conv2d(x, w, b, stride=stride, padding=pad).backward(dy)
+        opt.step()
+
+    fwd, full = per_call_ms(forward, iters), per_call_ms(step, iters)
+    print(f"| {SHAPES[0]} | ms |\n|---|---|")
+    print(f"| forward | {fwd:.3f} |\n| step (forward, backward, update) | {full:.3f} |")
+    print(f"| step / forward | {full / fwd:.2f}x |\n")
 
 
 def overlap(dev, iters):

@@ -49,6 +49,7 @@ fn main() {
         device.name()
     );
     conv_throughput(&b, iters);
+    train_step(&b, iters);
     launch_cost(&b);
     overlap(&b, iters);
     engine_rate(&device);
@@ -87,6 +88,43 @@ fn conv_throughput(b: &CudaBackend, iters: usize) {
         );
     }
     println!();
+}
+
+/// A training step (forward, backward for input, weight and bias, SGD with momentum on the
+/// weights) against the forward pass alone, on the first shape.
+fn train_step(b: &CudaBackend, iters: usize) {
+    let p = params(SHAPES[0]);
+    let x = b.upload(0, Arc::new(uniform(p.input_len(), 1, 1.0)));
+    let w = b.upload(0, Arc::new(uniform(p.weight_len(), 2, 0.1)));
+    let bias = b.upload(0, Arc::new(uniform(p.out_channels, 3, 0.1)));
+    let dy = b.upload(0, Arc::new(uniform(p.output_len(), 4, 1.0)));
+    let v = b.upload(0, Arc::new(vec![0.0; p.weight_len()]));
+    let forward = || b.launch(0, Op::Conv2d(p), &[&x, &w, &bias]);
+    let step = || {
+        let y = forward();
+        let grads = b.launch(0, Op::Conv2dBackward(p), &[&x, &w, &dy]);
+        let sgd = Op::Sgd {
+            learning_rate: 0.01,
+            momentum: 0.9,
+        };
+        [y, b.launch(0, sgd, &[&w, &grads[1], &v])].concat()
+    };
+    let time = |run: &dyn Fn() -> Vec<CudaBuffer>| {
+        let mut last = run();
+        sync(b, 0);
+        let start = Instant::now();
+        for _ in 0..iters {
+            last = run();
+        }
+        sync(b, 0);
+        let secs = start.elapsed().as_secs_f64() / iters as f64;
+        check(b, 0, &last[0]);
+        secs * 1e3
+    };
+    let (fwd, full) = (time(&forward), time(&step));
+    println!("| {:?} | ms |\n|---|---|", SHAPES[0]);
+    println!("| forward | {fwd:.3} |\n| step (forward, backward, update) | {full:.3} |");
+    println!("| step / forward | {:.2}x |\n", full / fwd);
 }
 
 /// The host's cost of enqueueing: an empty piece of work (its two events and its hand-off to

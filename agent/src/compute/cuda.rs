@@ -600,9 +600,9 @@ fn pick<A: Copy>(
 
 /// One stream's library state.
 struct Libs {
-    /// Forward plans by shape (`None`: the graph API cannot plan it). Declared first, so
-    /// dropped before the handle they were built on.
-    graphs: HashMap<Conv2dParams, Option<ForwardGraph>>,
+    /// Graph plans by shape and pass (`None`: the graph API cannot plan it). Declared first,
+    /// so dropped before the handle they were built on.
+    graphs: HashMap<(Conv2dParams, Pass), Option<ConvGraph>>,
     /// Declared before `cudnn`, so dropped before the handle that keeps the stream alive.
     raw: RawCudnn,
     cudnn: Arc<Cudnn>,
@@ -706,46 +706,39 @@ impl Libs {
         b: Option<&Slice>,
     ) -> Result<Slice, ComputeError> {
         check_conv(p, x.len(), w.len(), b.map(CudaSlice::len))?;
-        let graph = self.graphs.entry(*p).or_insert_with(|| {
-            ForwardGraph::new(self.raw.handle, p)
-                .inspect_err(|e| {
-                    tracing::warn!(?p, error = %e, "cuDNN's graph API cannot plan this convolution; using the legacy call")
-                })
-                .ok()
-        });
+        let handle = self.raw.handle;
         let plan = plan(&mut self.plans, &self.cudnn, p)?;
-        let mut y = match graph {
-            Some(graph) => {
-                let workspace = grow(&mut self.workspace, st, graph.workspace)?;
-                // SAFETY: the plan writes all of it (beta = 0).
-                let mut y = unsafe { unset(st, p.output_len()) }?;
-                graph.run(self.raw.handle, st, x, w, &mut y, workspace)?;
-                y
-            }
-            None => {
-                let forward = ConvForward {
-                    conv: &plan.conv,
-                    x: &plan.x,
-                    w: &plan.w,
-                    y: &plan.y,
-                };
-                let (algo, bytes) = pick(
-                    algos,
-                    p,
-                    |a| &mut a.forward,
-                    || forward.pick_algorithm(),
-                    |a| forward.get_workspace_size(a),
-                )?;
-                let workspace = grow(&mut self.workspace, st, bytes)?;
-                // SAFETY: the convolution writes all of it (beta = 0).
-                let mut y = unsafe { unset(st, p.output_len()) }?;
-                // SAFETY: the plan's descriptors are `p`'s shapes in f32, and the buffers'
-                // lengths were checked against `p`.
-                unsafe { forward.launch(algo, workspace, (1.0, 0.0), x, w, &mut y) }
-                    .or_device("cuDNN convolution forward")?;
-                y
-            }
-        };
+        // SAFETY (both arms): the convolution writes all of `y` (beta = 0).
+        let mut y = unsafe { unset(st, p.output_len()) }?;
+        if let Some(graph) = graph(&mut self.graphs, handle, p, Pass::Forward) {
+            let workspace = grow(&mut self.workspace, st, graph.workspace)?;
+            graph.run(
+                handle,
+                st,
+                [(x, X_ID), (w, W_ID)],
+                (&mut y, Y_ID),
+                workspace,
+            )?;
+        } else {
+            let forward = ConvForward {
+                conv: &plan.conv,
+                x: &plan.x,
+                w: &plan.w,
+                y: &plan.y,
+            };
+            let (algo, bytes) = pick(
+                algos,
+                p,
+                |a| &mut a.forward,
+                || forward.pick_algorithm(),
+                |a| forward.get_workspace_size(a),
+            )?;
+            let workspace = grow(&mut self.workspace, st, bytes)?;
+            // SAFETY: the plan's descriptors are `p`'s shapes in f32, and the buffers' lengths
+            // were checked against `p`.
+            unsafe { forward.launch(algo, workspace, (1.0, 0.0), x, w, &mut y) }
+                .or_device("cuDNN convolution forward")?;
+        }
         if let Some(b) = b {
             self.raw.add_bias(st, &plan.bias, b, &plan.y_raw, &mut y)?;
         }
@@ -769,47 +762,70 @@ impl Libs {
                 p.output_len()
             )));
         }
+        let handle = self.raw.handle;
         let plan = plan(&mut self.plans, &self.cudnn, p)?;
 
-        let data = ConvBackwardData {
-            conv: &plan.conv,
-            dx: &plan.x,
-            w: &plan.w,
-            dy: &plan.y,
-        };
-        let (algo, bytes) = pick(
-            algos,
-            p,
-            |a| &mut a.data,
-            || data.pick_algorithm(),
-            |a| data.get_workspace_size(a),
-        )?;
-        let workspace = grow(&mut self.workspace, st, bytes)?;
-        // SAFETY: the convolution writes all of it (beta = 0).
+        // SAFETY (both arms): the convolution writes all of `dx` (beta = 0).
         let mut dx = unsafe { unset(st, x.len()) }?;
-        // SAFETY: as in `conv_forward`; `dy` was checked against `p` too.
-        unsafe { data.launch(algo, workspace, (1.0, 0.0), &mut dx, w, dy) }
-            .or_device("cuDNN convolution backward data")?;
+        if let Some(graph) = graph(&mut self.graphs, handle, p, Pass::Data) {
+            let workspace = grow(&mut self.workspace, st, graph.workspace)?;
+            graph.run(
+                handle,
+                st,
+                [(w, W_ID), (dy, Y_ID)],
+                (&mut dx, X_ID),
+                workspace,
+            )?;
+        } else {
+            let data = ConvBackwardData {
+                conv: &plan.conv,
+                dx: &plan.x,
+                w: &plan.w,
+                dy: &plan.y,
+            };
+            let (algo, bytes) = pick(
+                algos,
+                p,
+                |a| &mut a.data,
+                || data.pick_algorithm(),
+                |a| data.get_workspace_size(a),
+            )?;
+            let workspace = grow(&mut self.workspace, st, bytes)?;
+            // SAFETY: as in `conv_forward`; `dy` was checked against `p` too.
+            unsafe { data.launch(algo, workspace, (1.0, 0.0), &mut dx, w, dy) }
+                .or_device("cuDNN convolution backward data")?;
+        }
 
-        let filter = ConvBackwardFilter {
-            conv: &plan.conv,
-            x: &plan.x,
-            dw: &plan.w,
-            dy: &plan.y,
-        };
-        let (algo, bytes) = pick(
-            algos,
-            p,
-            |a| &mut a.filter,
-            || filter.pick_algorithm(),
-            |a| filter.get_workspace_size(a),
-        )?;
-        let workspace = grow(&mut self.workspace, st, bytes)?;
-        // SAFETY: the convolution writes all of it (beta = 0).
+        // SAFETY (both arms): the convolution writes all of `dw` (beta = 0).
         let mut dw = unsafe { unset(st, w.len()) }?;
-        // SAFETY: as above.
-        unsafe { filter.launch(algo, workspace, (1.0, 0.0), x, &mut dw, dy) }
-            .or_device("cuDNN convolution backward filter")?;
+        if let Some(graph) = graph(&mut self.graphs, handle, p, Pass::Filter) {
+            let workspace = grow(&mut self.workspace, st, graph.workspace)?;
+            graph.run(
+                handle,
+                st,
+                [(x, X_ID), (dy, Y_ID)],
+                (&mut dw, W_ID),
+                workspace,
+            )?;
+        } else {
+            let filter = ConvBackwardFilter {
+                conv: &plan.conv,
+                x: &plan.x,
+                dw: &plan.w,
+                dy: &plan.y,
+            };
+            let (algo, bytes) = pick(
+                algos,
+                p,
+                |a| &mut a.filter,
+                || filter.pick_algorithm(),
+                |a| filter.get_workspace_size(a),
+            )?;
+            let workspace = grow(&mut self.workspace, st, bytes)?;
+            // SAFETY: as above.
+            unsafe { filter.launch(algo, workspace, (1.0, 0.0), x, &mut dw, dy) }
+                .or_device("cuDNN convolution backward filter")?;
+        }
 
         let mut db = zeros(st, p.out_channels)?;
         self.raw
@@ -1131,24 +1147,84 @@ impl Drop for Desc {
     }
 }
 
-/// Unique ids of a forward plan's tensors, which its variant packs pair with addresses.
+/// Unique ids of a plan's tensors (the input or its gradient, the filter or its gradient, the
+/// output or its gradient), which its variant packs pair with addresses.
 const X_ID: i64 = 1;
 const W_ID: i64 = 2;
 const Y_ID: i64 = 3;
 
-/// A forward convolution as an execution plan of cuDNN's graph API, built for one shape on
-/// one handle: running it costs a few µs of host time, where the legacy
-/// `cudnnConvolutionForward` derives a plan again at every call.
-struct ForwardGraph {
+/// A convolution pass: what a graph plan computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Pass {
+    /// `y` from `x` and `w`.
+    Forward,
+    /// `dx` from `w` and `dy`.
+    Data,
+    /// `dw` from `x` and `dy`.
+    Filter,
+}
+
+/// A pass's operation descriptor type and attribute names, its tensors in `x, w, y` order.
+struct PassAttributes {
+    op: cudnn::sys::cudnnBackendDescriptorType_t,
+    x: cudnn::sys::cudnnBackendAttributeName_t,
+    w: cudnn::sys::cudnnBackendAttributeName_t,
+    y: cudnn::sys::cudnnBackendAttributeName_t,
+    conv: cudnn::sys::cudnnBackendAttributeName_t,
+    alpha: cudnn::sys::cudnnBackendAttributeName_t,
+    beta: cudnn::sys::cudnnBackendAttributeName_t,
+}
+
+impl Pass {
+    fn attributes(self) -> PassAttributes {
+        use cudnn::sys::cudnnBackendAttributeName_t::*;
+        use cudnn::sys::cudnnBackendDescriptorType_t::*;
+        match self {
+            Pass::Forward => PassAttributes {
+                op: CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR,
+                x: CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
+                w: CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+                y: CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
+                conv: CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+                alpha: CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+                beta: CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+            },
+            Pass::Data => PassAttributes {
+                op: CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR,
+                x: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX,
+                w: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W,
+                y: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY,
+                conv: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
+                alpha: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
+                beta: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
+            },
+            Pass::Filter => PassAttributes {
+                op: CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR,
+                x: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X,
+                w: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW,
+                y: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
+                conv: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC,
+                alpha: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
+                beta: CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
+            },
+        }
+    }
+}
+
+/// A convolution pass as an execution plan of cuDNN's graph API, built for one shape on one
+/// handle: running it costs a few µs of host time, where the legacy calls
+/// (`cudnnConvolutionForward` and the backward ones) derive a plan again at every call.
+struct ConvGraph {
     plan: Desc,
     workspace: usize,
 }
 
-impl ForwardGraph {
-    /// The operation graph of `p`'s forward convolution on `handle`.
+impl ConvGraph {
+    /// The operation graph of `p`'s `pass` on `handle`.
     fn describe(
         handle: cudnn::sys::cudnnHandle_t,
         p: &Conv2dParams,
+        pass: Pass,
     ) -> Result<Desc, cudnn::CudnnError> {
         use cudnn::sys::cudnnBackendAttributeName_t::*;
         use cudnn::sys::cudnnBackendAttributeType_t::*;
@@ -1209,23 +1285,16 @@ impl ForwardGraph {
         conv.ints(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, &p.padding.map(as_i64))?;
         let conv = conv.finalize()?;
 
-        let op = Desc::new(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
-        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &[&x])?;
-        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &[&w])?;
-        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &[&y])?;
-        op.descs(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, &[&conv])?;
+        let names = pass.attributes();
+        let op = Desc::new(names.op)?;
+        op.descs(names.x, &[&x])?;
+        op.descs(names.w, &[&w])?;
+        op.descs(names.y, &[&y])?;
+        op.descs(names.conv, &[&conv])?;
         // SAFETY: with FP32 compute, alpha and beta are floats.
         unsafe {
-            op.set(
-                CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
-                CUDNN_TYPE_FLOAT,
-                &[1.0f32],
-            )?;
-            op.set(
-                CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
-                CUDNN_TYPE_FLOAT,
-                &[0.0f32],
-            )?;
+            op.set(names.alpha, CUDNN_TYPE_FLOAT, &[1.0f32])?;
+            op.set(names.beta, CUDNN_TYPE_FLOAT, &[0.0f32])?;
         }
         let op = op.finalize()?;
 
@@ -1248,9 +1317,13 @@ impl ForwardGraph {
     /// The first strict-FP32 engine of cuDNN's heuristics that can plan `p`: mode A's list
     /// first, which can hold no strict-FP32 engine for a shape (seen for 3x3 convolutions on
     /// an H200), then the fallback list. Without one, what was tried, for the log.
-    fn new(handle: cudnn::sys::cudnnHandle_t, p: &Conv2dParams) -> Result<Self, String> {
+    fn new(
+        handle: cudnn::sys::cudnnHandle_t,
+        p: &Conv2dParams,
+        pass: Pass,
+    ) -> Result<Self, String> {
         use cudnn::sys::cudnnBackendHeurMode_t::*;
-        let graph = Self::describe(handle, p).map_err(|e| format!("describing it: {e:?}"))?;
+        let graph = Self::describe(handle, p, pass).map_err(|e| format!("describing it: {e:?}"))?;
         let mut tried = Vec::new();
         for (name, mode) in [
             ("A", CUDNN_HEUR_MODE_A),
@@ -1313,29 +1386,31 @@ impl ForwardGraph {
         })
     }
 
-    /// Enqueues `y = conv(x, w)` on the handle's stream, `st`.
+    /// Enqueues the pass on the handle's stream, `st`: `out` from `inputs`, each buffer with
+    /// the id of its slot (`X_ID`, `W_ID`, `Y_ID`).
     fn run(
         &self,
         handle: cudnn::sys::cudnnHandle_t,
         st: &CudaStream,
-        x: &Slice,
-        w: &Slice,
-        y: &mut Slice,
+        inputs: [(&Slice, i64); 2],
+        out: (&mut Slice, i64),
         workspace: Option<&mut CudaSlice<u8>>,
     ) -> Result<(), ComputeError> {
         use cudnn::sys::cudnnBackendAttributeName_t::*;
         use cudnn::sys::cudnnBackendAttributeType_t::CUDNN_TYPE_VOID_PTR;
+        let [(a, a_id), (b, b_id)] = inputs;
+        let (out, out_id) = out;
         // The guards order this after the buffers' writers and record this use on drop.
-        let (x, _read_x) = x.device_ptr(st);
-        let (w, _read_w) = w.device_ptr(st);
-        let (y, _write_y) = y.device_ptr_mut(st);
+        let (a, _read_a) = a.device_ptr(st);
+        let (b, _read_b) = b.device_ptr(st);
+        let (out, _write_out) = out.device_ptr_mut(st);
         let (space, _write_space) = workspace.map(|s| s.device_ptr_mut(st)).unzip();
         let address = |ptr: u64| ptr as usize as *mut c_void;
         let enqueue = || {
             let pack = Desc::new(
                 cudnn::sys::cudnnBackendDescriptorType_t::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR,
             )?;
-            pack.ints(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &[X_ID, W_ID, Y_ID])?;
+            pack.ints(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &[a_id, b_id, out_id])?;
             // SAFETY: CUDNN_TYPE_VOID_PTR values are addresses: of live device buffers whose
             // lengths were checked against the plan's shape, and of a workspace of at least
             // the plan's size (or none when it needs none).
@@ -1343,7 +1418,7 @@ impl ForwardGraph {
                 pack.set(
                     CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
                     CUDNN_TYPE_VOID_PTR,
-                    &[address(x), address(w), address(y)],
+                    &[address(a), address(b), address(out)],
                 )?;
                 pack.set(
                     CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
@@ -1356,8 +1431,28 @@ impl ForwardGraph {
             // every tensor of the plan.
             unsafe { cudnn::sys::cudnnBackendExecute(handle, self.plan.0, pack.0) }.result()
         };
-        enqueue().or_device("cuDNN graph convolution forward")
+        enqueue().or_device("cuDNN graph convolution")
     }
+}
+
+/// `p`'s graph plan for `pass` on `handle`, built the first time; `None`, logged once, when
+/// cuDNN's graph API cannot plan it and the legacy call serves instead.
+fn graph<'a>(
+    graphs: &'a mut HashMap<(Conv2dParams, Pass), Option<ConvGraph>>,
+    handle: cudnn::sys::cudnnHandle_t,
+    p: &Conv2dParams,
+    pass: Pass,
+) -> Option<&'a ConvGraph> {
+    graphs
+        .entry((*p, pass))
+        .or_insert_with(|| {
+            ConvGraph::new(handle, p, pass)
+                .inspect_err(|e| {
+                    tracing::warn!(?p, ?pass, error = %e, "cuDNN's graph API cannot plan this convolution; using the legacy call")
+                })
+                .ok()
+        })
+        .as_ref()
 }
 
 /// The engine configs that cuDNN's heuristics in `mode` propose for `graph`, best first.
@@ -1780,11 +1875,11 @@ pub(crate) mod tests {
         }
     }
 
-    /// A plain convolution's forward pass runs on a graph-API plan (no silent fall back to the
-    /// legacy call), with the legacy call's results.
+    /// A plain convolution's passes run on graph-API plans (no silent fall back to the legacy
+    /// calls), with the legacy calls' results.
     #[test]
-    fn forward_runs_on_a_graph_plan() {
-        let Some((_alone, device)) = gpu("forward_runs_on_a_graph_plan") else {
+    fn convolutions_run_on_graph_plans() {
+        let Some((_alone, device)) = gpu("convolutions_run_on_graph_plans") else {
             return;
         };
         let b = CudaBackend::new(device, 1).unwrap();
@@ -1796,22 +1891,43 @@ pub(crate) mod tests {
             uniform(p.input_len(), 1, 1.0),
             uniform(p.weight_len(), 2, 0.5),
         );
-        let bias = uniform(p.out_channels, 3, 0.5);
-        let got = run_cuda(&b, 0, Op::Conv2d(p), &[&x, &w, &bias]).unwrap();
-        assert!(
-            matches!(lock(&b.streams[0].libs).graphs.get(&p), Some(Some(_))),
-            "no graph plan for {p:?}"
+        let (bias, dy) = (
+            uniform(p.out_channels, 3, 0.5),
+            uniform(p.output_len(), 4, 1.0),
         );
-        let legacy = {
-            let mut libs = lock(&b.streams[0].libs);
-            libs.graphs.insert(p, None);
-            drop(libs);
-            run_cuda(&b, 0, Op::Conv2d(p), &[&x, &w, &bias]).unwrap()
+        let run_all = || {
+            let y = run_cuda(&b, 0, Op::Conv2d(p), &[&x, &w, &bias]).unwrap();
+            let grads = run_cuda(&b, 0, Op::Conv2dBackward(p), &[&x, &w, &dy]).unwrap();
+            [y, grads].concat()
         };
-        assert_close("graph vs legacy", &got[0], &legacy[0], 1e-5);
+        let got = run_all();
+        let passes = [Pass::Forward, Pass::Data, Pass::Filter];
+        for pass in passes {
+            assert!(
+                matches!(
+                    lock(&b.streams[0].libs).graphs.get(&(p, pass)),
+                    Some(Some(_))
+                ),
+                "no {pass:?} graph plan for {p:?}"
+            );
+        }
+        for pass in passes {
+            lock(&b.streams[0].libs).graphs.insert((p, pass), None);
+        }
+        let legacy = run_all();
         let views = [x.as_slice(), w.as_slice(), bias.as_slice()];
-        let want = run_op(Op::Conv2d(p), &views, Par::Seq).unwrap();
-        assert_close("graph vs cpu", &got[0], &want[0], 1e-3);
+        let mut want = run_op(Op::Conv2d(p), &views, Par::Seq).unwrap();
+        let views = [x.as_slice(), w.as_slice(), dy.as_slice()];
+        want.extend(run_op(Op::Conv2dBackward(p), &views, Par::Seq).unwrap());
+        for (k, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+            assert_close(
+                &format!("{name}: graph vs legacy"),
+                &got[k],
+                &legacy[k],
+                1e-5,
+            );
+            assert_close(&format!("{name}: graph vs cpu"), &got[k], &want[k], 1e-3);
+        }
     }
 
     /// Bad shapes and failed inputs come back as errors from the download, not panics.
