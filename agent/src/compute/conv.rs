@@ -671,44 +671,43 @@ pub(crate) mod tests {
             / scale
     }
 
+    /// Forward on one thread within `1e-5` of the f64 reference, and on `threads` threads
+    /// the same bits: the synchronous path and the streams must agree exactly for the same op.
+    fn forward_agrees(
+        p: &Conv2dParams,
+        seed: u64,
+        bias: bool,
+        threads: usize,
+    ) -> Result<(), TestCaseError> {
+        let x = random(p.input_len(), seed);
+        let w = random(p.weight_len(), seed + 1);
+        let b = bias.then(|| random(p.out_channels, seed + 2));
+        let fast = forward(p, &x, &w, b.as_deref(), Par::Seq).unwrap();
+        let slow = reference::forward(p, &x, &w, b.as_deref());
+        prop_assert!(max_rel_diff(&fast, &slow) < 1e-5, "{p:?}");
+        let parallel = forward(p, &x, &w, b.as_deref(), Par::rayon(threads)).unwrap();
+        prop_assert_eq!(parallel, fast, "{:?} on {} threads", p, threads);
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
         /// f32 sums of at most a few hundred products of values in [-1, 1] differ from the
         /// f64 reference by rounding only: well under 1e-5 of the output's magnitude.
         #[test]
-        ///
-        /// Any thread count gives the same bits as one: the synchronous path and the streams
-        /// must agree exactly for the same op.
         fn forward_matches_the_reference(
             p in params(), seed in 0u64..1000, bias in any::<bool>(), threads in 2usize..=3,
         ) {
-            let x = random(p.input_len(), seed);
-            let w = random(p.weight_len(), seed + 1);
-            let b = bias.then(|| random(p.out_channels, seed + 2));
-            let fast = forward(&p, &x, &w, b.as_deref(), Par::Seq).unwrap();
-            let slow = reference::forward(&p, &x, &w, b.as_deref());
-            prop_assert!(max_rel_diff(&fast, &slow) < 1e-5, "{p:?}");
-            let parallel = forward(&p, &x, &w, b.as_deref(), Par::rayon(threads)).unwrap();
-            prop_assert_eq!(parallel, fast, "{:?} on {} threads", p, threads);
+            forward_agrees(&p, seed, bias, threads)?;
         }
-    }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
         /// Winograd's transforms add a few roundings by 0.5 and 1 to each sum: within the
         /// same 1e-5 as the direct scheme, odd output sizes and every padding included.
         #[test]
         fn winograd_matches_the_reference(
             p in winograd_params(), seed in 0u64..1000, bias in any::<bool>(), threads in 2usize..=3,
         ) {
-            let x = random(p.input_len(), seed);
-            let w = random(p.weight_len(), seed + 1);
-            let b = bias.then(|| random(p.out_channels, seed + 2));
-            let fast = forward(&p, &x, &w, b.as_deref(), Par::Seq).unwrap();
-            let slow = reference::forward(&p, &x, &w, b.as_deref());
-            prop_assert!(max_rel_diff(&fast, &slow) < 1e-5, "{p:?}");
-            let parallel = forward(&p, &x, &w, b.as_deref(), Par::rayon(threads)).unwrap();
-            prop_assert_eq!(parallel, fast, "{:?} on {} threads", p, threads);
+            forward_agrees(&p, seed, bias, threads)?;
         }
     }
 
