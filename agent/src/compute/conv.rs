@@ -16,8 +16,6 @@ use rayon::prelude::*;
 
 use super::ComputeError;
 
-mod winograd;
-
 /// Shape and parameters of one conv2d over a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Conv2dParams {
@@ -287,9 +285,6 @@ pub fn forward(
 ) -> Result<Vec<f32>, ComputeError> {
     p.check()?;
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
-    if winograd::applies(p) {
-        return Ok(winograd::forward(p, x, w, b, par));
-    }
     let (l, ph) = (Layout::of(p), Phases::of(p));
     let ow = p.output()[1];
     let mut y = vec![0.0; p.output_len()];
@@ -646,21 +641,6 @@ pub(crate) mod tests {
             .prop_filter("an output exists", |p| p.check().is_ok())
     }
 
-    /// The convolutions that the Winograd scheme computes: 3x3, stride 1, undilated.
-    fn winograd_params() -> impl Strategy<Value = Conv2dParams> {
-        (
-            (1usize..3, 1usize..4, 1usize..5, 1usize..5),
-            (0usize..3, 0usize..3),
-            (3usize..14, 3usize..14),
-        )
-            .prop_map(|((batch, g, cpg, kpg), (py, px), (h, w))| Conv2dParams {
-                padding: [py, px],
-                groups: g,
-                ..plain(batch, g * cpg, [h, w], g * kpg, 3)
-            })
-            .prop_filter("an output exists", |p| p.check().is_ok())
-    }
-
     /// Largest absolute difference, relative to the output's magnitude.
     fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -701,14 +681,6 @@ pub(crate) mod tests {
             forward_agrees(&p, seed, bias, threads)?;
         }
 
-        /// Winograd's transforms add a few roundings by 0.5 and 1 to each sum: within the
-        /// same 1e-5 as the direct scheme, odd output sizes and every padding included.
-        #[test]
-        fn winograd_matches_the_reference(
-            p in winograd_params(), seed in 0u64..1000, bias in any::<bool>(), threads in 2usize..=3,
-        ) {
-            forward_agrees(&p, seed, bias, threads)?;
-        }
     }
 
     fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -749,8 +721,8 @@ pub(crate) mod tests {
     }
 
     /// Large enough for the GEMM and the unfolding to be split across threads (one sample)
-    /// or shared out by sample (three), and for Winograd's tiles to be cut into several
-    /// units (3x3): forward keeps the bits of one thread, and so does the input gradient.
+    /// or shared out by sample (three), for 3x3 and 5x5 filters: forward keeps the bits of
+    /// one thread, and so does the input gradient.
     #[test]
     fn large_convolutions_give_the_same_bits_on_any_thread_count() {
         for (batch, r) in [(1, 3), (3, 3), (1, 5), (3, 5)] {
@@ -770,32 +742,6 @@ pub(crate) mod tests {
                 assert_eq!(shared.dx, grads.dx, "batch {batch}, {threads} threads");
                 assert!(max_rel_diff(&shared.dw, &grads.dw) < 1e-5);
                 assert!(max_rel_diff(&shared.db, &grads.db) < 1e-5);
-            }
-        }
-    }
-
-    /// Winograd's work cut into units of one or two tile rows (budgets far below the real
-    /// one), on one thread and two: the reference's results, the last unit's single row of
-    /// tiles and the odd last output row included.
-    #[test]
-    fn winograd_units_of_a_few_tile_rows_agree() {
-        for (batch, hw) in [(1, [13, 11]), (2, [10, 9])] {
-            let p = Conv2dParams {
-                padding: [1, 1],
-                ..plain(batch, 4, hw, 5, 3)
-            };
-            let (x, w, b) = (
-                random(p.input_len(), 1),
-                random(p.weight_len(), 2),
-                random(p.out_channels, 3),
-            );
-            let want = reference::forward(&p, &x, &w, Some(&b));
-            let row = 16 * (4 + 5) * p.output()[1].div_ceil(2);
-            for budget in [row, 2 * row + 1] {
-                for par in [Par::Seq, Par::rayon(2)] {
-                    let got = winograd::forward_in(&p, &x, &w, Some(&b), par, budget);
-                    assert!(max_rel_diff(&got, &want) < 1e-5, "{p:?}, budget {budget}");
-                }
             }
         }
     }
