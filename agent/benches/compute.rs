@@ -34,16 +34,18 @@ fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+/// conv2d forward on `KF_CONV_THREADS` threads (2 unless set).
 fn conv_throughput() {
+    let threads: usize = std::env::var("KF_CONV_THREADS").map_or(2, |t| t.parse().unwrap());
     println!(
-        "## conv2d forward, 2 threads\n\n| N, C, H, W, K, RxS, stride, pad | ms | GFLOP/s |\n|---|---|---|"
+        "## conv2d forward, {threads} threads\n\n| N, C, H, W, K, RxS, stride, pad | ms | GFLOP/s |\n|---|---|---|"
     );
     for p in SHAPES.map(params) {
         let x = uniform(p.input_len(), 1, 1.0);
         let w = uniform(p.weight_len(), 2, 0.1);
         let b = uniform(p.out_channels, 3, 0.1);
         let s = median(Duration::from_secs(3), || {
-            std::hint::black_box(conv::forward(&p, &x, &w, Some(&b), Par::rayon(2)).unwrap());
+            std::hint::black_box(conv::forward(&p, &x, &w, Some(&b), Par::rayon(threads)).unwrap());
         });
         println!(
             "| {}, {}, {}, {}, {}, {}x{}, {}, {} | {:.2} | {:.1} |",

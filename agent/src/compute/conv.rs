@@ -1,10 +1,11 @@
 //! conv2d over NCHW f32 tensors: forward, and backward for input, weight and bias.
 //!
-//! Lowered to one GEMM per sample and group, multiplied by `faer`'s safe, cache-blocked and
-//! SIMD matmul. 1x1 convolutions with unit stride and no padding need no lowering: the input
-//! already is the column matrix. Every other one goes through [`Phases`]: the padded input
-//! split by stride phase, so that each row of the column matrix is a single contiguous copy
-//! rather than a gather per output line.
+//! Lowered to one GEMM per sample and group: the forward pass through the register-tiled
+//! kernel of [`super::gemm`], the backward passes through `faer`'s cache-blocked matmul. 1x1
+//! convolutions with unit stride and no padding need no lowering: the input already is the
+//! column matrix. Every other one goes through [`Phases`]: the padded input split by stride
+//! phase, so that each row of the column matrix is a single contiguous copy rather than a
+//! gather per output line.
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -15,6 +16,7 @@ use kernelflow_crds::Conv2dSpec;
 use rayon::prelude::*;
 
 use super::ComputeError;
+use super::gemm::{Gemm, Tile};
 
 /// Shape and parameters of one conv2d over a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -270,12 +272,13 @@ impl Layout {
     }
 }
 
-/// `y = conv2d(x, w) + b` on `par.degree()` threads.
+/// `y = conv2d(x, w) + b` on `par.degree()` threads, through the register-tiled [`gemm`].
 ///
-/// One GEMM per sample and group. With at least as many of them as threads, each thread
-/// takes a contiguous share and runs it sequentially, lowering included, which keeps every
-/// core busy without synchronising inside small GEMMs; with fewer, the lowering and the GEMM
-/// are split instead. Either way each output element is the same sum in the same order.
+/// The work is one GEMM per sample and group. With at least as many of them as threads,
+/// threads take whole ones (lowering included), which keeps every core busy without
+/// synchronising inside small GEMMs; with fewer, each one's output channels are split among
+/// threads, each lowering the input for itself. Either way each output element is the same
+/// sum in the same order.
 pub fn forward(
     p: &Conv2dParams,
     x: &[f32],
@@ -285,82 +288,74 @@ pub fn forward(
 ) -> Result<Vec<f32>, ComputeError> {
     p.check()?;
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
-    let (l, ph) = (Layout::of(p), Phases::of(p));
+    let (l, ph, tile) = (Layout::of(p), Phases::of(p), Tile::get());
     let ow = p.output()[1];
+    let panel = tile.mr * l.ckk;
+    let panels = l.kg.div_ceil(tile.mr);
+    let packed: Vec<f32> = w
+        .chunks_exact(l.kg * l.ckk)
+        .flat_map(|wg| tile.pack(wg, l.kg, l.ckk))
+        .collect();
+    // Where each row of the column matrix starts: in the input for a 1x1 convolution, else
+    // in the stride-phase planes, whose layout computes `wq` columns per output row.
+    let (offsets, wq, cols): (Vec<usize>, _, _) = if p.pointwise() {
+        ((0..l.ckk).map(|r| r * l.hw).collect(), ow, l.ohw)
+    } else {
+        let [kh, kw] = p.kernel;
+        let tap = |r: usize| ph.tap(p, r / (kh * kw), r / kw % kh, r % kw);
+        ((0..l.ckk).map(tap).collect(), ph.wq, ph.wide)
+    };
+    let threads = par.degree().max(1);
+    let tasks = p.batch * p.groups;
+    let unit = if tasks >= threads {
+        l.kg
+    } else {
+        panels.div_ceil(threads.div_ceil(tasks.max(1))) * tile.mr
+    };
     let mut y = vec![0.0; p.output_len()];
-    let (shares, inner) = split_work(p.batch * p.groups, par);
-    let per = (p.batch * p.groups).div_ceil(shares);
-    let share = |(i, ys): (usize, &mut [f32])| {
+    let units: Vec<_> = y
+        .chunks_mut(l.kg * l.ohw)
+        .enumerate()
+        .flat_map(|(t, yt)| {
+            let rows = yt.chunks_mut(unit * l.ohw).enumerate();
+            rows.map(move |(i, out)| (t, i * unit, out))
+        })
+        .collect();
+    let run = |(t, row0, out): (usize, usize, &mut [f32])| {
+        let (n, g) = (t / p.groups, t % p.groups);
+        let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
+        let rows = out.len() / l.ohw;
+        let w = &packed[g * panels * panel + row0 / tile.mr * panel..]
+            [..rows.div_ceil(tile.mr) * panel];
+        let bias = b.map(|b| &b[g * l.kg + row0..][..rows]);
         with_scratch(|buf| {
-            let sizes = if p.pointwise() {
-                [0; 3]
+            let planes = if p.pointwise() { 0 } else { ph.len(l.cg) };
+            let [planes, strip] = carve(buf, [planes, l.ckk * tile.nr]);
+            let src = if p.pointwise() {
+                xg
             } else {
-                [ph.len(l.cg), l.ckk * ph.wide.min(BLOCK), l.kg * ph.wide]
+                ph.split(p, xg, planes);
+                planes
             };
-            let [planes, col, wide] = carve(buf, sizes);
-            for (t, yg) in ys.chunks_exact_mut(l.kg * l.ohw).enumerate() {
-                let (n, g) = ((i * per + t) / p.groups, (i * per + t) % p.groups);
-                let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
-                let wg = rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk);
-                if p.pointwise() {
-                    let cols = rows(xg, l.ckk, l.ohw);
-                    matmul(
-                        rows_mut(yg, l.kg, l.ohw),
-                        Accum::Replace,
-                        wg,
-                        cols,
-                        1.0,
-                        inner,
-                    );
-                } else {
-                    ph.split(p, xg, planes);
-                    let planes = &*planes;
-                    // Output columns `j0..` into `block`: lowered, then multiplied.
-                    let lower = |j0: usize, block: MatMut<'_, f32>, col: &mut [f32]| {
-                        let n = block.ncols();
-                        let col = &mut col[..l.ckk * n];
-                        ph.unfold(p, planes, 0, j0..j0 + n, col);
-                        let cols = rows(col, l.ckk, n);
-                        matmul(block, Accum::Replace, wg, cols, 1.0, Par::Seq);
-                    };
-                    let mut out = rows_mut(wide, l.kg, ph.wide);
-                    if inner.degree() > 1 {
-                        // One sample on many threads: they take column blocks. The same
-                        // blocks as on one thread: a narrower GEMM may sum in another order.
-                        out.par_col_chunks_mut(BLOCK)
-                            .enumerate()
-                            .for_each(|(i, block)| {
-                                with_scratch(|c| {
-                                    c.resize(l.ckk * BLOCK, 0.0);
-                                    lower(i * BLOCK, block, c);
-                                });
-                            });
-                    } else {
-                        for j0 in (0..ph.wide).step_by(BLOCK) {
-                            let n = BLOCK.min(ph.wide - j0);
-                            lower(j0, out.as_mut().submatrix_mut(0, j0, l.kg, n), col);
-                        }
-                    }
-                    // Keep the first `ow` of every `wq` columns.
-                    for (yk, wk) in yg.chunks_exact_mut(l.ohw).zip(wide.chunks_exact(ph.wide)) {
-                        for (line, run) in yk.chunks_exact_mut(ow).zip(wk.chunks_exact(ph.wq)) {
-                            line.copy_from_slice(&run[..ow]);
-                        }
-                    }
-                }
-                if let Some(b) = b {
-                    for (plane, bias) in yg.chunks_exact_mut(l.ohw).zip(&b[g * l.kg..]) {
-                        plane.iter_mut().for_each(|v| *v += bias);
-                    }
-                }
-            }
+            let offsets = &offsets;
+            tile.run(Gemm {
+                w,
+                src,
+                offsets,
+                cols,
+                wq,
+                ow,
+                out,
+                rows,
+                bias,
+                strip,
+            });
         });
     };
-    let chunk = (per * l.kg * l.ohw).max(1);
-    if shares > 1 {
-        y.par_chunks_mut(chunk).enumerate().for_each(share);
+    if threads > 1 && units.len() > 1 {
+        units.into_par_iter().for_each(run);
     } else {
-        y.chunks_mut(chunk).enumerate().for_each(share);
+        units.into_iter().for_each(run);
     }
     Ok(y)
 }
@@ -397,13 +392,6 @@ fn unfold(
         .enumerate()
         .for_each(|(i, col)| ph.unfold(p, planes, i * per, cols.clone(), col));
 }
-
-/// Output columns lowered and multiplied at a time in [`forward`]: the column block
-/// (`c*r*s` rows of this many floats) stays in cache between being written and being read by
-/// the GEMM, rather than streaming a whole column matrix through memory twice.
-/// 256 measured best on this machine's shapes (128-1024 tried; the whole matrix at once was
-/// 1.3-1.9x slower).
-const BLOCK: usize = 256;
 
 /// Splits the front of `buf` (grown as needed) into slices of `sizes`.
 fn carve<const N: usize>(buf: &mut Vec<f32>, sizes: [usize; N]) -> [&mut [f32]; N] {

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod engine;
+mod gemm;
 pub mod ops;
 pub mod pipeline;
 pub mod train;
