@@ -292,10 +292,7 @@ pub fn forward(
     let ow = p.output()[1];
     let panel = tile.mr * l.ckk;
     let panels = l.kg.div_ceil(tile.mr);
-    let packed: Vec<f32> = w
-        .chunks_exact(l.kg * l.ckk)
-        .flat_map(|wg| tile.pack(wg, l.kg, l.ckk))
-        .collect();
+    let packed = tile.pack(w, p.groups, l.kg, l.ckk);
     // Where each row of the column matrix starts: in the input for a 1x1 convolution, else
     // in the stride-phase planes, whose layout computes `wq` columns per output row.
     let (offsets, wq, cols): (Vec<usize>, _, _) = if p.pointwise() {
@@ -305,6 +302,7 @@ pub fn forward(
         let tap = |r: usize| ph.tap(p, r / (kh * kw), r / kw % kh, r % kw);
         ((0..l.ckk).map(tap).collect(), ph.wq, ph.wide)
     };
+    let reach = offsets.iter().copied().max().unwrap_or(0);
     let threads = par.degree().max(1);
     let tasks = p.batch * p.groups;
     let unit = if tasks >= threads {
@@ -329,7 +327,12 @@ pub fn forward(
             [..rows.div_ceil(tile.mr) * panel];
         let bias = b.map(|b| &b[g * l.kg + row0..][..rows]);
         with_scratch(|buf| {
-            let planes = if p.pointwise() { 0 } else { ph.len(l.cg) };
+            // Room after the planes, so that every strip is read in place.
+            let planes = if p.pointwise() {
+                0
+            } else {
+                ph.len(l.cg) + tile.nr
+            };
             let [planes, strip] = carve(buf, [planes, l.ckk * tile.nr]);
             let src = if p.pointwise() {
                 xg
@@ -342,6 +345,7 @@ pub fn forward(
                 w,
                 src,
                 offsets,
+                reach,
                 cols,
                 wq,
                 ow,

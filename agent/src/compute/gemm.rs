@@ -1,11 +1,10 @@
 //! The CPU's conv2d forward GEMM: `Y = W · B + bias`, register-tiled and safe.
 //!
 //! `W` comes packed in panels of `mr` output channels ([`Tile::pack`]); `B`, the column matrix,
-//! is gathered `nr` columns at a time from rows of a source (the stride-phase planes, or the
-//! input itself for a 1x1 convolution) into a strip that stays in cache while every panel runs
-//! over it. Each `mr` x `nr` block of the output is summed in vector registers over the whole
-//! depth and stored once, straight into the NCHW output, the wide columns of the planes'
-//! layout dropped and the bias added on the way.
+//! is never built: its rows are runs of a source (the stride-phase planes, or the input itself
+//! for a 1x1 convolution), read `nr` columns at a time where they lie. Each `mr` x `nr` block
+//! of the output is summed in vector registers over the whole depth and stored once, straight
+//! into the NCHW output, the planes' wide columns dropped and the bias added on the way.
 //!
 //! The instruction set is chosen at run time through `pulp` (AVX-512, AVX2 + FMA, NEON, or
 //! scalar), which keeps this module free of `unsafe`. Every output element is one fused
@@ -35,15 +34,18 @@ impl Tile {
         })
     }
 
-    /// `rows` x `depth` row-major `a` in panels of `mr` rows, each depth-major (the `mr`
-    /// values of one depth step together), the last panel padded with zero rows.
-    pub fn pack(&self, a: &[f32], rows: usize, depth: usize) -> Vec<f32> {
-        let mut packed = vec![0.0; rows.div_ceil(self.mr) * self.mr * depth];
-        for (panel, to) in packed.chunks_exact_mut(self.mr * depth).enumerate() {
-            for m in 0..self.mr.min(rows - panel * self.mr) {
-                let row = &a[(panel * self.mr + m) * depth..][..depth];
+    /// `groups` row-major `rows` x `depth` matrices `a`, each in panels of `mr` rows,
+    /// depth-major (the `mr` values of one depth step together), its last panel padded with
+    /// zero rows.
+    pub fn pack(&self, a: &[f32], groups: usize, rows: usize, depth: usize) -> Vec<f32> {
+        let panels = rows.div_ceil(self.mr);
+        let mut packed = vec![0.0; groups * panels * self.mr * depth];
+        let per_group = packed.chunks_exact_mut(panels * self.mr * depth);
+        for (to, a) in per_group.zip(a.chunks_exact(rows * depth)) {
+            for (m, row) in a.chunks_exact(depth).enumerate() {
+                let panel = &mut to[m / self.mr * self.mr * depth..][..self.mr * depth];
                 for (d, v) in row.iter().enumerate() {
-                    to[d * self.mr + m] = *v;
+                    panel[d * self.mr + m % self.mr] = *v;
                 }
             }
         }
@@ -56,22 +58,25 @@ impl Tile {
     }
 }
 
-/// One output block: `rows` output channels over all `cols` columns of the column matrix.
+/// One output block: `rows` output channels over all their positions.
 pub(super) struct Gemm<'a> {
     /// The channels' weight panels, from [`Tile::pack`].
     pub w: &'a [f32],
-    /// The column matrix's row `r` is `src[offsets[r]..][..cols]`.
+    /// Row `r` of the column matrix is `src[offsets[r]..][..cols]`.
     pub src: &'a [f32],
     pub offsets: &'a [usize],
+    /// The largest offset.
+    pub reach: usize,
     pub cols: usize,
     /// Column `j` is output `(j / wq, j % wq)`; those with `j % wq >= ow` are dropped.
     pub wq: usize,
     pub ow: usize,
-    /// `rows` output planes of `oh * ow`, and their bias.
+    /// `rows` output planes, and their bias.
     pub out: &'a mut [f32],
     pub rows: usize,
     pub bias: Option<&'a [f32]>,
-    /// Room for one strip: `offsets.len() * nr` floats.
+    /// Room for one strip, `offsets.len() * nr` floats, for columns too near the source's
+    /// end to be read in place.
     pub strip: &'a mut [f32],
 }
 
@@ -112,64 +117,81 @@ impl PerTile for Dims {
 impl PerTile for Gemm<'_> {
     type Output = ();
 
+    /// Strips of `NV` vectors of columns, the last one narrower where that is enough.
     #[inline(always)]
-    fn run<S: Simd, const MR: usize, const NV: usize>(self, simd: S) {
-        let nr = NV * S::F32_LANES;
+    fn run<S: Simd, const MR: usize, const NV: usize>(mut self, simd: S) {
+        let mut j0 = 0;
+        while j0 < self.cols {
+            let n = (NV * S::F32_LANES).min(self.cols - j0);
+            match n.div_ceil(S::F32_LANES) {
+                1 if NV > 1 => self.strip::<S, MR, 1>(simd, j0, n),
+                2 if NV > 2 => self.strip::<S, MR, 2>(simd, j0, n),
+                _ => self.strip::<S, MR, NV>(simd, j0, n),
+            }
+            j0 += n;
+        }
+    }
+}
+
+impl Gemm<'_> {
+    /// Columns `j0..j0 + n` of every channel: each panel times those columns, stored. The
+    /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
+    /// some row's would pass its end: then they are gathered into the strip first.
+    #[inline(always)]
+    fn strip<S: Simd, const MR: usize, const V: usize>(&mut self, simd: S, j0: usize, n: usize) {
+        let width = V * S::F32_LANES;
         let depth = self.offsets.len();
-        let ohw = self.out.len() / self.rows.max(1);
-        let strip: &mut [S::f32s] = bytemuck::cast_slice_mut(&mut self.strip[..depth * nr]);
-        for j0 in (0..self.cols).step_by(nr) {
-            gather::<S, NV>(self.src, self.offsets, j0, strip);
-            let n = nr.min(self.cols - j0);
-            for (panel, w) in self.w.chunks_exact(MR * depth).enumerate() {
-                let acc = block::<S, MR, NV>(simd, w, strip);
-                let m0 = panel * MR;
-                for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
-                    let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
-                    let plane = &mut self.out[(m0 + m) * ohw..][..ohw];
-                    let values: &[f32] = bytemuck::cast_slice(acc);
-                    store(&values[..n], j0, self.wq, self.ow, bias, plane);
-                }
+        let in_place = self.reach + j0 + width <= self.src.len();
+        if !in_place {
+            gather::<S, V>(self.src, self.offsets, j0, &mut self.strip[..depth * width]);
+        }
+        let ohw = self.out.len() / self.rows;
+        for (panel, w) in self.w.chunks_exact(MR * depth).enumerate() {
+            let acc = if in_place {
+                let rows = self.offsets.iter().map(|&at| &self.src[at + j0..][..width]);
+                block::<S, MR, V>(simd, w, rows)
+            } else {
+                block::<S, MR, V>(simd, w, self.strip.chunks_exact(width))
+            };
+            let m0 = panel * MR;
+            for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
+                let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
+                let plane = &mut self.out[(m0 + m) * ohw..][..ohw];
+                let values: &[f32] = bytemuck::cast_slice(acc);
+                store(&values[..n], j0, self.wq, self.ow, bias, plane);
             }
         }
     }
 }
 
-/// Columns `j0..j0 + nr` of the column matrix into `strip`, depth-major; columns past a
+/// Columns `j0..` of the column matrix into `strip`, `V` vectors a row; columns past a
 /// row's source are zero.
 #[inline(always)]
-fn gather<S: Simd, const NV: usize>(
-    src: &[f32],
-    offsets: &[usize],
-    j0: usize,
-    strip: &mut [S::f32s],
-) {
-    let nr = NV * S::F32_LANES;
-    for (&at, to) in offsets.iter().zip(strip.chunks_exact_mut(NV)) {
+fn gather<S: Simd, const V: usize>(src: &[f32], offsets: &[usize], j0: usize, strip: &mut [f32]) {
+    let width = V * S::F32_LANES;
+    for (&at, to) in offsets.iter().zip(strip.chunks_exact_mut(width)) {
         let from = &src[(at + j0).min(src.len())..];
-        if let Some(run) = from.get(..nr) {
-            to.copy_from_slice(bytemuck::cast_slice(run));
-        } else {
-            let to: &mut [f32] = bytemuck::cast_slice_mut(to);
-            to[..from.len()].copy_from_slice(from);
-            to[from.len()..].fill(0.0);
-        }
+        let len = from.len().min(width);
+        to[..len].copy_from_slice(&from[..len]);
+        to[len..].fill(0.0);
     }
 }
 
-/// One `MR` x `NV` vector block: `w`'s panel times the strip, summed over the depth.
+/// One `MR` x `V` vector block: `w`'s panel times the column matrix's `rows` (`V` vectors
+/// each), summed over the depth.
 #[inline(always)]
-fn block<S: Simd, const MR: usize, const NV: usize>(
+fn block<'a, S: Simd, const MR: usize, const V: usize>(
     simd: S,
     w: &[f32],
-    strip: &[S::f32s],
-) -> [[S::f32s; NV]; MR] {
-    let mut acc = [[simd.splat_f32s(0.0); NV]; MR];
-    for (wk, bk) in w.chunks_exact(MR).zip(strip.chunks_exact(NV)) {
-        let b: [S::f32s; NV] = std::array::from_fn(|v| bk[v]);
-        for (row, &wm) in acc.iter_mut().zip(wk) {
+    rows: impl Iterator<Item = &'a [f32]>,
+) -> [[S::f32s; V]; MR] {
+    let mut acc = [[simd.splat_f32s(0.0); V]; MR];
+    for (wk, row) in w.chunks_exact(MR).zip(rows) {
+        let row: &[S::f32s] = bytemuck::cast_slice(row);
+        let b: [S::f32s; V] = std::array::from_fn(|v| row[v]);
+        for (acc, &wm) in acc.iter_mut().zip(wk) {
             let wm = simd.splat_f32s(wm);
-            for (a, &b) in row.iter_mut().zip(&b) {
+            for (a, &b) in acc.iter_mut().zip(&b) {
                 *a = simd.mul_add_f32s(wm, b, *a);
             }
         }
