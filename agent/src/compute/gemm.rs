@@ -27,11 +27,26 @@ impl Tile {
     /// The tile of the best instruction set this CPU has, detected once.
     pub fn get() -> Self {
         static TILE: OnceLock<Tile> = OnceLock::new();
-        *TILE.get_or_init(|| {
-            let arch = Arch::new();
-            let [mr, nr] = arch.dispatch(Select(Dims));
-            Tile { mr, nr, arch }
-        })
+        *TILE.get_or_init(|| Self::of(Arch::new()))
+    }
+
+    fn of(arch: Arch) -> Self {
+        let [mr, nr] = arch.dispatch(Select(Dims));
+        Tile { mr, nr, arch }
+    }
+
+    /// The tiles of every instruction set this CPU has, the scalar one first.
+    #[cfg(test)]
+    pub fn all() -> Vec<Self> {
+        let mut all = vec![Self::of(Arch::Scalar)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            all.extend(pulp::x86::V3::try_new().map(|s| Self::of(Arch::V3(s))));
+            all.extend(pulp::x86::V4::try_new().map(|s| Self::of(Arch::V4(s))));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        all.push(Self::get());
+        all
     }
 
     /// `groups` row-major `rows` x `depth` matrices `a`, each in panels of `mr` rows,
