@@ -307,9 +307,7 @@ fn forward_on(
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
     let (l, ph) = (Layout::of(p), Phases::of(p));
     let ow = p.output()[1];
-    let panel = tile.mr * l.ckk;
     let panels = l.kg.div_ceil(tile.mr);
-    let packed = tile.pack(w, p.groups, l.kg, l.ckk);
     // Where each row of the column matrix starts: in the input for a 1x1 convolution, else
     // in the stride-phase planes, whose layout computes `wq` columns per output row.
     let (offsets, wq, cols): (Vec<usize>, _, _) = if p.pointwise() {
@@ -340,8 +338,7 @@ fn forward_on(
         let (n, g) = (t / p.groups, t % p.groups);
         let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
         let rows = out.len() / l.ohw;
-        let w = &packed[g * panels * panel + row0 / tile.mr * panel..]
-            [..rows.div_ceil(tile.mr) * panel];
+        let w = &w[(g * l.kg + row0) * l.ckk..][..rows * l.ckk];
         let bias = b.map(|b| &b[g * l.kg + row0..][..rows]);
         with_scratch(|buf| {
             // Room after the planes, so that every strip is read in place.

@@ -1,6 +1,7 @@
 //! The CPU's conv2d forward GEMM: `Y = W · B + bias`, register-tiled and safe.
 //!
-//! `W` comes packed in panels of `mr` output channels ([`Tile::pack`]); `B`, the column matrix,
+//! `W` is read as it is, `mr` output channels at a time, each weight broadcast to a vector
+//! register; `B`, the column matrix,
 //! is never built: its rows are runs of a source (the stride-phase planes, or the input itself
 //! for a 1x1 convolution), read `nr` columns at a time where they lie. Each `mr` x `nr` block
 //! of the output is summed in vector registers over the whole depth and stored once, straight
@@ -49,24 +50,6 @@ impl Tile {
         all
     }
 
-    /// `groups` row-major `rows` x `depth` matrices `a`, each in panels of `mr` rows,
-    /// depth-major (the `mr` values of one depth step together), its last panel padded with
-    /// zero rows.
-    pub fn pack(&self, a: &[f32], groups: usize, rows: usize, depth: usize) -> Vec<f32> {
-        let panels = rows.div_ceil(self.mr);
-        let mut packed = vec![0.0; groups * panels * self.mr * depth];
-        let per_group = packed.chunks_exact_mut(panels * self.mr * depth);
-        for (to, a) in per_group.zip(a.chunks_exact(rows * depth)) {
-            for (m, row) in a.chunks_exact(depth).enumerate() {
-                let panel = &mut to[m / self.mr * self.mr * depth..][..self.mr * depth];
-                for (d, v) in row.iter().enumerate() {
-                    panel[d * self.mr + m % self.mr] = *v;
-                }
-            }
-        }
-        packed
-    }
-
     /// Runs `g` on this CPU's instruction set.
     pub fn run(&self, g: Gemm<'_>) {
         self.arch.dispatch(Select(g))
@@ -75,7 +58,7 @@ impl Tile {
 
 /// One output block: `rows` output channels over all their positions.
 pub(super) struct Gemm<'a> {
-    /// The channels' weight panels, from [`Tile::pack`].
+    /// The channels' weights, row-major `rows` x `offsets.len()`.
     pub w: &'a [f32],
     /// Row `r` of the column matrix is `src[offsets[r]..][..cols]`.
     pub src: &'a [f32],
@@ -161,14 +144,17 @@ impl Gemm<'_> {
             gather::<S, V>(self.src, self.offsets, j0, &mut self.strip[..depth * width]);
         }
         let ohw = self.out.len() / self.rows;
-        for (panel, w) in self.w.chunks_exact(MR * depth).enumerate() {
+        for m0 in (0..self.rows).step_by(MR) {
+            // The panel's rows of weights; a short last panel repeats its last row, whose
+            // sums are not stored.
+            let w: [&[f32]; MR] =
+                std::array::from_fn(|m| &self.w[(m0 + m).min(self.rows - 1) * depth..][..depth]);
             let acc = if in_place {
                 let rows = self.offsets.iter().map(|&at| &self.src[at + j0..][..width]);
                 block::<S, MR, V>(simd, w, rows)
             } else {
-                block::<S, MR, V>(simd, w, self.strip.chunks_exact(width))
+                block::<S, MR, V>(simd, w, self.strip[..depth * width].chunks_exact(width))
             };
-            let m0 = panel * MR;
             for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
                 let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
                 let plane = &mut self.out[(m0 + m) * ohw..][..ohw];
@@ -192,20 +178,20 @@ fn gather<S: Simd, const V: usize>(src: &[f32], offsets: &[usize], j0: usize, st
     }
 }
 
-/// One `MR` x `V` vector block: `w`'s panel times the column matrix's `rows` (`V` vectors
-/// each), summed over the depth.
+/// One `MR` x `V` vector block: `MR` rows of weights times the column matrix's `rows` (`V`
+/// vectors each), summed over the depth.
 #[inline(always)]
 fn block<'a, S: Simd, const MR: usize, const V: usize>(
     simd: S,
-    w: &[f32],
+    w: [&[f32]; MR],
     rows: impl Iterator<Item = &'a [f32]>,
 ) -> [[S::f32s; V]; MR] {
     let mut acc = [[simd.splat_f32s(0.0); V]; MR];
-    for (wk, row) in w.chunks_exact(MR).zip(rows) {
+    for (k, row) in rows.enumerate() {
         let row: &[S::f32s] = bytemuck::cast_slice(row);
         let b: [S::f32s; V] = std::array::from_fn(|v| row[v]);
-        for (acc, &wm) in acc.iter_mut().zip(wk) {
-            let wm = simd.splat_f32s(wm);
+        for (acc, w) in acc.iter_mut().zip(&w) {
+            let wm = simd.splat_f32s(w[k]);
             for (a, &b) in acc.iter_mut().zip(&b) {
                 *a = simd.mul_add_f32s(wm, b, *a);
             }
