@@ -81,12 +81,16 @@ pub(super) struct Gemm<'a> {
 /// Work done with the tile chosen for an instruction set.
 trait PerTile {
     type Output;
-    fn run<S: Simd, const MR: usize, const NV: usize>(self, simd: S) -> Self::Output;
+    /// `MR` channels by `NV` vectors; a strip of one vector takes `MR1` channels.
+    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(
+        self,
+        simd: S,
+    ) -> Self::Output;
 }
 
 /// The one table of tiles: `MR` channels by `NV` vectors, their accumulators filling most
-/// of the vector registers (24 of 32 with AVX-512 and NEON, 12 of 16 with AVX2), with room
-/// for the strip's `NV` vectors and a broadcast weight.
+/// of the vector registers (24 of 32 with AVX-512, 12 of 16 with AVX2, 16 of 32 with NEON),
+/// with room for the strip's `NV` vectors and a broadcast weight.
 struct Select<T>(T);
 
 impl<T: PerTile> WithSimd for Select<T> {
@@ -95,9 +99,9 @@ impl<T: PerTile> WithSimd for Select<T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> T::Output {
         match S::F32_LANES {
-            16 => self.0.run::<S, 8, 3>(simd),
-            8 => self.0.run::<S, 4, 3>(simd),
-            _ => self.0.run::<S, 4, 4>(simd),
+            16 => self.0.run::<S, 8, 3, 16>(simd),
+            8 => self.0.run::<S, 4, 3, 8>(simd),
+            _ => self.0.run::<S, 4, 4, 8>(simd),
         }
     }
 }
@@ -107,7 +111,7 @@ struct Dims;
 
 impl PerTile for Dims {
     type Output = [usize; 2];
-    fn run<S: Simd, const MR: usize, const NV: usize>(self, _: S) -> [usize; 2] {
+    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(self, _: S) -> [usize; 2] {
         [MR, NV * S::F32_LANES]
     }
 }
@@ -115,14 +119,16 @@ impl PerTile for Dims {
 impl PerTile for Gemm<'_> {
     type Output = ();
 
-    /// Strips of `NV` vectors of columns, the last one narrower where that is enough.
+    /// Strips of `NV` vectors of columns, the last one narrower where that is enough; one
+    /// vector wide, it takes more channels at a time, so that its weights' broadcasts do not
+    /// outnumber its multiply-adds.
     #[inline(always)]
-    fn run<S: Simd, const MR: usize, const NV: usize>(mut self, simd: S) {
+    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(mut self, simd: S) {
         let mut j0 = 0;
         while j0 < self.cols {
             let n = (NV * S::F32_LANES).min(self.cols - j0);
             match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => self.strip::<S, MR, 1>(simd, j0, n),
+                1 if NV > 1 => self.strip::<S, MR1, 1>(simd, j0, n),
                 2 if NV > 2 => self.strip::<S, MR, 2>(simd, j0, n),
                 _ => self.strip::<S, MR, NV>(simd, j0, n),
             }
