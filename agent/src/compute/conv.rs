@@ -334,10 +334,11 @@ fn forward_on(
     } else {
         panels.div_ceil(threads.div_ceil(tasks.max(1))) * tile.mr
     };
-    // Zeroed on every thread, not first on this one: large outputs (26 MB for a batch of 8
-    // ResNet stems) would otherwise spend a tenth of the call in one thread's memset.
+    // A large output is zeroed on every thread, not first on this one: 26 MB for a batch of
+    // 8 ResNet stems would spend a tenth of the call in one thread's memset. A small one is
+    // not worth waking the threads twice.
     let mut y = Vec::with_capacity(p.output_len());
-    if threads > 1 {
+    if threads > 1 && p.output_len() >= 1 << 20 {
         y.par_extend(rayon::iter::repeat_n(0.0, p.output_len()));
     } else {
         y.resize(p.output_len(), 0.0);
