@@ -395,6 +395,44 @@ fn forward_on(
     Ok(y)
 }
 
+/// `out = wt · dy`: `wt` is a group's transposed weights (`c*r*s` x `kg`), `dy` its output
+/// gradient (`kg` rows of `cols`), `out` `c*r*s` rows of `cols`; the rows split among
+/// `par`'s threads.
+fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], par: Par) {
+    let (rows, depth) = (out.len() / cols, dy.len() / cols);
+    if rows == 0 || depth == 0 {
+        return out.fill(0.0);
+    }
+    let offsets: Vec<usize> = (0..depth).map(|k| k * cols).collect();
+    let per = rows
+        .div_ceil(par.degree().max(1))
+        .next_multiple_of(tile.mr)
+        .max(1);
+    let run = |(i, out): (usize, &mut [f32])| {
+        with_scratch(|buf| {
+            let [strip] = carve(buf, [depth * tile.nr]);
+            tile.run(Gemm {
+                w: &wt[i * per * depth..][..out.len() / cols * depth],
+                src: dy,
+                offsets: &offsets,
+                reach: offsets[depth - 1],
+                cols,
+                wq: cols,
+                ow: cols,
+                rows: out.len() / cols,
+                out,
+                bias: None,
+                strip,
+            })
+        })
+    };
+    if per < rows {
+        out.par_chunks_mut(per * cols).enumerate().for_each(run);
+    } else {
+        run((0, out));
+    }
+}
+
 /// How `tasks` independent GEMMs use `par`: shared out whole among threads when there are
 /// enough of them (each then sequential), else one at a time, each split across threads.
 fn split_work(tasks: usize, par: Par) -> (usize, Par) {
@@ -487,6 +525,19 @@ pub fn backward(
     let ow = p.output()[1];
     let (shares, inner) = split_work(p.batch, par);
     let per = p.batch.div_ceil(shares);
+    // Each group's weights transposed, `ckk` x `kg`, for the input gradient's GEMM.
+    let tile = Tile::get();
+    let mut wt = vec![0.0; w.len()];
+    for (wg, tg) in w
+        .chunks_exact(l.kg * l.ckk)
+        .zip(wt.chunks_exact_mut(l.kg * l.ckk))
+    {
+        for (k, row) in wg.chunks_exact(l.ckk).enumerate() {
+            row.iter()
+                .enumerate()
+                .for_each(|(r, v)| tg[r * l.kg + k] = *v);
+        }
+    }
     let share = |(i, dxs): (usize, &mut [f32])| {
         let mut dw = vec![0.0; w.len()];
         let mut db = vec![0.0; p.out_channels];
@@ -503,7 +554,6 @@ pub fn backward(
                 for g in 0..p.groups {
                     let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
                     let dyg = &dy[(n * p.out_channels + g * l.kg) * l.ohw..][..l.kg * l.ohw];
-                    let wg = rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk);
                     let dwg = rows_mut(&mut dw[g * l.kg * l.ckk..][..l.kg * l.ckk], l.kg, l.ckk);
                     let dxg = &mut dxn[g * l.cg * l.hw..][..l.cg * l.hw];
                     for (plane, db) in dyg.chunks_exact(l.ohw).zip(&mut db[g * l.kg..]) {
@@ -513,8 +563,14 @@ pub fn backward(
                         // dW_g += dY_g · Xᵀ; dX_g = W_gᵀ · dY_g
                         let (xs, dys) = (rows(xg, l.ckk, l.ohw), rows(dyg, l.kg, l.ohw));
                         matmul(dwg, Accum::Add, dys, xs.transpose(), 1.0, inner);
-                        let dxs = rows_mut(dxg, l.ckk, l.ohw);
-                        matmul(dxs, Accum::Replace, wg.transpose(), dys, 1.0, inner);
+                        transposed(
+                            tile,
+                            &wt[g * l.kg * l.ckk..][..l.kg * l.ckk],
+                            dyg,
+                            l.ohw,
+                            dxg,
+                            inner,
+                        );
                         continue;
                     }
                     ph.split(p, xg, planes);
@@ -530,8 +586,14 @@ pub fn backward(
                     let (cols, dys) = (rows(col, l.ckk, ph.wide), rows(dyw, l.kg, ph.wide));
                     // dW_g += dY_g · colsᵀ; dcols = W_gᵀ · dY_g, folded back into dX_g.
                     matmul(dwg, Accum::Add, dys, cols.transpose(), 1.0, inner);
-                    let dcols = rows_mut(dcol, l.ckk, ph.wide);
-                    matmul(dcols, Accum::Replace, wg.transpose(), dys, 1.0, inner);
+                    transposed(
+                        tile,
+                        &wt[g * l.kg * l.ckk..][..l.kg * l.ckk],
+                        dyw,
+                        ph.wide,
+                        dcol,
+                        inner,
+                    );
                     planes.fill(0.0);
                     ph.fold(p, dcol, planes);
                     ph.merge(p, planes, dxg);

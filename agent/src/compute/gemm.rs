@@ -1,11 +1,11 @@
 //! The CPU's conv2d forward GEMM: `Y = W · B + bias`, register-tiled and safe.
 //!
 //! `W` is read as it is, `mr` output channels at a time, each weight broadcast to a vector
-//! register; `B`, the column matrix,
-//! is never built: its rows are runs of a source (the stride-phase planes, or the input itself
-//! for a 1x1 convolution), read `nr` columns at a time where they lie. Each `mr` x `nr` block
-//! of the output is summed in vector registers over the whole depth and stored once, straight
-//! into the NCHW output, the planes' wide columns dropped and the bias added on the way.
+//! register. `B`, the column matrix, is never built: its rows are runs of a source (the
+//! stride-phase planes, or the input itself for a 1x1 convolution), read `nr` columns at a
+//! time where they lie. Each `mr` x `nr` block of the output is summed in vector registers
+//! over the whole depth and stored once, straight into the NCHW output, the planes' wide
+//! columns dropped and the bias added on the way.
 //!
 //! The instruction set is chosen at run time through `pulp` (AVX-512, AVX2 + FMA, NEON, or
 //! scalar), which keeps this module free of `unsafe`. Every output element is one fused
@@ -150,6 +150,7 @@ impl Gemm<'_> {
             gather::<S, V>(self.src, self.offsets, j0, &mut self.strip[..depth * width]);
         }
         let ohw = self.out.len() / self.rows;
+        let at = [j0 / self.wq, j0 % self.wq];
         for m0 in (0..self.rows).step_by(MR) {
             // The panel's rows of weights; a short last panel repeats its last row, whose
             // sums are not stored.
@@ -165,7 +166,7 @@ impl Gemm<'_> {
                 let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
                 let plane = &mut self.out[(m0 + m) * ohw..][..ohw];
                 let values: &[f32] = bytemuck::cast_slice(acc);
-                store(&values[..n], j0, self.wq, self.ow, bias, plane);
+                store(&values[..n], at, self.wq, self.ow, bias, plane);
             }
         }
     }
@@ -206,20 +207,26 @@ fn block<'a, S: Simd, const MR: usize, const V: usize>(
     acc
 }
 
-/// Writes `values`, columns `j0..` of one channel, into its output plane plus `bias`,
-/// dropping the wide columns.
+/// Writes `values`, the columns of one channel from output `at` (row, column) on, into its
+/// output plane plus `bias`, dropping the wide columns.
 #[inline(always)]
-fn store(values: &[f32], j0: usize, wq: usize, ow: usize, bias: f32, plane: &mut [f32]) {
-    let (mut j, end) = (j0, j0 + values.len());
-    while j < end {
-        let (oy, ox) = (j / wq, j % wq);
-        let run = (wq - ox).min(end - j);
+fn store(
+    mut values: &[f32],
+    mut at: [usize; 2],
+    wq: usize,
+    ow: usize,
+    bias: f32,
+    plane: &mut [f32],
+) {
+    while !values.is_empty() {
+        let [oy, ox] = at;
+        let run = (wq - ox).min(values.len());
         if ox < ow {
             let kept = run.min(ow - ox);
             let to = &mut plane[oy * ow + ox..][..kept];
-            let from = &values[j - j0..][..kept];
-            to.iter_mut().zip(from).for_each(|(t, v)| *t = v + bias);
+            to.iter_mut().zip(values).for_each(|(t, v)| *t = v + bias);
         }
-        j += run;
+        values = &values[run..];
+        at = [oy + 1, 0];
     }
 }
