@@ -1,6 +1,7 @@
 //! Compute engine benchmarks: `cargo bench -p kernelflow-agent --bench compute`.
 //! Prints markdown tables for docs/benchmarks.md. Set `KF_BENCH=conv,train,async,pipeline,streams`
-//! to run a subset and `KF_PIPELINE_MS=load,upload,compute,download` for the stage mix.
+//! to run a subset, `KF_PIPELINE_MS=load,upload,compute,download` for the stage mix and
+//! `KF_CONV_THREADS` for the conv2d threads (2).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,7 +1,8 @@
 //! conv2d over NCHW f32 tensors: forward, and backward for input, weight and bias.
 //!
-//! Lowered to one GEMM per sample and group: the forward pass through the register-tiled
-//! kernel of [`super::gemm`], the backward passes through `faer`'s cache-blocked matmul. 1x1
+//! Lowered to one GEMM per sample and group: the forward pass and the input gradient through
+//! the register-tiled kernel of [`super::gemm`], the weight gradient through `faer`'s
+//! cache-blocked matmul. 1x1
 //! convolutions with unit stride and no padding need no lowering: the input already is the
 //! column matrix. Every other one goes through [`Phases`]: the padded input split by stride
 //! phase, so that each row of the column matrix is a single contiguous copy rather than a

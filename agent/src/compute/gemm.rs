@@ -1,4 +1,5 @@
-//! The CPU's conv2d forward GEMM: `Y = W · B + bias`, register-tiled and safe.
+//! The CPU's conv2d GEMM, `Y = W · B + bias`, register-tiled and safe: the forward pass, and
+//! the input gradient (`W` the transposed weights, `B` the output gradient).
 //!
 //! `W` is read as it is, `mr` output channels at a time, each weight broadcast to a vector
 //! register. `B`, the column matrix, is never built: its rows are runs of a source (the
