@@ -339,7 +339,7 @@ fn forward_on(
     // 8 ResNet stems would spend a tenth of the call in one thread's memset. A small one is
     // not worth waking the threads twice.
     let mut y = Vec::with_capacity(p.output_len());
-    if threads > 1 && p.output_len() >= 1 << 20 {
+    if threads > 1 && p.output_len() >= 1 << 16 {
         y.par_extend(rayon::iter::repeat_n(0.0, p.output_len()));
     } else {
         y.resize(p.output_len(), 0.0);
