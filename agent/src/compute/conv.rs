@@ -344,18 +344,29 @@ fn forward_on(
     } else {
         y.resize(p.output_len(), 0.0);
     }
-    let units: Vec<_> = y
-        .chunks_mut(l.kg * l.ohw)
-        .enumerate()
-        .flat_map(|(t, yt)| {
-            let rows = yt.chunks_mut(unit * l.ohw).enumerate();
-            rows.map(move |(i, out)| (t, i * unit, out))
-        })
-        .collect();
-    let run = |(t, row0, out): (usize, usize, &mut [f32])| {
+    // Units of work: (first task, images, first channel, output). A 1x1 convolution's
+    // samples go to the kernel several at a time, side by side, when each is at least a
+    // strip wide.
+    let side_by_side = p.pointwise() && p.groups == 1 && l.ohw >= tile.nr;
+    let units: Vec<_> = if side_by_side && tasks >= threads {
+        let per = tasks.div_ceil(threads);
+        let chunks = y.chunks_mut(per * l.kg * l.ohw).enumerate();
+        chunks
+            .map(|(i, out)| (i * per, out.len() / (l.kg * l.ohw), 0, out))
+            .collect()
+    } else {
+        let tasks = y.chunks_mut(l.kg * l.ohw).enumerate();
+        tasks
+            .flat_map(|(t, yt)| {
+                let rows = yt.chunks_mut(unit * l.ohw).enumerate();
+                rows.map(move |(i, out)| (t, 1, i * unit, out))
+            })
+            .collect()
+    };
+    let run = |(t, images, row0, out): (usize, usize, usize, &mut [f32])| {
         let (n, g) = (t / p.groups, t % p.groups);
-        let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..][..l.cg * l.hw];
-        let rows = out.len() / l.ohw;
+        let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..];
+        let rows = out.len() / (images * l.ohw);
         let w = &w[(g * l.kg + row0) * l.ckk..][..rows * l.ckk];
         let bias = b.map(|b| &b[g * l.kg + row0..][..rows]);
         with_scratch(|buf| {
@@ -369,7 +380,7 @@ fn forward_on(
             let src = if p.pointwise() {
                 xg
             } else {
-                ph.split(p, xg, planes);
+                ph.split(p, &xg[..l.cg * l.hw], planes);
                 planes
             };
             let offsets = &offsets;
@@ -381,6 +392,8 @@ fn forward_on(
                 cols,
                 wq,
                 ow,
+                images,
+                stride: p.in_channels * l.hw,
                 out,
                 rows,
                 bias,
@@ -420,6 +433,8 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
                 cols,
                 wq: cols,
                 ow: cols,
+                images: 1,
+                stride: 0,
                 rows: out.len() / cols,
                 out,
                 bias: None,
@@ -948,15 +963,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    /// With one group, samples are multiplied side by side, strips spanning two of them.
     fn pointwise_convolutions_need_no_lowering_and_agree() {
-        let p = Conv2dParams {
-            groups: 2,
-            ..plain(2, 8, [5, 5], 4, 1)
-        };
-        assert!(p.pointwise());
-        let (x, w) = (random(p.input_len(), 1), random(p.weight_len(), 2));
-        let fast = forward(&p, &x, &w, None, Par::Seq).unwrap();
-        assert!(max_rel_diff(&fast, &reference::forward(&p, &x, &w, None)) < 1e-5);
+        for (batch, groups) in [(2, 2), (3, 1), (5, 1)] {
+            let p = Conv2dParams {
+                groups,
+                ..plain(batch, 8, [7, 9], 4, 1)
+            };
+            assert!(p.pointwise());
+            let (x, w) = (random(p.input_len(), 1), random(p.weight_len(), 2));
+            let fast = forward(&p, &x, &w, None, Par::Seq).unwrap();
+            assert!(max_rel_diff(&fast, &reference::forward(&p, &x, &w, None)) < 1e-5);
+            assert_eq!(forward(&p, &x, &w, None, Par::rayon(2)).unwrap(), fast);
+        }
     }
 
     #[test]

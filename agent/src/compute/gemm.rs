@@ -70,7 +70,14 @@ pub(super) struct Gemm<'a> {
     /// Column `j` is output `(j / wq, j % wq)`; those with `j % wq >= ow` are dropped.
     pub wq: usize,
     pub ow: usize,
-    /// `rows` output planes, and their bias.
+    /// Images side by side in the column space, `cols` columns each: image `i`'s rows start
+    /// `i * stride` further into `src`, its output planes `rows` planes further into `out`.
+    /// A strip across two of them (`cols` must be at least `nr`) is gathered; images
+    /// narrower than a few strips (a batch of 1x1 convolutions over 14x14) then waste no
+    /// columns at each one's end.
+    pub images: usize,
+    pub stride: usize,
+    /// `rows` output planes per image, and their bias.
     pub out: &'a mut [f32],
     pub rows: usize,
     pub bias: Option<&'a [f32]>,
@@ -125,32 +132,46 @@ impl PerTile for Gemm<'_> {
     /// outnumber its multiply-adds.
     #[inline(always)]
     fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(mut self, simd: S) {
-        let mut j0 = 0;
-        while j0 < self.cols {
-            let n = (NV * S::F32_LANES).min(self.cols - j0);
+        let (mut c0, end) = (0, self.images * self.cols);
+        while c0 < end {
+            let n = (NV * S::F32_LANES).min(end - c0);
             match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => self.strip::<S, MR1, 1>(simd, j0, n),
-                2 if NV > 2 => self.strip::<S, MR, 2>(simd, j0, n),
-                _ => self.strip::<S, MR, NV>(simd, j0, n),
+                1 if NV > 1 => self.strip::<S, MR1, 1>(simd, c0, n),
+                2 if NV > 2 => self.strip::<S, MR, 2>(simd, c0, n),
+                _ => self.strip::<S, MR, NV>(simd, c0, n),
             }
-            j0 += n;
+            c0 += n;
         }
     }
 }
 
 impl Gemm<'_> {
-    /// Columns `j0..j0 + n` of every channel: each panel times those columns, stored. The
+    /// Columns `c0..c0 + n` of every channel: each panel times those columns, stored. The
     /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
-    /// some row's would pass its end: then they are gathered into the strip first.
+    /// some row's would pass its end or they span two images: then they are gathered into
+    /// the strip first.
     #[inline(always)]
-    fn strip<S: Simd, const MR: usize, const V: usize>(&mut self, simd: S, j0: usize, n: usize) {
+    fn strip<S: Simd, const MR: usize, const V: usize>(&mut self, simd: S, c0: usize, n: usize) {
         let width = V * S::F32_LANES;
         let depth = self.offsets.len();
-        let in_place = self.reach + j0 + width <= self.src.len();
+        let (image, j0) = (c0 / self.cols, c0 % self.cols);
+        // Columns in this image, and where its rows start.
+        let (first, base) = (n.min(self.cols - j0), image * self.stride + j0);
+        debug_assert!(
+            self.images == 1 || self.cols >= width,
+            "a strip spans two images"
+        );
+        let in_place = first == n && base + self.reach + width <= self.src.len();
         if !in_place {
-            gather::<S, V>(self.src, self.offsets, j0, &mut self.strip[..depth * width]);
+            let runs = [(base, first), (base - j0 + self.stride, n - first)];
+            gather(
+                self.src,
+                self.offsets,
+                &runs,
+                &mut self.strip[..depth * width],
+            );
         }
-        let ohw = self.out.len() / self.rows;
+        let ohw = self.out.len() / (self.rows * self.images);
         let at = [j0 / self.wq, j0 % self.wq];
         for m0 in (0..self.rows).step_by(MR) {
             // The panel's rows of weights; a short last panel repeats its last row, whose
@@ -158,31 +179,46 @@ impl Gemm<'_> {
             let w: [&[f32]; MR] =
                 std::array::from_fn(|m| &self.w[(m0 + m).min(self.rows - 1) * depth..][..depth]);
             let acc = if in_place {
-                let rows = self.offsets.iter().map(|&at| &self.src[at + j0..][..width]);
+                let rows = self
+                    .offsets
+                    .iter()
+                    .map(|&at| &self.src[base + at..][..width]);
                 block::<S, MR, V>(simd, w, rows)
             } else {
                 block::<S, MR, V>(simd, w, self.strip[..depth * width].chunks_exact(width))
             };
             for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
                 let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
-                let plane = &mut self.out[(m0 + m) * ohw..][..ohw];
+                let plane = |i: usize| (i * self.rows + m0 + m) * ohw;
                 let values: &[f32] = bytemuck::cast_slice(acc);
-                store(&values[..n], at, self.wq, self.ow, bias, plane);
+                let (here, next) = values[..n].split_at(first);
+                let out = &mut self.out[plane(image)..][..ohw];
+                store(here, at, self.wq, self.ow, bias, out);
+                if !next.is_empty() {
+                    let out = &mut self.out[plane(image + 1)..][..ohw];
+                    store(next, [0, 0], self.wq, self.ow, bias, out);
+                }
             }
         }
     }
 }
 
-/// Columns `j0..` of the column matrix into `strip`, `V` vectors a row; columns past a
-/// row's source are zero.
+/// Columns of the column matrix into `strip` (a row of it per offset), from `runs` of the
+/// source (where, how many) one after the other; the rest of a row, and columns past the
+/// source's end, are zero.
 #[inline(always)]
-fn gather<S: Simd, const V: usize>(src: &[f32], offsets: &[usize], j0: usize, strip: &mut [f32]) {
-    let width = V * S::F32_LANES;
-    for (&at, to) in offsets.iter().zip(strip.chunks_exact_mut(width)) {
-        let from = &src[(at + j0).min(src.len())..];
-        let len = from.len().min(width);
-        to[..len].copy_from_slice(&from[..len]);
-        to[len..].fill(0.0);
+fn gather(src: &[f32], offsets: &[usize], runs: &[(usize, usize)], strip: &mut [f32]) {
+    let width = strip.len() / offsets.len();
+    for (&at, mut to) in offsets.iter().zip(strip.chunks_exact_mut(width)) {
+        for &(base, len) in runs {
+            let from = &src[(base + at).min(src.len())..];
+            let (row, rest) = to.split_at_mut(len);
+            let k = len.min(from.len());
+            row[..k].copy_from_slice(&from[..k]);
+            row[k..].fill(0.0);
+            to = rest;
+        }
+        to.fill(0.0);
     }
 }
 
