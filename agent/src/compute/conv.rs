@@ -205,8 +205,19 @@ impl Phases {
                         planes[at..][..p.width].copy_from_slice(line);
                         continue;
                     }
-                    let to = planes[at..].iter_mut();
-                    to.zip(line[ix0..].iter().step_by(sx))
+                    let from = &line[ix0..];
+                    let to = &mut planes[at..][..from.len().div_ceil(sx)];
+                    if sx == 2 {
+                        // A fixed stride, which the compiler vectorises.
+                        let (pairs, last) = from.as_chunks::<2>();
+                        to.iter_mut().zip(pairs).for_each(|(d, v)| *d = v[0]);
+                        if let Some(v) = last.first() {
+                            to[pairs.len()] = *v;
+                        }
+                        continue;
+                    }
+                    to.iter_mut()
+                        .zip(from.iter().step_by(sx))
                         .for_each(|(d, v)| *d = *v);
                 }
             }
