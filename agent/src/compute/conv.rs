@@ -9,7 +9,6 @@
 //! gather per output line.
 
 use std::cell::Cell;
-use std::ops::Range;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -237,20 +236,13 @@ impl Phases {
         }
     }
 
-    /// Columns `cols` of the column matrix of channels `c0..` (`col` holds whole channels'
-    /// rows) from `planes`.
-    fn unfold(
-        &self,
-        p: &Conv2dParams,
-        planes: &[f32],
-        c0: usize,
-        cols: Range<usize>,
-        col: &mut [f32],
-    ) {
+    /// The column matrix of channels `c0..` (`col` holds whole channels' rows) from
+    /// `planes`.
+    fn unfold(&self, p: &Conv2dParams, planes: &[f32], c0: usize, col: &mut [f32]) {
         let [kh, kw] = p.kernel;
-        for (r, row) in col.chunks_exact_mut(cols.len()).enumerate() {
+        for (r, row) in col.chunks_exact_mut(self.wide).enumerate() {
             let (c, ki, kj) = (c0 + r / (kh * kw), r / kw % kh, r % kw);
-            row.copy_from_slice(&planes[self.tap(p, c, ki, kj) + cols.start..][..cols.len()]);
+            row.copy_from_slice(&planes[self.tap(p, c, ki, kj)..][..self.wide]);
         }
     }
 
@@ -338,7 +330,6 @@ fn forward_on(
         let tap = |r: usize| ph.tap(p, r / (kh * kw), r / kw % kh, r % kw);
         ((0..l.ckk).map(tap).collect(), ph.wq, ph.wide)
     };
-    let reach = offsets.iter().copied().max().unwrap_or(0);
     let threads = par.degree().max(1);
     let tasks = p.batch * p.groups;
     let unit = if tasks >= threads {
@@ -399,7 +390,6 @@ fn forward_on(
                 w,
                 src,
                 offsets,
-                reach,
                 cols,
                 wq,
                 ow,
@@ -440,7 +430,6 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
                 w: &wt[i * per * depth..][..out.len() / cols * depth],
                 src: dy,
                 offsets: &offsets,
-                reach: offsets[depth - 1],
                 cols,
                 wq: cols,
                 ow: cols,
@@ -471,26 +460,19 @@ fn split_work(tasks: usize, par: Par) -> (usize, Par) {
     }
 }
 
-/// Columns `cols` of the column matrix of a sample's channels from their planes, split by
-/// channel across `par.degree()` threads.
-fn unfold(
-    ph: &Phases,
-    p: &Conv2dParams,
-    planes: &[f32],
-    cols: Range<usize>,
-    col: &mut [f32],
-    par: Par,
-) {
+/// The column matrix of a sample's channels from their planes, split by channel across
+/// `par.degree()` threads.
+fn unfold(ph: &Phases, p: &Conv2dParams, planes: &[f32], col: &mut [f32], par: Par) {
     let threads = par.degree().max(1);
-    let taps = p.kernel[0] * p.kernel[1] * cols.len();
+    let taps = p.kernel[0] * p.kernel[1] * ph.wide;
     let channels = col.len() / taps;
     if threads == 1 || channels < 2 {
-        return ph.unfold(p, planes, 0, cols, col);
+        return ph.unfold(p, planes, 0, col);
     }
     let per = channels.div_ceil(threads);
     col.par_chunks_mut(per * taps)
         .enumerate()
-        .for_each(|(i, col)| ph.unfold(p, planes, i * per, cols.clone(), col));
+        .for_each(|(i, col)| ph.unfold(p, planes, i * per, col));
 }
 
 /// Splits the front of `buf` (grown as needed) into slices of `sizes`.
@@ -601,7 +583,7 @@ pub fn backward(
                         continue;
                     }
                     ph.split(p, xg, planes);
-                    unfold(&ph, p, planes, 0..ph.wide, col, inner);
+                    unfold(&ph, p, planes, col, inner);
                     // dY_g as wide as the columns, zero past `ow`: the wide columns are no
                     // outputs and must add nothing.
                     for (dk, wk) in dyg.chunks_exact(l.ohw).zip(dyw.chunks_exact_mut(ph.wide)) {

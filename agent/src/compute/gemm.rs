@@ -64,8 +64,6 @@ pub(super) struct Gemm<'a> {
     /// Row `r` of the column matrix is `src[offsets[r]..][..cols]`.
     pub src: &'a [f32],
     pub offsets: &'a [usize],
-    /// The largest offset.
-    pub reach: usize,
     pub cols: usize,
     /// Column `j` is output `(j / wq, j % wq)`; those with `j % wq >= ow` are dropped.
     pub wq: usize,
@@ -132,13 +130,14 @@ impl PerTile for Gemm<'_> {
     /// outnumber its multiply-adds.
     #[inline(always)]
     fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(mut self, simd: S) {
+        let reach = self.offsets.iter().copied().max().unwrap_or(0);
         let (mut c0, end) = (0, self.images * self.cols);
         while c0 < end {
             let n = (NV * S::F32_LANES).min(end - c0);
             match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => self.strip::<S, MR1, 1>(simd, c0, n),
-                2 if NV > 2 => self.strip::<S, MR, 2>(simd, c0, n),
-                _ => self.strip::<S, MR, NV>(simd, c0, n),
+                1 if NV > 1 => self.strip::<S, MR1, 1>(simd, reach, c0, n),
+                2 if NV > 2 => self.strip::<S, MR, 2>(simd, reach, c0, n),
+                _ => self.strip::<S, MR, NV>(simd, reach, c0, n),
             }
             c0 += n;
         }
@@ -148,10 +147,16 @@ impl PerTile for Gemm<'_> {
 impl Gemm<'_> {
     /// Columns `c0..c0 + n` of every channel: each panel times those columns, stored. The
     /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
-    /// some row's would pass its end or they span two images: then they are gathered into
-    /// the strip first.
+    /// the row furthest in (at offset `reach`) would pass the source's end or they span two
+    /// images: then they are gathered into the strip first.
     #[inline(always)]
-    fn strip<S: Simd, const MR: usize, const V: usize>(&mut self, simd: S, c0: usize, n: usize) {
+    fn strip<S: Simd, const MR: usize, const V: usize>(
+        &mut self,
+        simd: S,
+        reach: usize,
+        c0: usize,
+        n: usize,
+    ) {
         let width = V * S::F32_LANES;
         let depth = self.offsets.len();
         let (image, j0) = (c0 / self.cols, c0 % self.cols);
@@ -161,7 +166,7 @@ impl Gemm<'_> {
             self.images == 1 || self.cols >= width,
             "a strip spans two images"
         );
-        let in_place = first == n && base + self.reach + width <= self.src.len();
+        let in_place = first == n && base + reach + width <= self.src.len();
         if !in_place {
             let runs = [(base, first), (base - j0 + self.stride, n - first)];
             gather(
