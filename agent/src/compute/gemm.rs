@@ -87,8 +87,9 @@ pub(super) struct Gemm<'a> {
 /// Work done with the tile chosen for an instruction set.
 trait PerTile {
     type Output;
-    /// `MR` channels by `NV` vectors; a strip of one vector takes `MR1` channels.
-    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(
+    /// `MR` channels by `NV` vectors; a strip of one vector takes `MR1` channels, and a last
+    /// panel of at most `MT` channels takes `MT`.
+    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize, const MT: usize>(
         self,
         simd: S,
     ) -> Self::Output;
@@ -96,7 +97,11 @@ trait PerTile {
 
 /// The one table of tiles: `MR` channels by `NV` vectors, their accumulators filling most
 /// of the vector registers (24 of 32 with AVX-512, 12 of 16 with AVX2, 16 of 32 with NEON),
-/// with room for the strip's `NV` vectors and a broadcast weight.
+/// with room for the strip's `NV` vectors and a broadcast weight. AVX2's 16 registers take
+/// 6 x 2 (12 + 2 + 1), not 4 x 3 (12 + 3 + 1): with every register spoken for, the compiler
+/// kept one accumulator on the stack, and its store-to-load round trip at every step of the
+/// depth halved the kernel's speed. Its panels of 6 leave 2 channels of 32, or 4 of 64, to a
+/// last panel of 4, rather than computing a mostly wasted panel of 6.
 struct Select<T>(T);
 
 impl<T: PerTile> WithSimd for Select<T> {
@@ -105,9 +110,9 @@ impl<T: PerTile> WithSimd for Select<T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> T::Output {
         match S::F32_LANES {
-            16 => self.0.run::<S, 8, 3, 16>(simd),
-            8 => self.0.run::<S, 4, 3, 8>(simd),
-            _ => self.0.run::<S, 4, 4, 8>(simd),
+            16 => self.0.run::<S, 8, 3, 16, 8>(simd),
+            8 => self.0.run::<S, 6, 2, 8, 4>(simd),
+            _ => self.0.run::<S, 4, 4, 8, 4>(simd),
         }
     }
 }
@@ -117,7 +122,10 @@ struct Dims;
 
 impl PerTile for Dims {
     type Output = [usize; 2];
-    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(self, _: S) -> [usize; 2] {
+    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize, const MT: usize>(
+        self,
+        _: S,
+    ) -> [usize; 2] {
         [MR, NV * S::F32_LANES]
     }
 }
@@ -129,15 +137,18 @@ impl PerTile for Gemm<'_> {
     /// vector wide, it takes more channels at a time, so that its weights' broadcasts do not
     /// outnumber its multiply-adds.
     #[inline(always)]
-    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize>(mut self, simd: S) {
+    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize, const MT: usize>(
+        mut self,
+        simd: S,
+    ) {
         let reach = self.offsets.iter().copied().max().unwrap_or(0);
         let (mut c0, end) = (0, self.images * self.cols);
         while c0 < end {
             let n = (NV * S::F32_LANES).min(end - c0);
             match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => self.strip::<S, MR1, 1>(simd, reach, c0, n),
-                2 if NV > 2 => self.strip::<S, MR, 2>(simd, reach, c0, n),
-                _ => self.strip::<S, MR, NV>(simd, reach, c0, n),
+                1 if NV > 1 => self.strip::<S, MR1, 1, MR1>(simd, reach, c0, n),
+                2 if NV > 2 => self.strip::<S, MR, 2, MT>(simd, reach, c0, n),
+                _ => self.strip::<S, MR, NV, MT>(simd, reach, c0, n),
             }
             c0 += n;
         }
@@ -148,9 +159,10 @@ impl Gemm<'_> {
     /// Columns `c0..c0 + n` of every channel: each panel times those columns, stored. The
     /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
     /// the row furthest in (at offset `reach`) would pass the source's end or they span two
-    /// images: then they are gathered into the strip first.
+    /// images: then they are gathered into the strip first. Panels are `MR` channels, the
+    /// last one `MT` where that is enough.
     #[inline(always)]
-    fn strip<S: Simd, const MR: usize, const V: usize>(
+    fn strip<S: Simd, const MR: usize, const V: usize, const MT: usize>(
         &mut self,
         simd: S,
         reach: usize,
@@ -176,36 +188,84 @@ impl Gemm<'_> {
                 &mut self.strip[..depth * width],
             );
         }
+        let cut = StripCut {
+            in_place,
+            base,
+            n,
+            first,
+            image,
+            at: [j0 / self.wq, j0 % self.wq],
+        };
+        let tail = self.rows % MR;
+        let full = if tail > 0 && tail <= MT {
+            self.rows - tail
+        } else {
+            self.rows
+        };
+        for m0 in (0..full).step_by(MR) {
+            self.panel::<S, MR, V>(simd, cut, m0);
+        }
+        if full < self.rows {
+            self.panel::<S, MT, V>(simd, cut, full);
+        }
+    }
+
+    /// Channels `m0..m0 + MR` (fewer at the end) of a strip: summed and stored.
+    #[inline(always)]
+    fn panel<S: Simd, const MR: usize, const V: usize>(
+        &mut self,
+        simd: S,
+        cut: StripCut,
+        m0: usize,
+    ) {
+        let (width, depth) = (V * S::F32_LANES, self.offsets.len());
+        let StripCut {
+            in_place,
+            base,
+            n,
+            first,
+            image,
+            at,
+        } = cut;
         let ohw = self.out.len() / (self.rows * self.images);
-        let at = [j0 / self.wq, j0 % self.wq];
-        for m0 in (0..self.rows).step_by(MR) {
-            // The panel's rows of weights; a short last panel repeats its last row, whose
-            // sums are not stored.
-            let w: [&[f32]; MR] =
-                std::array::from_fn(|m| &self.w[(m0 + m).min(self.rows - 1) * depth..][..depth]);
-            let acc = if in_place {
-                let rows = self
-                    .offsets
-                    .iter()
-                    .map(|&at| &self.src[base + at..][..width]);
-                block::<S, MR, V>(simd, w, rows)
-            } else {
-                block::<S, MR, V>(simd, w, self.strip[..depth * width].chunks_exact(width))
-            };
-            for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
-                let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
-                let plane = |i: usize| (i * self.rows + m0 + m) * ohw;
-                let values: &[f32] = bytemuck::cast_slice(acc);
-                let (here, next) = values[..n].split_at(first);
-                let out = &mut self.out[plane(image)..][..ohw];
-                store(here, at, self.wq, self.ow, bias, out);
-                if !next.is_empty() {
-                    let out = &mut self.out[plane(image + 1)..][..ohw];
-                    store(next, [0, 0], self.wq, self.ow, bias, out);
-                }
+        // The panel's rows of weights; a short last panel repeats its last row, whose
+        // sums are not stored.
+        let w: [&[f32]; MR] =
+            std::array::from_fn(|m| &self.w[(m0 + m).min(self.rows - 1) * depth..][..depth]);
+        let acc = if in_place {
+            let rows = self
+                .offsets
+                .iter()
+                .map(|&at| &self.src[base + at..][..width]);
+            block::<S, MR, V>(simd, w, rows)
+        } else {
+            block::<S, MR, V>(simd, w, self.strip[..depth * width].chunks_exact(width))
+        };
+        for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
+            let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
+            let plane = |i: usize| (i * self.rows + m0 + m) * ohw;
+            let values: &[f32] = bytemuck::cast_slice(acc);
+            let (here, next) = values[..n].split_at(first);
+            let out = &mut self.out[plane(image)..][..ohw];
+            store(here, at, self.wq, self.ow, bias, out);
+            if !next.is_empty() {
+                let out = &mut self.out[plane(image + 1)..][..ohw];
+                store(next, [0, 0], self.wq, self.ow, bias, out);
             }
         }
     }
+}
+
+/// Where a strip's columns are: read in place from `base` or gathered; `n` of them, the
+/// `first` in `image` from output position `at` (row, column), the rest in the next image.
+#[derive(Clone, Copy)]
+struct StripCut {
+    in_place: bool,
+    base: usize,
+    n: usize,
+    first: usize,
+    image: usize,
+    at: [usize; 2],
 }
 
 /// Columns of the column matrix into `strip` (a row of it per offset), from `runs` of the
