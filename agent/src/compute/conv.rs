@@ -378,7 +378,7 @@ fn forward_on(
             } else {
                 ph.len(l.cg) + tile.nr
             };
-            let [planes, strip] = carve(buf, [planes, l.ckk * tile.nr]);
+            let [planes, strip] = carve(buf, [planes, l.ckk * tile.nr + 16]);
             let src = if p.pointwise() {
                 xg
             } else {
@@ -425,7 +425,7 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
         .max(1);
     let run = |(i, out): (usize, &mut [f32])| {
         with_scratch(|buf| {
-            let [strip] = carve(buf, [depth * tile.nr]);
+            let [strip] = carve(buf, [depth * tile.nr + 16]);
             tile.run(Gemm {
                 w: &wt[i * per * depth..][..out.len() / cols * depth],
                 src: dy,
@@ -856,6 +856,11 @@ pub(crate) mod tests {
                 ..plain(1, 6, [13, 8], 4, 3)
             },
             plain(3, 17, [6, 6], 20, 1),
+            // Channels enough for AVX2 to gather its strips, ending in a short panel.
+            Conv2dParams {
+                padding: [1, 1],
+                ..plain(2, 8, [7, 9], 100, 3)
+            },
         ];
         for p in shapes {
             let (x, w, b) = (

@@ -79,17 +79,25 @@ pub(super) struct Gemm<'a> {
     pub out: &'a mut [f32],
     pub rows: usize,
     pub bias: Option<&'a [f32]>,
-    /// Room for one strip, `offsets.len() * nr` floats, for columns too near the source's
-    /// end to be read in place.
+    /// Room for one strip, `offsets.len() * nr` floats and 16 more to align it, for columns
+    /// gathered rather than read in place.
     pub strip: &'a mut [f32],
 }
 
 /// Work done with the tile chosen for an instruction set.
 trait PerTile {
     type Output;
-    /// `MR` channels by `NV` vectors; a strip of one vector takes `MR1` channels, and a last
-    /// panel of at most `MT` channels takes `MT`.
-    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize, const MT: usize>(
+    /// `MR` channels by `NV` vectors; a strip of one vector takes `MR1` channels, a last
+    /// panel of at most `MT` channels takes `MT`, and strips are gathered when they have at
+    /// least `GP` panels.
+    fn run<
+        S: Simd,
+        const MR: usize,
+        const NV: usize,
+        const MR1: usize,
+        const MT: usize,
+        const GP: usize,
+    >(
         self,
         simd: S,
     ) -> Self::Output;
@@ -101,7 +109,11 @@ trait PerTile {
 /// 6 x 2 (12 + 2 + 1), not 4 x 3 (12 + 3 + 1): with every register spoken for, the compiler
 /// kept one accumulator on the stack, and its store-to-load round trip at every step of the
 /// depth halved the kernel's speed. Its panels of 6 leave 2 channels of 32, or 4 of 64, to a
-/// last panel of 4, rather than computing a mostly wasted panel of 6.
+/// last panel of 4, rather than computing a mostly wasted panel of 6. Read in place, most of
+/// a strip's rows straddle two cache lines; gathered, each is whole lines. For AVX2 the copy
+/// pays for itself from 16 panels on (a 1x1 convolution over 256 channels: 70-74 to 74-81
+/// GFLOP/s on one thread), and costs more than it saves with fewer (11: 73 to 64); AVX-512,
+/// not measured that way, reads in place as before.
 struct Select<T>(T);
 
 impl<T: PerTile> WithSimd for Select<T> {
@@ -110,9 +122,9 @@ impl<T: PerTile> WithSimd for Select<T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> T::Output {
         match S::F32_LANES {
-            16 => self.0.run::<S, 8, 3, 16, 8>(simd),
-            8 => self.0.run::<S, 6, 2, 8, 4>(simd),
-            _ => self.0.run::<S, 4, 4, 8, 4>(simd),
+            16 => self.0.run::<S, 8, 3, 16, 8, { usize::MAX }>(simd),
+            8 => self.0.run::<S, 6, 2, 8, 4, 16>(simd),
+            _ => self.0.run::<S, 4, 4, 8, 4, { usize::MAX }>(simd),
         }
     }
 }
@@ -122,7 +134,14 @@ struct Dims;
 
 impl PerTile for Dims {
     type Output = [usize; 2];
-    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize, const MT: usize>(
+    fn run<
+        S: Simd,
+        const MR: usize,
+        const NV: usize,
+        const MR1: usize,
+        const MT: usize,
+        const GP: usize,
+    >(
         self,
         _: S,
     ) -> [usize; 2] {
@@ -137,18 +156,26 @@ impl PerTile for Gemm<'_> {
     /// vector wide, it takes more channels at a time, so that its weights' broadcasts do not
     /// outnumber its multiply-adds.
     #[inline(always)]
-    fn run<S: Simd, const MR: usize, const NV: usize, const MR1: usize, const MT: usize>(
+    fn run<
+        S: Simd,
+        const MR: usize,
+        const NV: usize,
+        const MR1: usize,
+        const MT: usize,
+        const GP: usize,
+    >(
         mut self,
         simd: S,
     ) {
+        let gathered = self.rows.div_ceil(MR) >= GP;
         let reach = self.offsets.iter().copied().max().unwrap_or(0);
         let (mut c0, end) = (0, self.images * self.cols);
         while c0 < end {
             let n = (NV * S::F32_LANES).min(end - c0);
             match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => self.strip::<S, MR1, 1, MR1>(simd, reach, c0, n),
-                2 if NV > 2 => self.strip::<S, MR, 2, MT>(simd, reach, c0, n),
-                _ => self.strip::<S, MR, NV, MT>(simd, reach, c0, n),
+                1 if NV > 1 => self.strip::<S, MR1, 1, MR1>(simd, gathered, reach, c0, n),
+                2 if NV > 2 => self.strip::<S, MR, 2, MT>(simd, gathered, reach, c0, n),
+                _ => self.strip::<S, MR, NV, MT>(simd, gathered, reach, c0, n),
             }
             c0 += n;
         }
@@ -156,15 +183,23 @@ impl PerTile for Gemm<'_> {
 }
 
 impl Gemm<'_> {
+    /// Where in the strip a cache line starts: gathered rows begin there.
+    fn line(&self) -> usize {
+        // `align_offset` may give up (`usize::MAX`); the strip then stays unaligned.
+        self.strip.as_ptr().align_offset(64).min(15)
+    }
+
     /// Columns `c0..c0 + n` of every channel: each panel times those columns, stored. The
     /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
-    /// the row furthest in (at offset `reach`) would pass the source's end or they span two
-    /// images: then they are gathered into the strip first. Panels are `MR` channels, the
-    /// last one `MT` where that is enough.
+    /// they are to be `gathered`, the row furthest in (at offset `reach`) would pass the
+    /// source's end, or they span two images: then they are gathered into the strip first,
+    /// aligned to a cache line. Panels are `MR` channels, the last one `MT` where that is
+    /// enough.
     #[inline(always)]
     fn strip<S: Simd, const MR: usize, const V: usize, const MT: usize>(
         &mut self,
         simd: S,
+        gathered: bool,
         reach: usize,
         c0: usize,
         n: usize,
@@ -178,14 +213,15 @@ impl Gemm<'_> {
             self.images == 1 || self.cols >= width,
             "a strip spans two images"
         );
-        let in_place = first == n && base + reach + width <= self.src.len();
+        let in_place = !gathered && first == n && base + reach + width <= self.src.len();
         if !in_place {
             let runs = [(base, first), (base - j0 + self.stride, n - first)];
+            let line = self.line();
             gather(
                 self.src,
                 self.offsets,
                 &runs,
-                &mut self.strip[..depth * width],
+                &mut self.strip[line..][..depth * width],
             );
         }
         let cut = StripCut {
@@ -239,7 +275,9 @@ impl Gemm<'_> {
                 .map(|&at| &self.src[base + at..][..width]);
             block::<S, MR, V>(simd, w, rows)
         } else {
-            block::<S, MR, V>(simd, w, self.strip[..depth * width].chunks_exact(width))
+            let line = self.line();
+            let rows = self.strip[line..][..depth * width].chunks_exact(width);
+            block::<S, MR, V>(simd, w, rows)
         };
         for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
             let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
