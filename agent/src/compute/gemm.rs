@@ -4,7 +4,8 @@
 //! `W` is read as it is, `mr` output channels at a time, each weight broadcast to a vector
 //! register. `B`, the column matrix, is never built: its rows are runs of a source (the
 //! stride-phase planes, or the input itself for a 1x1 convolution), read `nr` columns at a
-//! time where they lie. Each `mr` x `nr` block of the output is summed in vector registers
+//! time where they lie, or copied a strip of `nr` columns at a time into aligned rows where
+//! many panels share the strip. Each `mr` x `nr` block of the output is summed in vector registers
 //! over the whole depth and stored once, straight into the NCHW output, the planes' wide
 //! columns dropped and the bias added on the way.
 //!
