@@ -378,7 +378,7 @@ fn forward_on(
             } else {
                 ph.len(l.cg) + tile.nr
             };
-            let [planes, strip] = carve(buf, [planes, l.ckk * tile.nr + 16]);
+            let [planes, strip] = carve(buf, [planes, tile.strip_len(l.ckk)]);
             let src = if p.pointwise() {
                 xg
             } else {
@@ -425,7 +425,7 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
         .max(1);
     let run = |(i, out): (usize, &mut [f32])| {
         with_scratch(|buf| {
-            let [strip] = carve(buf, [depth * tile.nr + 16]);
+            let [strip] = carve(buf, [tile.strip_len(depth)]);
             tile.run(Gemm {
                 w: &wt[i * per * depth..][..out.len() / cols * depth],
                 src: dy,

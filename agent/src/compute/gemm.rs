@@ -4,10 +4,10 @@
 //! `W` is read as it is, `mr` output channels at a time, each weight broadcast to a vector
 //! register. `B`, the column matrix, is never built: its rows are runs of a source (the
 //! stride-phase planes, or the input itself for a 1x1 convolution), read `nr` columns at a
-//! time where they lie, or copied a strip of `nr` columns at a time into aligned rows where
-//! many panels share the strip. Each `mr` x `nr` block of the output is summed in vector registers
-//! over the whole depth and stored once, straight into the NCHW output, the planes' wide
-//! columns dropped and the bias added on the way.
+//! time where they lie, or copied a strip at a time into rows aligned to cache lines where
+//! many panels share the strip. Each `mr` x `nr` block of the output is summed in vector
+//! registers over the whole depth and stored once, straight into the NCHW output, the
+//! planes' wide columns dropped and the bias added on the way.
 //!
 //! The instruction set is chosen at run time through `pulp` (AVX-512, AVX2 + FMA, NEON, or
 //! scalar), which keeps this module free of `unsafe`. Every output element is one fused
@@ -52,11 +52,19 @@ impl Tile {
         all
     }
 
+    /// Floats of room a [`Gemm`]'s strip needs for `depth` rows, aligned.
+    pub fn strip_len(&self, depth: usize) -> usize {
+        depth * self.nr + LINE
+    }
+
     /// Runs `g` on this CPU's instruction set.
     pub fn run(&self, g: Gemm<'_>) {
         self.arch.dispatch(Select(g))
     }
 }
+
+/// Floats in a cache line: a gathered strip starts on one.
+const LINE: usize = 16;
 
 /// One output block: `rows` output channels over all their positions.
 pub(super) struct Gemm<'a> {
@@ -80,8 +88,8 @@ pub(super) struct Gemm<'a> {
     pub out: &'a mut [f32],
     pub rows: usize,
     pub bias: Option<&'a [f32]>,
-    /// Room for one strip, `offsets.len() * nr` floats and 16 more to align it, for columns
-    /// gathered rather than read in place.
+    /// Room for one strip ([`Tile::strip_len`]), for columns gathered rather than read in
+    /// place.
     pub strip: &'a mut [f32],
 }
 
@@ -184,12 +192,6 @@ impl PerTile for Gemm<'_> {
 }
 
 impl Gemm<'_> {
-    /// Where in the strip a cache line starts: gathered rows begin there.
-    fn line(&self) -> usize {
-        // `align_offset` may give up (`usize::MAX`); the strip then stays unaligned.
-        self.strip.as_ptr().align_offset(64).min(15)
-    }
-
     /// Columns `c0..c0 + n` of every channel: each panel times those columns, stored. The
     /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
     /// they are to be `gathered`, the row furthest in (at offset `reach`) would pass the
@@ -214,20 +216,18 @@ impl Gemm<'_> {
             self.images == 1 || self.cols >= width,
             "a strip spans two images"
         );
-        let in_place = !gathered && first == n && base + reach + width <= self.src.len();
-        if !in_place {
+        let rows = if !gathered && first == n && base + reach + width <= self.src.len() {
+            Rows::InPlace(base)
+        } else {
+            // `align_offset` may give up (`usize::MAX`); the strip then stays unaligned.
+            let line = self.strip.as_ptr().align_offset(LINE * 4).min(LINE - 1);
             let runs = [(base, first), (base - j0 + self.stride, n - first)];
-            let line = self.line();
-            gather(
-                self.src,
-                self.offsets,
-                &runs,
-                &mut self.strip[line..][..depth * width],
-            );
-        }
+            let strip = &mut self.strip[line..][..depth * width];
+            gather(self.src, self.offsets, &runs, strip);
+            Rows::Gathered(line)
+        };
         let cut = StripCut {
-            in_place,
-            base,
+            rows,
             n,
             first,
             image,
@@ -257,8 +257,7 @@ impl Gemm<'_> {
     ) {
         let (width, depth) = (V * S::F32_LANES, self.offsets.len());
         let StripCut {
-            in_place,
-            base,
+            rows,
             n,
             first,
             image,
@@ -269,16 +268,16 @@ impl Gemm<'_> {
         // sums are not stored.
         let w: [&[f32]; MR] =
             std::array::from_fn(|m| &self.w[(m0 + m).min(self.rows - 1) * depth..][..depth]);
-        let acc = if in_place {
-            let rows = self
-                .offsets
-                .iter()
-                .map(|&at| &self.src[base + at..][..width]);
-            block::<S, MR, V>(simd, w, rows)
-        } else {
-            let line = self.line();
-            let rows = self.strip[line..][..depth * width].chunks_exact(width);
-            block::<S, MR, V>(simd, w, rows)
+        let acc = match rows {
+            Rows::InPlace(base) => {
+                let rows = self.offsets.iter();
+                let rows = rows.map(|&at| &self.src[base + at..][..width]);
+                block::<S, MR, V>(simd, w, rows)
+            }
+            Rows::Gathered(line) => {
+                let rows = self.strip[line..][..depth * width].chunks_exact(width);
+                block::<S, MR, V>(simd, w, rows)
+            }
         };
         for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
             let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
@@ -295,12 +294,19 @@ impl Gemm<'_> {
     }
 }
 
-/// Where a strip's columns are: read in place from `base` or gathered; `n` of them, the
-/// `first` in `image` from output position `at` (row, column), the rest in the next image.
+/// Where a strip's column-matrix rows are: runs of the source from `base` on, or the
+/// strip's own rows from `line` on.
+#[derive(Clone, Copy)]
+enum Rows {
+    InPlace(usize),
+    Gathered(usize),
+}
+
+/// A strip's rows, and where its `n` columns go: the `first` in `image` from output position
+/// `at` (row, column), the rest in the next image.
 #[derive(Clone, Copy)]
 struct StripCut {
-    in_place: bool,
-    base: usize,
+    rows: Rows,
     n: usize,
     first: usize,
     image: usize,
