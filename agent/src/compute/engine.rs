@@ -223,12 +223,25 @@ mod tests {
     }
 
     fn engine(streams: usize, fallback: bool) -> Engine<CpuBackend> {
+        capped(streams, 8, fallback)
+    }
+
+    fn capped(streams: usize, max_concurrent_ops: usize, fallback: bool) -> Engine<CpuBackend> {
         Engine::new(
             Arc::new(CpuBackend::new(streams, 1)),
             EngineConfig {
-                max_concurrent_ops: 8,
+                max_concurrent_ops,
                 fallback_on_error: fallback,
             },
+        )
+    }
+
+    /// An input and weights for `params(batch)`.
+    fn inputs(batch: usize) -> (Arc<Vec<f32>>, Arc<Vec<f32>>) {
+        let p = params(batch);
+        (
+            Arc::new(uniform(p.input_len(), 1, 1.0)),
+            Arc::new(uniform(p.weight_len(), 2, 1.0)),
         )
     }
 
@@ -276,9 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_fall_back_to_the_synchronous_path_when_allowed() {
-        let p = params(1);
-        let x = Arc::new(uniform(p.input_len(), 1, 1.0));
-        let w = Arc::new(uniform(p.weight_len(), 2, 1.0));
+        let (p, (x, w)) = (params(1), inputs(1));
         let expected = run_sync(Op::Conv2d(p), &[x.clone(), w.clone()])
             .unwrap()
             .swap_remove(0);
@@ -340,11 +351,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_a_future_is_safe() {
         let e = engine(1, false);
-        let p = params(2);
-        let (x, w) = (
-            Arc::new(uniform(p.input_len(), 1, 1.0)),
-            Arc::new(uniform(p.weight_len(), 2, 1.0)),
-        );
+        let (p, (x, w)) = (params(2), inputs(2));
         let gate = crate::compute::backend::Event::default();
         e.backend().wait(0, &gate);
         let abandoned = tokio::time::timeout(
@@ -359,5 +366,57 @@ mod tests {
         gate.fire();
         let y = e.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
         assert_eq!(y, run_sync(Op::Conv2d(p), &[x, w]).unwrap()[0]);
+    }
+
+    /// `maxConcurrentOps` admits that many ops at a time; the others wait for a slot before
+    /// anything of theirs is enqueued.
+    #[tokio::test]
+    async fn ops_past_the_cap_wait_for_a_slot() {
+        let e = capped(1, 2, false);
+        let (p, (x, w)) = (params(1), inputs(1));
+        let gate = crate::compute::backend::Event::default();
+        e.backend().wait(0, &gate);
+        let ops: Vec<_> = (0..5)
+            .map(|_| {
+                let (e, x, w) = (e.clone(), x.clone(), w.clone());
+                tokio::spawn(async move { e.conv2d(p, x, w, None).await })
+            })
+            .collect();
+        // Every task runs as far as it can while the gate holds the stream.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(e.stats.ops.load(Ordering::Relaxed), 2, "ops admitted");
+        gate.fire();
+        let expected = run_sync(Op::Conv2d(p), &[x, w]).unwrap().swap_remove(0);
+        for op in ops {
+            assert_eq!(op.await.unwrap().unwrap(), expected);
+        }
+        assert_eq!(e.stats.ops.load(Ordering::Relaxed), 5);
+    }
+
+    /// Each op goes to the least-loaded stream: one held up on its stream does not hold up
+    /// the next, which another stream runs.
+    #[tokio::test]
+    async fn a_held_up_stream_does_not_hold_up_the_next_op() {
+        let e = engine(2, false);
+        let (p, (x, w)) = (params(1), inputs(1));
+        let gate = crate::compute::backend::Event::default();
+        e.backend().wait(0, &gate);
+        let held = {
+            let (e, x, w) = (e.clone(), x.clone(), w.clone());
+            tokio::spawn(async move { e.conv2d(p, x, w, None).await })
+        };
+        // The first op takes stream 0 (ties go to the lowest) and stays there.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            e.conv2d(p, x.clone(), w.clone(), None),
+        )
+        .await
+        .expect("the second op ran on the idle stream")
+        .unwrap();
+        assert!(!held.is_finished(), "the first op waits for its stream");
+        gate.fire();
+        assert_eq!(held.await.unwrap().unwrap(), next);
+        assert_eq!(next, run_sync(Op::Conv2d(p), &[x, w]).unwrap()[0]);
     }
 }
