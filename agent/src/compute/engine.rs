@@ -236,6 +236,13 @@ mod tests {
         )
     }
 
+    /// Holds up stream 0 until the returned event fires.
+    fn hold_stream_0(e: &Engine<CpuBackend>) -> crate::compute::backend::Event {
+        let gate = crate::compute::backend::Event::default();
+        e.backend().wait(0, &gate);
+        gate
+    }
+
     /// An input and weights for `params(batch)`.
     fn inputs(batch: usize) -> (Arc<Vec<f32>>, Arc<Vec<f32>>) {
         let p = params(batch);
@@ -352,8 +359,7 @@ mod tests {
     async fn dropping_a_future_is_safe() {
         let e = engine(1, false);
         let (p, (x, w)) = (params(2), inputs(2));
-        let gate = crate::compute::backend::Event::default();
-        e.backend().wait(0, &gate);
+        let gate = hold_stream_0(&e);
         let abandoned = tokio::time::timeout(
             std::time::Duration::from_millis(20),
             e.conv2d(p, x.clone(), w.clone(), None),
@@ -374,8 +380,7 @@ mod tests {
     async fn ops_past_the_cap_wait_for_a_slot() {
         let e = capped(1, 2, false);
         let (p, (x, w)) = (params(1), inputs(1));
-        let gate = crate::compute::backend::Event::default();
-        e.backend().wait(0, &gate);
+        let gate = hold_stream_0(&e);
         let ops: Vec<_> = (0..5)
             .map(|_| {
                 let (e, x, w) = (e.clone(), x.clone(), w.clone());
@@ -399,8 +404,7 @@ mod tests {
     async fn a_held_up_stream_does_not_hold_up_the_next_op() {
         let e = engine(2, false);
         let (p, (x, w)) = (params(1), inputs(1));
-        let gate = crate::compute::backend::Event::default();
-        e.backend().wait(0, &gate);
+        let gate = hold_stream_0(&e);
         let held = {
             let (e, x, w) = (e.clone(), x.clone(), w.clone());
             tokio::spawn(async move { e.conv2d(p, x, w, None).await })
