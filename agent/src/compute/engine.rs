@@ -210,7 +210,10 @@ pub fn run_sync(op: Op, inputs: &[Arc<Vec<f32>>]) -> Result<Vec<Vec<f32>>, Compu
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::compute::backend::Event;
     use crate::compute::conv::{self, Conv2dParams};
     use crate::compute::cpu::CpuBackend;
     use crate::compute::ops::uniform;
@@ -237,10 +240,20 @@ mod tests {
     }
 
     /// Holds up stream 0 until the returned event fires.
-    fn hold_stream_0(e: &Engine<CpuBackend>) -> crate::compute::backend::Event {
-        let gate = crate::compute::backend::Event::default();
+    fn hold_stream_0(e: &Engine<CpuBackend>) -> Event {
+        let gate = Event::default();
         e.backend().wait(0, &gate);
         gate
+    }
+
+    /// A conv2d of `x` by `w` on `e`, as a task of its own.
+    fn spawn_conv(
+        e: &Engine<CpuBackend>,
+        p: Conv2dParams,
+        (x, w): (&Arc<Vec<f32>>, &Arc<Vec<f32>>),
+    ) -> tokio::task::JoinHandle<Result<Vec<f32>, ComputeError>> {
+        let (e, x, w) = (e.clone(), x.clone(), w.clone());
+        tokio::spawn(async move { e.conv2d(p, x, w, None).await })
     }
 
     /// An input and weights for `params(batch)`.
@@ -361,7 +374,7 @@ mod tests {
         let (p, (x, w)) = (params(2), inputs(2));
         let gate = hold_stream_0(&e);
         let abandoned = tokio::time::timeout(
-            std::time::Duration::from_millis(20),
+            Duration::from_millis(20),
             e.conv2d(p, x.clone(), w.clone(), None),
         )
         .await;
@@ -381,14 +394,9 @@ mod tests {
         let e = capped(1, 2, false);
         let (p, (x, w)) = (params(1), inputs(1));
         let gate = hold_stream_0(&e);
-        let ops: Vec<_> = (0..5)
-            .map(|_| {
-                let (e, x, w) = (e.clone(), x.clone(), w.clone());
-                tokio::spawn(async move { e.conv2d(p, x, w, None).await })
-            })
-            .collect();
+        let ops: Vec<_> = (0..5).map(|_| spawn_conv(&e, p, (&x, &w))).collect();
         // Every task runs as far as it can while the gate holds the stream.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(e.stats.ops.load(Ordering::Relaxed), 2, "ops admitted");
         gate.fire();
         let expected = run_sync(Op::Conv2d(p), &[x, w]).unwrap().swap_remove(0);
@@ -405,14 +413,11 @@ mod tests {
         let e = engine(2, false);
         let (p, (x, w)) = (params(1), inputs(1));
         let gate = hold_stream_0(&e);
-        let held = {
-            let (e, x, w) = (e.clone(), x.clone(), w.clone());
-            tokio::spawn(async move { e.conv2d(p, x, w, None).await })
-        };
+        let held = spawn_conv(&e, p, (&x, &w));
         // The first op takes stream 0 (ties go to the lowest) and stays there.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let next = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
+            Duration::from_secs(10),
             e.conv2d(p, x.clone(), w.clone(), None),
         )
         .await
