@@ -4,12 +4,14 @@
 # Prints a markdown table of per-shape medians and their ratio.
 #
 # Usage: bench/conv-vs-onnxruntime.sh [rounds]   (default 5; needs `pip install onnxruntime onnx numpy`)
+# Env: KF_COMPUTE_BENCH, a built `compute` benchmark binary to run instead of building one with
+# cargo (as on the GPU machine, which has no Rust toolchain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-bench=$(cargo bench -p kernelflow-agent --bench compute --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p')
+bench=${KF_COMPUTE_BENCH:-$(cargo bench -p kernelflow-agent --bench compute --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p')}
 for i in $(seq "$rounds"); do
     KF_BENCH=conv "$bench" | grep -E '^\| [0-9]' >"$out/ours-$i"
     python3 bench/onnxruntime_conv.py 2 | grep -E '^\| [0-9]' >"$out/ort-$i"

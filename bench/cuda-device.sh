@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The CUDA backend on a GPU machine: its GPU tests, then its conv2d benchmark beside PyTorch's.
+# The CUDA backend on a GPU machine: its GPU tests, then its conv2d benchmark beside PyTorch's,
+# and last the CPU conv2d against onnxruntime on that machine's (quieter, larger) host.
 #
 # Here (any machine with the Rust toolchain; no GPU or CUDA toolkit needed):
-#   bench/cuda-device.sh --prepare     # builds and strips both binaries into target/gpu (~35 MB)
+#   bench/cuda-device.sh --prepare     # builds and strips the binaries into target/gpu (~40 MB)
 # On the GPU machine (PyTorch installed; its pip packages provide cuDNN and cuBLAS), from the
 # repository root, with target/gpu carried over:
 #   bench/cuda-device.sh               # or: bench/cuda-device.sh TEST_BINARY BENCH_BINARY
@@ -19,9 +20,12 @@ if [[ ${1:-} == --prepare ]]; then
     | exe '"kind":\["lib"\].*"test":true')
   bench=$(cargo build --release -p kernelflow-agent --bench cuda --message-format=json \
     | exe '"kind":\["bench"\],"crate_types":\["bin"\],"name":"cuda"')
+  compute=$(cargo build --release -p kernelflow-agent --bench compute --message-format=json \
+    | exe '"kind":\["bench"\],"crate_types":\["bin"\],"name":"compute"')
   mkdir -p "$out"
   strip -o "$out/agent-tests" "$tests"
   strip -o "$out/cuda-bench" "$bench"
+  strip -o "$out/compute-bench" "$compute"
   ls -l "$out"
   exit 0
 fi
@@ -72,4 +76,12 @@ echo "== kernelflow CUDA benchmark"
 timeout 300 "$bench" || failed=1
 echo "== PyTorch"
 timeout 120 "$python" "$root/bench/torch_conv.py" || failed=1
+
+if [[ -x $out/compute-bench ]]; then
+  echo "== CPU conv2d against onnxruntime, 2 threads each, on this machine's host"
+  grep -m1 'model name' /proc/cpuinfo; nproc
+  grep -ow 'avx2\|avx512f\|amx_tile' /proc/cpuinfo | sort -u | xargs echo
+  KF_COMPUTE_BENCH=$out/compute-bench timeout 240 "$root/bench/conv-vs-onnxruntime.sh" 3 \
+    || failed=1
+fi
 exit $failed

@@ -23,7 +23,8 @@ def model(n, c, h, k, r, stride, pad):
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[r, r], strides=[stride, stride], pads=[pad] * 4)
     graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c, h, h])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 8 goes with opset 17; a newer onnx would stamp its own, which an older onnxruntime refuses.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def main():
