@@ -77,6 +77,9 @@ timeout 300 "$bench" || failed=1
 echo "== PyTorch"
 timeout 120 "$python" "$root/bench/torch_conv.py" || failed=1
 
+echo "== the CPU ops' tests, on this host's instruction sets (AVX-512 where the build machine may lack it)"
+timeout 300 "$tests" compute:: --skip compute::cuda 2>&1 | tail -3 || failed=1
+
 if [[ -x $out/compute-bench ]]; then
   echo "== CPU conv2d against onnxruntime, 2 threads each, on this machine's host"
   grep -m1 'model name' /proc/cpuinfo; nproc

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kernelflow_agent::compute::backend::{Backend, Op, take_download};
-use kernelflow_agent::compute::cuda::{CudaBackend, CudaBuffer, CudaDevice};
+use kernelflow_agent::compute::cuda::{self, CudaBackend, CudaBuffer, CudaDevice};
 use kernelflow_agent::compute::engine::{Engine, EngineConfig};
 use kernelflow_agent::compute::ops::uniform;
 
@@ -53,6 +53,8 @@ fn main() {
     launch_cost(&b);
     overlap(&b, iters);
     engine_rate(&device);
+    drop(b);
+    cuda::settle();
 }
 
 /// Forward conv2d with bias, back to back on one stream, inputs already on the device.

@@ -1,12 +1,18 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    kernelflow_agent::run(kernelflow_agent::Args::parse()).await
+    let args = kernelflow_agent::Args::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(kernelflow_agent::run(args));
+    // Dropping the runtime drops its tasks, and with them the compute backends, whose
+    // teardowns must end before the process does.
+    drop(runtime);
+    kernelflow_agent::compute::cuda::settle();
+    result
 }

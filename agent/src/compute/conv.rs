@@ -337,12 +337,14 @@ fn forward_on(
     } else {
         panels.div_ceil(threads.div_ceil(tasks.max(1))) * tile.mr
     };
-    // A large output is zeroed on every thread, not first on this one: 26 MB for a batch of
+    // A large output is zeroed on the op's threads, not first on this one: 26 MB for a batch of
     // 8 ResNet stems would spend a tenth of the call in one thread's memset. A small one is
     // not worth waking the threads twice.
     let mut y = Vec::with_capacity(p.output_len());
     if threads > 1 && p.output_len() >= 1 << 16 {
-        y.par_extend(rayon::iter::repeat_n(0.0, p.output_len()));
+        // Pieces of at least a thread's share: no more pieces than threads.
+        let zeros = rayon::iter::repeat_n(0.0, p.output_len());
+        y.par_extend(zeros.with_min_len(p.output_len() / threads));
     } else {
         y.resize(p.output_len(), 0.0);
     }
@@ -402,11 +404,7 @@ fn forward_on(
             });
         });
     };
-    if threads > 1 && units.len() > 1 {
-        units.into_par_iter().for_each(run);
-    } else {
-        units.into_iter().for_each(run);
-    }
+    share_out(units, par, run);
     Ok(y)
 }
 
@@ -446,6 +444,20 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
         out.par_chunks_mut(per * cols).enumerate().for_each(run);
     } else {
         run((0, out));
+    }
+}
+
+/// Runs `f` on every item on at most `par.degree()` threads at once, each thread taking a
+/// whole share in order: rayon's pool has a thread per core, and an op uses no more cores
+/// than it was given.
+fn share_out<T: Send>(items: Vec<T>, par: Par, f: impl Fn(T) + Sync) {
+    let threads = par.degree().max(1);
+    if threads > 1 && items.len() > 1 {
+        let per = items.len().div_ceil(threads);
+        let shares = items.into_par_iter().chunks(per);
+        shares.for_each(|share| share.into_iter().for_each(&f));
+    } else {
+        items.into_iter().for_each(f);
     }
 }
 
@@ -842,6 +854,33 @@ pub(crate) mod tests {
 
     /// Every instruction set this CPU has (the scalar one at least) sums each output in the
     /// same order: the same bits, and so the same numbers on every node of a fleet.
+    #[test]
+    fn work_is_shared_out_on_no_more_threads_than_given() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(8)
+            .build()
+            .unwrap();
+        for threads in [1, 2, 3] {
+            let (active, most, done) = (
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+            );
+            pool.install(|| {
+                share_out((0..8).collect(), Par::rayon(threads), |_: u8| {
+                    most.fetch_max(active.fetch_add(1, SeqCst) + 1, SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    active.fetch_sub(1, SeqCst);
+                    done.fetch_add(1, SeqCst);
+                })
+            });
+            assert_eq!(done.into_inner(), 8);
+            let most = most.into_inner();
+            assert!(most <= threads, "{most} items at once on {threads} threads");
+        }
+    }
+
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let tiles = Tile::all();

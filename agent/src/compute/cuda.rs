@@ -111,7 +111,9 @@ impl CudaDevice {
             ctx,
             algos: Arc::default(),
         };
-        CudaBackend::new(&device, 1).map_err(|e| e.to_string())?;
+        drop(CudaBackend::new(&device, 1).map_err(|e| e.to_string())?);
+        // The probe is gone before the caller goes on, or exits.
+        settle();
         Ok(device)
     }
 
@@ -239,6 +241,19 @@ impl CudaBackend {
     }
 }
 
+/// Teardowns of dropped backends that may still be running.
+static TEARDOWNS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits until every backend dropped so far is torn down. A process must call this before it
+/// exits: one that exits while a teardown is inside the driver or cuDNN can crash in their
+/// exit handlers (seen on an H200 as a segmentation fault after the last test had passed).
+pub fn settle() {
+    let pending = std::mem::take(&mut *lock(&TEARDOWNS));
+    for teardown in pending {
+        let _ = teardown.join();
+    }
+}
+
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Destroying a cuDNN handle synchronizes the device, and freeing pinned memory may:
@@ -247,12 +262,17 @@ impl Drop for CudaBackend {
         let pools = [self.uploads.clone(), self.downloads.clone()];
         let teardown = std::thread::Builder::new().name("cuda-teardown".into());
         // On failure the closure, and all it holds, drops here instead.
-        let _ = teardown.spawn(move || {
+        let spawned = teardown.spawn(move || {
             drop(streams);
             for pool in pools {
                 drop(std::mem::take(&mut *lock(&pool.idle)));
             }
         });
+        if let Ok(teardown) = spawned {
+            let mut pending = lock(&TEARDOWNS);
+            pending.retain(|t| !t.is_finished());
+            pending.push(teardown);
+        }
     }
 }
 
@@ -1736,14 +1756,26 @@ pub(crate) mod tests {
     /// Held by every test that touches the GPU, so that they run one at a time: a test that
     /// holds a stream on a host event would stall any other test whose first launch of a
     /// kernel makes CUDA's lazy loader synchronize the context.
-    pub(crate) fn exclusive() -> MutexGuard<'static, ()> {
+    pub(crate) fn exclusive() -> Exclusive {
         static GPU: Mutex<()> = Mutex::new(());
-        lock(&GPU)
+        Exclusive { _gpu: lock(&GPU) }
+    }
+
+    /// The GPU held by one test. Made first in a test, it drops last: then the test's
+    /// backends are torn down before the next test starts or the process exits.
+    pub(crate) struct Exclusive {
+        _gpu: MutexGuard<'static, ()>,
+    }
+
+    impl Drop for Exclusive {
+        fn drop(&mut self) {
+            settle();
+        }
     }
 
     /// The device, opened once for all tests, and the GPU to this test alone; `None`, saying
     /// so, without one.
-    fn gpu(test: &str) -> Option<(MutexGuard<'static, ()>, &'static CudaDevice)> {
+    fn gpu(test: &str) -> Option<(Exclusive, &'static CudaDevice)> {
         static DEVICE: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
         let alone = exclusive();
         match DEVICE.get_or_init(CudaDevice::open) {

@@ -121,8 +121,12 @@ trait PerTile {
 /// last panel of 4, rather than computing a mostly wasted panel of 6. Read in place, most of
 /// a strip's rows straddle two cache lines; gathered, each is whole lines. For AVX2 the copy
 /// pays for itself from 16 panels on (a 1x1 convolution over 256 channels: 70-74 to 74-81
-/// GFLOP/s on one thread), and costs more than it saves with fewer (11: 73 to 64); AVX-512,
-/// not measured that way, reads in place as before.
+/// GFLOP/s on one thread), and costs more than it saves with fewer (11: 73 to 64). AVX-512
+/// takes 6 x 4 (24 + 4 + 1), not 8 x 3: 6 broadcasts rather than 8 for the same 24
+/// multiply-adds, 8-25% faster on every benchmark shape on a Sapphire Rapids core. There a
+/// strip of 4 vectors paid for its copy with 43 panels (a 1x1 convolution over 256
+/// channels) and cost more than it saved with 22 (3x3 over 128): the cut lies between, at
+/// 32.
 struct Select<T>(T);
 
 impl<T: PerTile> WithSimd for Select<T> {
@@ -131,7 +135,7 @@ impl<T: PerTile> WithSimd for Select<T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> T::Output {
         match S::F32_LANES {
-            16 => self.0.run::<S, 8, 3, 16, 8, { usize::MAX }>(simd),
+            16 => self.0.run::<S, 6, 4, 16, 4, 32>(simd),
             8 => self.0.run::<S, 6, 2, 8, 4, 16>(simd),
             _ => self.0.run::<S, 4, 4, 8, 4, { usize::MAX }>(simd),
         }
