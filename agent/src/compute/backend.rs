@@ -5,7 +5,7 @@
 //! code) wait for; a failed op poisons the buffers it would have written, and the error
 //! surfaces where they are read back.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
@@ -81,23 +81,39 @@ pub fn take_download(sink: &Download) -> Result<Vec<f32>, ComputeError> {
         .map(Arc::unwrap_or_clone)
 }
 
-/// A completion signal. Threads block on it; async code awaits it without blocking.
+/// A completion signal. Threads block on it; async code awaits it without blocking; work
+/// can be left with it, to run when it fires.
 #[derive(Clone, Default)]
 pub struct Event(Arc<EventInner>);
 
 #[derive(Default)]
 struct EventInner {
-    done: Mutex<bool>,
+    state: Mutex<EventState>,
     cv: Condvar,
     notify: Notify,
 }
 
+#[derive(Default)]
+struct EventState {
+    done: bool,
+    then: Vec<Box<dyn FnOnce() + Send>>,
+}
+
 impl Event {
-    /// Fires the event, waking every waiter.
+    fn state(&self) -> MutexGuard<'_, EventState> {
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fires the event, waking every waiter and running the work left with it.
     pub fn fire(&self) {
-        *self.0.done.lock().expect("event lock") = true;
+        let then = {
+            let mut state = self.state();
+            state.done = true;
+            std::mem::take(&mut state.then)
+        };
         self.0.cv.notify_all();
         self.0.notify.notify_waiters();
+        then.into_iter().for_each(|f| f());
     }
 
     /// Whether `other` is this event or a clone of it.
@@ -106,14 +122,30 @@ impl Event {
     }
 
     pub fn is_done(&self) -> bool {
-        *self.0.done.lock().expect("event lock")
+        self.state().done
+    }
+
+    /// Runs `f` once the event has fired: on the thread that fires it, or at once on this
+    /// one if it has.
+    pub fn then(&self, f: impl FnOnce() + Send + 'static) {
+        let mut state = self.state();
+        if state.done {
+            drop(state);
+            f();
+        } else {
+            state.then.push(Box::new(f));
+        }
     }
 
     /// Blocks the calling thread until the event fires. Never call it on an async runtime thread.
     pub fn wait_blocking(&self) {
-        let mut done = self.0.done.lock().expect("event lock");
-        while !*done {
-            done = self.0.cv.wait(done).expect("event lock");
+        let mut state = self.state();
+        while !state.done {
+            state = self
+                .0
+                .cv
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 

@@ -9,6 +9,7 @@
 //! gather per output line.
 
 use std::cell::Cell;
+use std::sync::{Mutex, PoisonError};
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -447,15 +448,20 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
     }
 }
 
-/// Runs `f` on every item on at most `par.degree()` threads at once, each thread taking a
-/// whole share in order: rayon's pool has a thread per core, and an op uses no more cores
-/// than it was given.
+/// Runs `f` on every item on at most `par.degree()` threads at once (rayon's pool has a
+/// thread per core, and an op uses no more cores than it was given). Each thread takes the
+/// next item when it is done with its last, rather than a fixed share: on a busy host, one
+/// slowed core then does less instead of holding up the whole op.
 fn share_out<T: Send>(items: Vec<T>, par: Par, f: impl Fn(T) + Sync) {
-    let threads = par.degree().max(1);
-    if threads > 1 && items.len() > 1 {
-        let per = items.len().div_ceil(threads);
-        let shares = items.into_par_iter().chunks(per);
-        shares.for_each(|share| share.into_iter().for_each(&f));
+    let threads = par.degree().max(1).min(items.len());
+    if threads > 1 {
+        let queue = Mutex::new(items.into_iter());
+        let next = || queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+        (0..threads).into_par_iter().for_each(|_| {
+            while let Some(item) = next() {
+                f(item);
+            }
+        });
     } else {
         items.into_iter().for_each(f);
     }
@@ -879,6 +885,31 @@ pub(crate) mod tests {
             let most = most.into_inner();
             assert!(most <= threads, "{most} items at once on {threads} threads");
         }
+    }
+
+    #[test]
+    fn a_held_up_thread_leaves_the_other_items_to_the_rest() {
+        use std::sync::Condvar;
+        // Item 0 waits until every other item is done: with fixed shares, the thread
+        // holding it would also hold items 1-3, and it would wait out the timeout.
+        let (done, changed) = (Mutex::new(0), Condvar::new());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            share_out((0..8).collect(), Par::rayon(2), |item: u8| {
+                let mut done = done.lock().unwrap();
+                if item == 0 {
+                    let wait = std::time::Duration::from_secs(30);
+                    let (all, _) = changed.wait_timeout_while(done, wait, |d| *d < 7).unwrap();
+                    assert_eq!(*all, 7, "the other items waited for the held-up one");
+                } else {
+                    *done += 1;
+                    changed.notify_all();
+                }
+            })
+        });
     }
 
     #[test]

@@ -1,9 +1,15 @@
-//! The CPU backend: a stream is a worker thread with a queue, an event a completion signal,
-//! and the ops use all cores through faer's parallel matmul.
+//! The CPU backend: a stream is an in-order queue drained on rayon's pool, an event a
+//! completion signal, and the ops use the pool's threads too.
+//!
+//! A stream's steps run on the pool rather than on a thread of the stream's own: an op's
+//! work then fans out from a pool thread, where rayon needs no hand-off to reach the rest
+//! of the pool, and a stream needs no thread of its own to wake (on this project's VMs,
+//! each cross-thread wake-up is a good part of the async overhead on a small convolution).
 
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 use faer::Par;
@@ -41,10 +47,79 @@ impl CpuBuffer {
     }
 }
 
+/// A step of a stream: work to run, or an event to wait for.
+enum Step {
+    Run(Job),
+    Wait(Event),
+}
+
+/// An in-order queue of steps. One pool task at a time drains it; waiting for an event that
+/// has not fired ends that task, and the event's firing starts the next, so that a wait
+/// never holds a pool thread.
+#[derive(Default)]
 struct Stream {
-    queue: Mutex<mpsc::Sender<Job>>,
-    queued: Arc<AtomicUsize>,
-    busy_nanos: Arc<AtomicU64>,
+    steps: Mutex<Steps>,
+    queued: AtomicUsize,
+    busy_nanos: AtomicU64,
+}
+
+#[derive(Default)]
+struct Steps {
+    queue: VecDeque<Step>,
+    draining: bool,
+}
+
+impl Stream {
+    fn steps(&self) -> MutexGuard<'_, Steps> {
+        self.steps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(self: &Arc<Self>, step: Step) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let mut steps = self.steps();
+        steps.queue.push_back(step);
+        if !std::mem::replace(&mut steps.draining, true) {
+            drop(steps);
+            self.clone().resume();
+        }
+    }
+
+    fn resume(self: Arc<Self>) {
+        rayon::spawn(move || self.drain());
+    }
+
+    /// Runs the steps in order until the queue is empty or an event is pending.
+    fn drain(self: Arc<Self>) {
+        loop {
+            let step = {
+                let mut steps = self.steps();
+                let Some(step) = steps.queue.pop_front() else {
+                    steps.draining = false;
+                    return;
+                };
+                step
+            };
+            match step {
+                Step::Run(job) => {
+                    let start = Instant::now();
+                    // A panic would abort the process on a pool thread. Caught, it leaves
+                    // the job's outputs unwritten, which their readers see as an error.
+                    if std::panic::catch_unwind(AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a CPU stream's work panicked");
+                    }
+                    let busy = start.elapsed().as_nanos() as u64;
+                    self.busy_nanos.fetch_add(busy, Ordering::Relaxed);
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                Step::Wait(event) => {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                    if !event.is_done() {
+                        return event.then(move || self.resume());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Test hook: makes every `n`-th launched op fail. Off unless a test sets it; nothing a
@@ -66,44 +141,19 @@ impl FaultInjection {
     }
 }
 
-/// Streams of worker threads running f32 ops.
+/// Streams running f32 ops on rayon's pool.
 pub struct CpuBackend {
-    streams: Vec<Stream>,
+    streams: Vec<Arc<Stream>>,
     par: Par,
     started: Instant,
     pub faults: Arc<FaultInjection>,
 }
 
 impl CpuBackend {
-    /// `streams` workers; each op's matmuls use `threads` cores (0: all).
+    /// `streams` streams; each op's work uses `threads` cores (0: all).
     pub fn new(streams: usize, threads: usize) -> Self {
-        let streams = (0..streams.max(1))
-            .map(|i| {
-                let (tx, rx) = mpsc::channel::<Job>();
-                let queued = Arc::new(AtomicUsize::new(0));
-                let busy_nanos = Arc::new(AtomicU64::new(0));
-                let (q, busy) = (queued.clone(), busy_nanos.clone());
-                std::thread::Builder::new()
-                    .name(format!("cpu-stream-{i}"))
-                    .spawn(move || {
-                        // Ends when the backend (the only sender) is dropped.
-                        for job in rx {
-                            let start = Instant::now();
-                            job();
-                            busy.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                            q.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    })
-                    .expect("spawning a stream worker");
-                Stream {
-                    queue: Mutex::new(tx),
-                    queued,
-                    busy_nanos,
-                }
-            })
-            .collect();
         Self {
-            streams,
+            streams: (0..streams.max(1)).map(|_| Arc::default()).collect(),
             par: Par::rayon(threads),
             started: Instant::now(),
             faults: Arc::default(),
@@ -111,16 +161,10 @@ impl CpuBackend {
     }
 
     fn enqueue(&self, stream: usize, job: Job) {
-        let s = &self.streams[stream % self.streams.len()];
-        s.queued.fetch_add(1, Ordering::Relaxed);
-        s.queue
-            .lock()
-            .expect("stream queue lock")
-            .send(job)
-            .expect("stream workers live as long as the backend");
+        self.streams[stream % self.streams.len()].push(Step::Run(job));
     }
 
-    /// Ops waiting or running on each stream, for least-loaded assignment.
+    /// Steps waiting or running on each stream, for least-loaded assignment.
     pub fn queued(&self) -> Vec<usize> {
         self.streams
             .iter()
@@ -356,9 +400,7 @@ impl Backend for CpuBackend {
     }
 
     fn wait(&self, stream: usize, event: &Event) {
-        let event = event.clone();
-        // Blocks this stream's worker thread, never an async runtime thread.
-        self.enqueue(stream, Box::new(move || event.wait_blocking()));
+        self.streams[stream % self.streams.len()].push(Step::Wait(event.clone()));
     }
 
     fn utilization(&self) -> Vec<f64> {
@@ -367,5 +409,57 @@ impl Backend for CpuBackend {
             .iter()
             .map(|s| s.busy_nanos.load(Ordering::Relaxed) as f64 / wall)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::compute::backend::take_download;
+
+    /// Fires `tx` once `event` has fired.
+    fn signal(event: &Event) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        event.then(move || {
+            let _ = tx.send(());
+        });
+        rx
+    }
+
+    #[test]
+    fn waiting_streams_hold_no_pool_thread() {
+        // More streams held up than the pool has threads: were a wait to block its thread,
+        // the last stream's work would find none free.
+        let held = rayon::current_num_threads() + 1;
+        let b = CpuBackend::new(held + 1, 1);
+        let gate = Event::default();
+        let uploads: Vec<_> = (0..held)
+            .map(|s| {
+                b.wait(s, &gate);
+                b.upload(s, Arc::new(vec![s as f32]))
+            })
+            .collect();
+        let (done, sink) = b.download(held, &b.upload(held, Arc::new(vec![7.0])));
+        let free = signal(&done).recv_timeout(Duration::from_secs(30));
+        assert!(free.is_ok(), "a free stream's work waited for held-up ones");
+        assert_eq!(take_download(&sink).unwrap(), [7.0]);
+        assert!(
+            uploads.iter().all(|u| u.read().is_err()),
+            "work ran past a wait"
+        );
+
+        gate.fire();
+        for (s, upload) in uploads.iter().enumerate() {
+            let (landed, sink) = b.download(s, upload);
+            assert!(
+                signal(&landed)
+                    .recv_timeout(Duration::from_secs(30))
+                    .is_ok()
+            );
+            assert_eq!(take_download(&sink).unwrap(), [s as f32]);
+        }
     }
 }
