@@ -1,6 +1,6 @@
 //! The async API: ops from many tasks spread over a backend's stream pool, with a cap on ops
 //! in flight and an optional synchronous fallback. Futures never block a runtime thread: they
-//! await completion events that stream workers (or the GPU) fire.
+//! await completion events that the streams (or the GPU) fire.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
