@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-use super::ComputeError;
 use super::conv::Conv2dParams;
+use super::{ComputeError, lock};
 
 /// An op a backend runs on a stream. Inputs and outputs are listed with each variant.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -101,7 +101,7 @@ struct EventState {
 
 impl Event {
     fn state(&self) -> MutexGuard<'_, EventState> {
-        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.0.state)
     }
 
     /// Fires the event, waking every waiter and running the work left with it.

@@ -9,15 +9,15 @@
 //! gather per output line.
 
 use std::cell::Cell;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use kernelflow_crds::Conv2dSpec;
 use rayon::prelude::*;
 
-use super::ComputeError;
 use super::gemm::{Gemm, Tile};
+use super::{ComputeError, lock};
 
 /// Shape and parameters of one conv2d over a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -456,7 +456,7 @@ fn share_out<T: Send>(items: Vec<T>, par: Par, f: impl Fn(T) + Sync) {
     let threads = par.degree().max(1).min(items.len());
     if threads > 1 {
         let queue = Mutex::new(items.into_iter());
-        let next = || queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+        let next = || lock(&queue).next();
         (0..threads).into_par_iter().for_each(|_| {
             while let Some(item) = next() {
                 f(item);

@@ -9,13 +9,13 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use faer::Par;
 
 use super::backend::{Backend, Download, Event, Op};
-use super::{ComputeError, conv, ops};
+use super::{ComputeError, conv, lock, ops};
 
 type Job = Box<dyn FnOnce() + Send>;
 type Slot = OnceLock<Result<Arc<Vec<f32>>, ComputeError>>;
@@ -71,7 +71,7 @@ struct Steps {
 
 impl Stream {
     fn steps(&self) -> MutexGuard<'_, Steps> {
-        self.steps.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.steps)
     }
 
     fn push(self: &Arc<Self>, step: Step) {
@@ -160,8 +160,8 @@ impl CpuBackend {
         }
     }
 
-    fn enqueue(&self, stream: usize, job: Job) {
-        self.streams[stream % self.streams.len()].push(Step::Run(job));
+    fn enqueue(&self, stream: usize, step: Step) {
+        self.streams[stream % self.streams.len()].push(step);
     }
 
     /// Steps waiting or running on each stream, for least-loaded assignment.
@@ -368,7 +368,10 @@ impl Backend for CpuBackend {
     fn upload(&self, stream: usize, data: Arc<Vec<f32>>) -> CpuBuffer {
         let buffer = CpuBuffer::default();
         let slot = buffer.0.clone();
-        self.enqueue(stream, Box::new(move || drop(slot.set(Ok(data)))));
+        self.enqueue(
+            stream,
+            Step::Run(Box::new(move || drop(slot.set(Ok(data))))),
+        );
         buffer
     }
 
@@ -379,7 +382,9 @@ impl Backend for CpuBackend {
         let (par, faults) = (self.par, self.faults.clone());
         self.enqueue(
             stream,
-            Box::new(move || execute(op, &inputs, &written, par, Some(&faults))),
+            Step::Run(Box::new(move || {
+                execute(op, &inputs, &written, par, Some(&faults))
+            })),
         );
         outputs
     }
@@ -388,19 +393,22 @@ impl Backend for CpuBackend {
         let event = Event::default();
         let out: Download = Arc::default();
         let (buffer, sink, signal) = (buffer.clone(), out.clone(), event.clone());
-        self.enqueue(stream, Box::new(move || land(buffer, &sink, &signal)));
+        self.enqueue(
+            stream,
+            Step::Run(Box::new(move || land(buffer, &sink, &signal))),
+        );
         (event, out)
     }
 
     fn record(&self, stream: usize) -> Event {
         let event = Event::default();
         let signal = event.clone();
-        self.enqueue(stream, Box::new(move || signal.fire()));
+        self.enqueue(stream, Step::Run(Box::new(move || signal.fire())));
         event
     }
 
     fn wait(&self, stream: usize, event: &Event) {
-        self.streams[stream % self.streams.len()].push(Step::Wait(event.clone()));
+        self.enqueue(stream, Step::Wait(event.clone()));
     }
 
     fn utilization(&self) -> Vec<f64> {

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use cudarc::cublas::{self, CudaBlas};
@@ -45,9 +45,9 @@ use cudarc::driver::{
     self, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice,
 };
 
-use super::ComputeError;
 use super::backend::{Backend, Download, Event, Op};
 use super::conv::Conv2dParams;
+use super::{ComputeError, lock};
 
 type Slice = CudaSlice<f32>;
 
@@ -60,10 +60,6 @@ impl<T, E: std::fmt::Debug> OrDevice<T> for Result<T, E> {
     fn or_device(self, what: &str) -> Result<T, ComputeError> {
         self.map_err(|e| ComputeError::Device(format!("{what}: {e:?}")))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The GPU the agent computes on: device 0's primary context, shared by every backend made
@@ -1742,7 +1738,7 @@ impl Drop for RawTensor {
 /// GPU machine: `bench/cuda-device.sh`.
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::sync::OnceLock;
+    use std::sync::{MutexGuard, OnceLock};
     use std::time::Duration;
 
     use faer::Par;

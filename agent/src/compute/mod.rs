@@ -14,6 +14,12 @@ pub mod ops;
 pub mod pipeline;
 pub mod train;
 
+/// Locks `m`, poisoned or not: a panic elsewhere leaves this module's locked state (queues,
+/// flags, lists) whole, and one failed op must not take the engine down with it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Errors of compute work.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ComputeError {
