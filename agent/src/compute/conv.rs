@@ -320,24 +320,18 @@ fn forward_on(
     p.check()?;
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
     let (l, ph) = (Layout::of(p), Phases::of(p));
-    let ow = p.output()[1];
-    let panels = l.kg.div_ceil(tile.mr);
+    let [oh, ow] = p.output();
     // Where each row of the column matrix starts: in the input for a 1x1 convolution, else
     // in the stride-phase planes, whose layout computes `wq` columns per output row.
-    let (offsets, wq, cols): (Vec<usize>, _, _) = if p.pointwise() {
-        ((0..l.ckk).map(|r| r * l.hw).collect(), ow, l.ohw)
+    let (offsets, wq): (Vec<usize>, _) = if p.pointwise() {
+        ((0..l.ckk).map(|r| r * l.hw).collect(), ow)
     } else {
         let [kh, kw] = p.kernel;
         let tap = |r: usize| ph.tap(p, r / (kh * kw), r / kw % kh, r % kw);
-        ((0..l.ckk).map(tap).collect(), ph.wq, ph.wide)
+        ((0..l.ckk).map(tap).collect(), ph.wq)
     };
     let threads = par.degree().max(1);
     let tasks = p.batch * p.groups;
-    let unit = if tasks >= threads {
-        l.kg
-    } else {
-        panels.div_ceil(threads.div_ceil(tasks.max(1))) * tile.mr
-    };
     // A large output is zeroed on the op's threads, not first on this one: 26 MB for a batch of
     // 8 ResNet stems would spend a tenth of the call in one thread's memset. A small one is
     // not worth waking the threads twice.
@@ -349,39 +343,59 @@ fn forward_on(
     } else {
         y.resize(p.output_len(), 0.0);
     }
-    // Units of work: (first task, images, first channel, output). A 1x1 convolution's
-    // samples go to the kernel several at a time, side by side, when each is at least a
-    // strip wide.
+    // Units of work: (first task, images, first output row, their output planes). A 1x1
+    // convolution's samples go to the kernel several at a time, side by side, when each is at
+    // least a strip wide. With fewer tasks than threads, each task's output rows are split
+    // into bands, one per thread: each band's strips are gathered once for all channels.
     let side_by_side = p.pointwise() && p.groups == 1 && l.ohw >= tile.nr;
     let units: Vec<_> = if side_by_side && tasks >= threads {
         let per = tasks.div_ceil(threads);
         let chunks = y.chunks_mut(per * l.kg * l.ohw).enumerate();
         chunks
-            .map(|(i, out)| (i * per, out.len() / (l.kg * l.ohw), 0, out))
+            .map(|(i, out)| {
+                (
+                    i * per,
+                    out.len() / (l.kg * l.ohw),
+                    0,
+                    out.chunks_mut(l.ohw).collect(),
+                )
+            })
             .collect()
     } else {
+        let bands = threads.div_ceil(tasks.max(1)).min(oh);
+        let height = oh.div_ceil(bands);
         let tasks = y.chunks_mut(l.kg * l.ohw).enumerate();
         tasks
             .flat_map(|(t, yt)| {
-                let rows = yt.chunks_mut(unit * l.ohw).enumerate();
-                rows.map(move |(i, out)| (t, 1, i * unit, out))
+                let mut units: Vec<_> = (0..oh)
+                    .step_by(height)
+                    .map(|y0| (t, 1, y0, Vec::with_capacity(l.kg)))
+                    .collect();
+                for plane in yt.chunks_mut(l.ohw) {
+                    let bands = plane.chunks_mut(height * ow);
+                    units
+                        .iter_mut()
+                        .zip(bands)
+                        .for_each(|(u, band)| u.3.push(band));
+                }
+                units
             })
             .collect()
     };
-    let run = |(t, images, row0, out): (usize, usize, usize, &mut [f32])| {
+    let run = |(t, images, y0, out): (usize, usize, usize, Vec<&mut [f32]>)| {
         let (n, g) = (t / p.groups, t % p.groups);
         let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..];
-        let rows = out.len() / (images * l.ohw);
-        let w = &w[(g * l.kg + row0) * l.ckk..][..rows * l.ckk];
-        let bias = b.map(|b| &b[g * l.kg + row0..][..rows]);
+        let w = &w[g * l.kg * l.ckk..][..l.kg * l.ckk];
+        let bias = b.map(|b| &b[g * l.kg..][..l.kg]);
+        let band = out[0].len() / ow;
         with_scratch(|buf| {
-            // Room after the planes, so that every strip is read in place.
+            // Room after the planes, so that each row of every strip is one copy.
             let planes = if p.pointwise() {
                 0
             } else {
                 ph.len(l.cg) + tile.nr
             };
-            let [planes, strip] = carve(buf, [planes, tile.strip_len(l.ckk)]);
+            let [planes, room] = carve(buf, [planes, tile.room(l.kg, l.ckk)]);
             let src = if p.pointwise() {
                 xg
             } else {
@@ -389,20 +403,23 @@ fn forward_on(
                 planes
             };
             let offsets = &offsets;
-            tile.run(Gemm {
-                w,
-                src,
-                offsets,
-                cols,
-                wq,
-                ow,
-                images,
-                stride: p.in_channels * l.hw,
-                out,
-                rows,
-                bias,
-                strip,
-            });
+            tile.run(
+                Gemm {
+                    w,
+                    src,
+                    offsets,
+                    skip: y0 * wq,
+                    cols: band * wq,
+                    wq,
+                    ow,
+                    images,
+                    stride: p.in_channels * l.hw,
+                    out,
+                    rows: l.kg,
+                    bias,
+                },
+                room,
+            );
         });
     };
     share_out(units, par, run);
@@ -424,21 +441,25 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
         .max(1);
     let run = |(i, out): (usize, &mut [f32])| {
         with_scratch(|buf| {
-            let [strip] = carve(buf, [tile.strip_len(depth)]);
-            tile.run(Gemm {
-                w: &wt[i * per * depth..][..out.len() / cols * depth],
-                src: dy,
-                offsets: &offsets,
-                cols,
-                wq: cols,
-                ow: cols,
-                images: 1,
-                stride: 0,
-                rows: out.len() / cols,
-                out,
-                bias: None,
-                strip,
-            })
+            let rows = out.len() / cols;
+            let [room] = carve(buf, [tile.room(rows, depth)]);
+            tile.run(
+                Gemm {
+                    w: &wt[i * per * depth..][..rows * depth],
+                    src: dy,
+                    offsets: &offsets,
+                    skip: 0,
+                    cols,
+                    wq: cols,
+                    ow: cols,
+                    images: 1,
+                    stride: 0,
+                    rows,
+                    out: out.chunks_mut(cols).collect(),
+                    bias: None,
+                },
+                room,
+            )
         })
     };
     if per < rows {
@@ -926,10 +947,15 @@ pub(crate) mod tests {
                 ..plain(1, 6, [13, 8], 4, 3)
             },
             plain(3, 17, [6, 6], 20, 1),
-            // Channels enough for AVX2 to gather its strips, ending in a short panel.
+            // Many panels, ending in a short one.
             Conv2dParams {
                 padding: [1, 1],
                 ..plain(2, 8, [7, 9], 100, 3)
+            },
+            // A depth of 432: several passes for AVX2 and AVX-512, one for the scalar kernel.
+            Conv2dParams {
+                padding: [1, 1],
+                ..plain(1, 48, [6, 7], 13, 3)
             },
         ];
         for p in shapes {

@@ -1,13 +1,14 @@
 //! The CPU's conv2d GEMM, `Y = W · B + bias`, register-tiled and safe: the forward pass, and
 //! the input gradient (`W` the transposed weights, `B` the output gradient).
 //!
-//! `W` is read as it is, `mr` output channels at a time, each weight broadcast to a vector
-//! register. `B`, the column matrix, is never built: its rows are runs of a source (the
-//! stride-phase planes, or the input itself for a 1x1 convolution), read `nr` columns at a
-//! time where they lie, or copied a strip at a time into rows aligned to cache lines where
-//! many panels share the strip. Each `mr` x `nr` block of the output is summed in vector
-//! registers over the whole depth and stored once, straight into the NCHW output, the
-//! planes' wide columns dropped and the bias added on the way.
+//! `W` is packed `mr` output channels at a time, depth-major, so that a step of the depth
+//! broadcasts its panel's weights from one place. `B`, the column matrix, is never built
+//! whole: its rows are runs of a source (the stride-phase planes, or the input itself for a
+//! 1x1 convolution), copied `nr` columns and a pass of the depth at a time into a strip of
+//! rows aligned to cache lines, which stays in L1 while every panel of `W` is multiplied by
+//! it. Each `mr` x `nr` block of the output is summed in vector registers, kept between
+//! passes and stored once, straight into the NCHW output, the planes' wide columns dropped
+//! and the bias added on the way.
 //!
 //! The instruction set is chosen at run time through `pulp` (AVX-512, AVX2 + FMA, NEON, or
 //! scalar), which keeps this module free of `unsafe`. Every output element is one fused
@@ -52,61 +53,67 @@ impl Tile {
         all
     }
 
-    /// Floats of room a [`Gemm`]'s strip needs for `depth` rows, aligned.
-    pub fn strip_len(&self, depth: usize) -> usize {
-        depth * self.nr + LINE
+    /// Floats of room [`Tile::run`] needs for `rows` output channels over `depth` rows of
+    /// the column matrix.
+    pub fn room(&self, rows: usize, depth: usize) -> usize {
+        let rows = rows.next_multiple_of(self.mr);
+        rows * depth + LINE + (pass(depth, self.nr) + rows) * self.nr
     }
 
-    /// Runs `g` on this CPU's instruction set.
-    pub fn run(&self, g: Gemm<'_>) {
-        self.arch.dispatch(Select(g))
+    /// Runs `g` on this CPU's instruction set, in `room` ([`Tile::room`]).
+    pub fn run(&self, g: Gemm<'_>, room: &mut [f32]) {
+        self.arch.dispatch(Select((g, room)))
     }
 }
 
 /// Floats in a cache line: a gathered strip starts on one.
 const LINE: usize = 16;
 
+/// Bytes of a strip's rows in one pass over the depth: they stay in L1 (32 KB or more, next to
+/// a panel's weights) while every panel is multiplied by them. On the AVX2 developer VM, 12,
+/// 16 and 24 KB were alike, and a pass of the whole depth (36 KB on a 3x3 convolution over
+/// 64 channels) lost up to 10% to them.
+const PASS_BYTES: usize = 24 << 10;
+
+/// Rows of the column matrix summed per pass over strips of `width` columns: at most
+/// [`PASS_BYTES`], the depth split evenly.
+fn pass(depth: usize, width: usize) -> usize {
+    let most = (PASS_BYTES / (width * 4)).max(1);
+    depth.div_ceil(depth.div_ceil(most).max(1))
+}
+
 /// One output block: `rows` output channels over all their positions.
 pub(super) struct Gemm<'a> {
     /// The channels' weights, row-major `rows` x `offsets.len()`.
     pub w: &'a [f32],
-    /// Row `r` of the column matrix is `src[offsets[r]..][..cols]`.
+    /// Row `r` of the column matrix is `src[offsets[r]..]`; of its columns, `cols` are
+    /// computed from `skip` on (a band of output rows: `skip` is a multiple of `wq`).
     pub src: &'a [f32],
     pub offsets: &'a [usize],
+    pub skip: usize,
     pub cols: usize,
-    /// Column `j` is output `(j / wq, j % wq)`; those with `j % wq >= ow` are dropped.
+    /// Computed column `j` is output `(j / wq, j % wq)` of the band; those with
+    /// `j % wq >= ow` are dropped.
     pub wq: usize,
     pub ow: usize,
     /// Images side by side in the column space, `cols` columns each: image `i`'s rows start
     /// `i * stride` further into `src`, its output planes `rows` planes further into `out`.
-    /// A strip across two of them (`cols` must be at least `nr`) is gathered; images
-    /// narrower than a few strips (a batch of 1x1 convolutions over 14x14) then waste no
-    /// columns at each one's end.
+    /// A strip may span two of them (`cols` must be at least `nr`): images narrower than a
+    /// few strips (a batch of 1x1 convolutions over 14x14) then waste no columns at each
+    /// one's end.
     pub images: usize,
     pub stride: usize,
-    /// `rows` output planes per image, and their bias.
-    pub out: &'a mut [f32],
+    /// `rows` output planes per image (the band's rows of them), and their bias.
+    pub out: Vec<&'a mut [f32]>,
     pub rows: usize,
     pub bias: Option<&'a [f32]>,
-    /// Room for one strip ([`Tile::strip_len`]), for columns gathered rather than read in
-    /// place.
-    pub strip: &'a mut [f32],
 }
 
 /// Work done with the tile chosen for an instruction set.
 trait PerTile {
     type Output;
-    /// `MR` channels by `NV` vectors; a strip of one vector takes `MR1` channels, a last
-    /// panel of at most `MT` channels takes `MT`, and strips are gathered when they have at
-    /// least `GP` panels.
-    fn run<
-        S: Simd,
-        const MR: usize,
-        const NV: usize,
-        const MR1: usize,
-        const MT: usize,
-        const GP: usize,
-    >(
+    /// `MR` channels by `NV` vectors; a last panel of at most `MT` channels takes `MT`.
+    fn run<S: Simd, const MR: usize, const NV: usize, const MT: usize>(
         self,
         simd: S,
     ) -> Self::Output;
@@ -118,15 +125,9 @@ trait PerTile {
 /// 6 x 2 (12 + 2 + 1), not 4 x 3 (12 + 3 + 1): with every register spoken for, the compiler
 /// kept one accumulator on the stack, and its store-to-load round trip at every step of the
 /// depth halved the kernel's speed. Its panels of 6 leave 2 channels of 32, or 4 of 64, to a
-/// last panel of 4, rather than computing a mostly wasted panel of 6. Read in place, most of
-/// a strip's rows straddle two cache lines; gathered, each is whole lines. For AVX2 the copy
-/// pays for itself from 16 panels on (a 1x1 convolution over 256 channels: 70-74 to 74-81
-/// GFLOP/s on one thread), and costs more than it saves with fewer (11: 73 to 64). AVX-512
-/// takes 6 x 4 (24 + 4 + 1), not 8 x 3: 6 broadcasts rather than 8 for the same 24
-/// multiply-adds, 8-25% faster on every benchmark shape on a Sapphire Rapids core. There a
-/// strip of 4 vectors paid for its copy with 43 panels (a 1x1 convolution over 256
-/// channels) and cost more than it saved with 22 (3x3 over 128): the cut lies between, at
-/// 32.
+/// last panel of 4, rather than computing a mostly wasted panel of 6. AVX-512 takes 6 x 4
+/// (24 + 4 + 1), not 8 x 3: 6 broadcasts rather than 8 for the same 24 multiply-adds, 8-25%
+/// faster on every benchmark shape on a Sapphire Rapids core.
 struct Select<T>(T);
 
 impl<T: PerTile> WithSimd for Select<T> {
@@ -135,9 +136,9 @@ impl<T: PerTile> WithSimd for Select<T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> T::Output {
         match S::F32_LANES {
-            16 => self.0.run::<S, 6, 4, 16, 4, 32>(simd),
-            8 => self.0.run::<S, 6, 2, 8, 4, 16>(simd),
-            _ => self.0.run::<S, 4, 4, 8, 4, { usize::MAX }>(simd),
+            16 => self.0.run::<S, 6, 4, 4>(simd),
+            8 => self.0.run::<S, 6, 2, 4>(simd),
+            _ => self.0.run::<S, 4, 4, 4>(simd),
         }
     }
 }
@@ -147,174 +148,207 @@ struct Dims;
 
 impl PerTile for Dims {
     type Output = [usize; 2];
-    fn run<
-        S: Simd,
-        const MR: usize,
-        const NV: usize,
-        const MR1: usize,
-        const MT: usize,
-        const GP: usize,
-    >(
-        self,
-        _: S,
-    ) -> [usize; 2] {
+    fn run<S: Simd, const MR: usize, const NV: usize, const MT: usize>(self, _: S) -> [usize; 2] {
         [MR, NV * S::F32_LANES]
     }
 }
 
-impl PerTile for Gemm<'_> {
+/// A [`Gemm`] with its room split: the weights packed panel by panel, a strip's gathered
+/// rows, and the panels' sums kept between passes over the depth.
+struct Work<'a> {
+    g: Gemm<'a>,
+    packed: &'a [f32],
+    strip: &'a mut [f32],
+    kept: &'a mut [f32],
+    /// Rows of the column matrix per pass.
+    kc: usize,
+}
+
+impl PerTile for (Gemm<'_>, &mut [f32]) {
     type Output = ();
 
-    /// Strips of `NV` vectors of columns, the last one narrower where that is enough; one
-    /// vector wide, it takes more channels at a time, so that its weights' broadcasts do not
-    /// outnumber its multiply-adds.
+    /// Packs the weights, then strips of `NV` vectors of columns, the last one narrower
+    /// where that is enough.
     #[inline(always)]
-    fn run<
-        S: Simd,
-        const MR: usize,
-        const NV: usize,
-        const MR1: usize,
-        const MT: usize,
-        const GP: usize,
-    >(
-        mut self,
-        simd: S,
-    ) {
-        let gathered = self.rows.div_ceil(MR) >= GP;
-        let reach = self.offsets.iter().copied().max().unwrap_or(0);
-        let (mut c0, end) = (0, self.images * self.cols);
+    fn run<S: Simd, const MR: usize, const NV: usize, const MT: usize>(self, simd: S) {
+        let (g, room) = self;
+        let (depth, width) = (g.offsets.len(), NV * S::F32_LANES);
+        let kc = pass(depth, width);
+        let (packed, rest) = room.split_at_mut(g.rows.next_multiple_of(MR) * depth);
+        pack::<MR, MT>(g.w, g.rows, depth, packed);
+        // `align_offset` may give up (`usize::MAX`); the strip then stays unaligned.
+        let line = rest.as_ptr().align_offset(LINE * 4).min(LINE - 1);
+        let (strip, kept) = rest[line..].split_at_mut(kc * width);
+        let reach = g.offsets.iter().copied().max().unwrap_or(0);
+        let end = g.images * g.cols;
+        let mut w = Work {
+            g,
+            packed,
+            strip,
+            kept,
+            kc,
+        };
+        let mut c0 = 0;
         while c0 < end {
-            let n = (NV * S::F32_LANES).min(end - c0);
+            let n = width.min(end - c0);
             match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => self.strip::<S, MR1, 1, MR1>(simd, gathered, reach, c0, n),
-                2 if NV > 2 => self.strip::<S, MR, 2, MT>(simd, gathered, reach, c0, n),
-                _ => self.strip::<S, MR, NV, MT>(simd, gathered, reach, c0, n),
+                1 if NV > 1 => w.strip::<S, MR, 1, MT>(simd, reach, c0, n),
+                2 if NV > 2 => w.strip::<S, MR, 2, MT>(simd, reach, c0, n),
+                _ => w.strip::<S, MR, NV, MT>(simd, reach, c0, n),
             }
             c0 += n;
         }
     }
 }
 
-impl Gemm<'_> {
-    /// Columns `c0..c0 + n` of every channel: each panel times those columns, stored. The
-    /// columns are read where they lie in the source, a row's `V` vectors at a time, unless
-    /// they are to be `gathered`, the row furthest in (at offset `reach`) would pass the
-    /// source's end, or they span two images: then they are gathered into the strip first,
-    /// aligned to a cache line. Panels are `MR` channels, the last one `MT` where that is
-    /// enough.
+/// Where the panels of `rows` channels end: those of `MR` up to the first returned, one of
+/// `MT` from there to `rows` if that is enough for the rest.
+fn panels<const MR: usize, const MT: usize>(rows: usize) -> usize {
+    let tail = rows % MR;
+    if tail > 0 && tail <= MT {
+        rows - tail
+    } else {
+        rows
+    }
+}
+
+/// Lays out the weights (`rows` x `depth`, row-major) panel by panel, each depth-major, so
+/// that a step of the depth reads its panel's weights from one place. A short last panel
+/// repeats its last row, whose sums are not stored.
+fn pack<const MR: usize, const MT: usize>(w: &[f32], rows: usize, depth: usize, to: &mut [f32]) {
+    fn panel<const P: usize>(w: &[f32], rows: usize, depth: usize, m0: usize, to: &mut [f32]) {
+        let from: [&[f32]; P] =
+            std::array::from_fn(|m| &w[(m0 + m).min(rows - 1) * depth..][..depth]);
+        let (to, _) = to[..P * depth].as_chunks_mut::<P>();
+        for (k, to) in to.iter_mut().enumerate() {
+            *to = std::array::from_fn(|m| from[m][k]);
+        }
+    }
+    let full = panels::<MR, MT>(rows);
+    for m0 in (0..full).step_by(MR) {
+        panel::<MR>(w, rows, depth, m0, &mut to[m0 * depth..]);
+    }
+    if full < rows {
+        panel::<MT>(w, rows, depth, full, &mut to[full * depth..]);
+    }
+}
+
+impl Work<'_> {
+    /// Columns `c0..c0 + n` of every channel, a pass of `kc` rows of the column matrix at a
+    /// time: the pass's rows gathered into the strip, then each panel times them, added to
+    /// its sums of the passes before. A row is one copy of `V` vectors unless the row
+    /// furthest in (at offset `reach`) would pass the source's end or the columns span two
+    /// images.
     #[inline(always)]
     fn strip<S: Simd, const MR: usize, const V: usize, const MT: usize>(
         &mut self,
         simd: S,
-        gathered: bool,
         reach: usize,
         c0: usize,
         n: usize,
     ) {
+        let g = &self.g;
         let width = V * S::F32_LANES;
-        let depth = self.offsets.len();
-        let (image, j0) = (c0 / self.cols, c0 % self.cols);
+        let depth = g.offsets.len();
+        let (image, j0) = (c0 / g.cols, c0 % g.cols);
         // Columns in this image, and where its rows start.
-        let (first, base) = (n.min(self.cols - j0), image * self.stride + j0);
-        debug_assert!(
-            self.images == 1 || self.cols >= width,
-            "a strip spans two images"
-        );
-        let rows = if !gathered && first == n && base + reach + width <= self.src.len() {
-            Rows::InPlace(base)
-        } else {
-            // `align_offset` may give up (`usize::MAX`); the strip then stays unaligned.
-            let line = self.strip.as_ptr().align_offset(LINE * 4).min(LINE - 1);
-            let runs = [(base, first), (base - j0 + self.stride, n - first)];
-            let strip = &mut self.strip[line..][..depth * width];
-            gather(self.src, self.offsets, &runs, strip);
-            Rows::Gathered(line)
-        };
-        let cut = StripCut {
-            rows,
-            n,
-            first,
-            image,
-            at: [j0 / self.wq, j0 % self.wq],
-        };
-        let tail = self.rows % MR;
-        let full = if tail > 0 && tail <= MT {
-            self.rows - tail
-        } else {
-            self.rows
-        };
-        for m0 in (0..full).step_by(MR) {
-            self.panel::<S, MR, V>(simd, cut, m0);
-        }
-        if full < self.rows {
-            self.panel::<S, MT, V>(simd, cut, full);
+        let (first, base) = (n.min(g.cols - j0), image * g.stride + g.skip + j0);
+        debug_assert!(g.images == 1 || g.cols >= width, "a strip spans two images");
+        let whole = first == n && base + reach + width <= g.src.len();
+        let runs = [(base, first), (base - j0 + g.stride, n - first)];
+        let at = [j0 / g.wq, j0 % g.wq];
+        let full = panels::<MR, MT>(g.rows);
+        for k0 in (0..depth).step_by(self.kc) {
+            let k1 = (k0 + self.kc).min(depth);
+            let (offsets, strip) = (
+                &self.g.offsets[k0..k1],
+                &mut self.strip[..(k1 - k0) * width],
+            );
+            if whole {
+                for (&at, to) in offsets.iter().zip(strip.chunks_exact_mut(width)) {
+                    let from: &[S::f32s] = bytemuck::cast_slice(&self.g.src[base + at..][..width]);
+                    bytemuck::cast_slice_mut(to)[..V].copy_from_slice(&from[..V]);
+                }
+            } else {
+                gather(self.g.src, offsets, &runs, strip);
+            }
+            let cut = StripCut {
+                n,
+                first,
+                image,
+                at,
+                depth: [k0, k1],
+            };
+            for m0 in (0..full).step_by(MR) {
+                self.panel::<S, MR, V>(simd, cut, m0);
+            }
+            if full < self.g.rows {
+                self.panel::<S, MT, V>(simd, cut, full);
+            }
         }
     }
 
-    /// Channels `m0..m0 + MR` (fewer at the end) of a strip: summed and stored.
+    /// Channels `m0..m0 + P` (fewer at the end) of a strip over the cut's rows: summed onto
+    /// their sums of the rows before, then kept for the rows after, or stored.
     #[inline(always)]
-    fn panel<S: Simd, const MR: usize, const V: usize>(
+    fn panel<S: Simd, const P: usize, const V: usize>(
         &mut self,
         simd: S,
         cut: StripCut,
         m0: usize,
     ) {
-        let (width, depth) = (V * S::F32_LANES, self.offsets.len());
+        let g = &mut self.g;
+        let (width, depth) = (V * S::F32_LANES, g.offsets.len());
         let StripCut {
-            rows,
             n,
             first,
             image,
             at,
+            depth: [k0, k1],
         } = cut;
-        let ohw = self.out.len() / (self.rows * self.images);
-        // The panel's rows of weights; a short last panel repeats its last row, whose
-        // sums are not stored.
-        let w: [&[f32]; MR] =
-            std::array::from_fn(|m| &self.w[(m0 + m).min(self.rows - 1) * depth..][..depth]);
-        let acc = match rows {
-            Rows::InPlace(base) => {
-                let rows = self.offsets.iter();
-                let rows = rows.map(|&at| &self.src[base + at..][..width]);
-                block::<S, MR, V>(simd, w, rows)
-            }
-            Rows::Gathered(line) => {
-                let rows = self.strip[line..][..depth * width].chunks_exact(width);
-                block::<S, MR, V>(simd, w, rows)
-            }
+        let (w, _) = self.packed[m0 * depth + k0 * P..][..(k1 - k0) * P].as_chunks::<P>();
+        let kept = &mut self.kept[m0 * width..][..P * width];
+        let acc = if k0 == 0 {
+            [[simd.splat_f32s(0.0); V]; P]
+        } else {
+            let lanes = |m: usize, v: usize| &kept[(m * V + v) * S::F32_LANES..][..S::F32_LANES];
+            std::array::from_fn(|m| {
+                std::array::from_fn(|v| {
+                    bytemuck::pod_read_unaligned(bytemuck::cast_slice(lanes(m, v)))
+                })
+            })
         };
-        for (m, acc) in acc.iter().enumerate().take(self.rows - m0) {
-            let bias = self.bias.map_or(0.0, |b| b[m0 + m]);
-            let plane = |i: usize| (i * self.rows + m0 + m) * ohw;
+        let rows = self.strip[..(k1 - k0) * width].chunks_exact(width);
+        let acc = block::<S, P, V>(simd, acc, w, rows);
+        if k1 < depth {
+            for (to, acc) in kept.chunks_exact_mut(width).zip(&acc) {
+                to.copy_from_slice(bytemuck::cast_slice(acc));
+            }
+            return;
+        }
+        for (m, acc) in acc.iter().enumerate().take(g.rows - m0) {
+            let bias = g.bias.map_or(0.0, |b| b[m0 + m]);
+            let plane = |i: usize| i * g.rows + m0 + m;
             let values: &[f32] = bytemuck::cast_slice(acc);
             let (here, next) = values[..n].split_at(first);
-            let out = &mut self.out[plane(image)..][..ohw];
-            store(here, at, self.wq, self.ow, bias, out);
+            store(here, at, g.wq, g.ow, bias, g.out[plane(image)]);
             if !next.is_empty() {
-                let out = &mut self.out[plane(image + 1)..][..ohw];
-                store(next, [0, 0], self.wq, self.ow, bias, out);
+                store(next, [0, 0], g.wq, g.ow, bias, g.out[plane(image + 1)]);
             }
         }
     }
 }
 
-/// Where a strip's column-matrix rows are: runs of the source from `base` on, or the
-/// strip's own rows from `line` on.
-#[derive(Clone, Copy)]
-enum Rows {
-    InPlace(usize),
-    Gathered(usize),
-}
-
-/// A strip's rows, and where its `n` columns go: the `first` in `image` from output position
-/// `at` (row, column), the rest in the next image.
+/// Where a strip's `n` columns go: the `first` in `image` from output position
+/// `at` (row, column), the rest in the next image. `depth`: the rows of the column matrix
+/// summed in this cut.
 #[derive(Clone, Copy)]
 struct StripCut {
-    rows: Rows,
     n: usize,
     first: usize,
     image: usize,
     at: [usize; 2],
+    depth: [usize; 2],
 }
 
 /// Columns of the column matrix into `strip` (a row of it per offset), from `runs` of the
@@ -336,20 +370,20 @@ fn gather(src: &[f32], offsets: &[usize], runs: &[(usize, usize)], strip: &mut [
     }
 }
 
-/// One `MR` x `V` vector block: `MR` rows of weights times the column matrix's `rows` (`V`
-/// vectors each), summed over the depth.
+/// One `MR` x `V` vector block: `MR` channels' packed weights times the column matrix's
+/// `rows` (`V` vectors each), added to `acc`.
 #[inline(always)]
 fn block<'a, S: Simd, const MR: usize, const V: usize>(
     simd: S,
-    w: [&[f32]; MR],
+    mut acc: [[S::f32s; V]; MR],
+    w: &[[f32; MR]],
     rows: impl Iterator<Item = &'a [f32]>,
 ) -> [[S::f32s; V]; MR] {
-    let mut acc = [[simd.splat_f32s(0.0); V]; MR];
-    for (k, row) in rows.enumerate() {
+    for (wk, row) in w.iter().zip(rows) {
         let row: &[S::f32s] = bytemuck::cast_slice(row);
         let b: [S::f32s; V] = std::array::from_fn(|v| row[v]);
-        for (acc, w) in acc.iter_mut().zip(&w) {
-            let wm = simd.splat_f32s(w[k]);
+        for (acc, &w) in acc.iter_mut().zip(wk) {
+            let wm = simd.splat_f32s(w);
             for (a, &b) in acc.iter_mut().zip(&b) {
                 *a = simd.mul_add_f32s(wm, b, *a);
             }
