@@ -1,7 +1,8 @@
 //! Compute engine benchmarks: `cargo bench -p kernelflow-agent --bench compute`.
 //! Prints markdown tables for docs/benchmarks.md. Set `KF_BENCH=conv,train,async,pipeline,streams`
 //! to run a subset, `KF_PIPELINE_MS=load,upload,compute,download` for the stage mix and
-//! `KF_CONV_THREADS` for the conv2d threads (2).
+//! `KF_CONV_THREADS` for the conv2d threads (2) and `KF_CONV_SHAPES=0,3` for some of its shapes
+//! (by index; all unless set).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,7 +42,13 @@ fn conv_throughput() {
     println!(
         "## conv2d forward, {threads} threads\n\n| N, C, H, W, K, RxS, stride, pad | ms | GFLOP/s |\n|---|---|---|"
     );
-    for p in SHAPES.map(params) {
+    let only: Option<Vec<usize>> = std::env::var("KF_CONV_SHAPES")
+        .ok()
+        .map(|s| s.split(',').map(|i| i.parse().unwrap()).collect());
+    for (i, p) in SHAPES.map(params).into_iter().enumerate() {
+        if only.as_ref().is_some_and(|only| !only.contains(&i)) {
+            continue;
+        }
         let x = uniform(p.input_len(), 1, 1.0);
         let w = uniform(p.weight_len(), 2, 0.1);
         let b = uniform(p.out_channels, 3, 0.1);

@@ -326,9 +326,21 @@ impl Work<'_> {
             }
             return;
         }
+        // The common case: the strip's columns are whole vectors within one output row.
+        let [oy, ox] = at;
+        let one_row = n == width && ox + n <= g.ow;
         for (m, acc) in acc.iter().enumerate().take(g.rows - m0) {
             let bias = g.bias.map_or(0.0, |b| b[m0 + m]);
             let plane = |i: usize| i * g.rows + m0 + m;
+            if one_row {
+                let out = &mut g.out[plane(image)][oy * g.ow + ox..][..width];
+                let out: &mut [S::f32s] = bytemuck::cast_slice_mut(out);
+                let bias = simd.splat_f32s(bias);
+                for (to, &acc) in out.iter_mut().zip(acc) {
+                    *to = simd.add_f32s(acc, bias);
+                }
+                continue;
+            }
             let values: &[f32] = bytemuck::cast_slice(acc);
             let (here, next) = values[..n].split_at(first);
             store(here, at, g.wq, g.ow, bias, g.out[plane(image)]);
