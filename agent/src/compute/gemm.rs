@@ -4,11 +4,12 @@
 //! `W` is packed `mr` output channels at a time, depth-major, so that a step of the depth
 //! broadcasts its panel's weights from one place. `B`, the column matrix, is never built
 //! whole: its rows are runs of a source (the stride-phase planes, or the input itself for a
-//! 1x1 convolution), copied `nr` columns and a pass of the depth at a time into a strip of
-//! rows aligned to cache lines, which stays in L1 while every panel of `W` is multiplied by
-//! it. Each `mr` x `nr` block of the output is summed in vector registers, kept between
-//! passes and stored once, straight into the NCHW output, the planes' wide columns dropped
-//! and the bias added on the way.
+//! 1x1 convolution), copied `nr` columns and a pass of the depth at a time into strips of
+//! rows aligned to cache lines, a block of strips at a time. A panel of `W` for a pass stays
+//! in L1 while it is multiplied by every strip of the block, which stay in L2 (the BLIS
+//! loop order, as in onnxruntime's MLAS). Each `mr` x `nr` block of the output is summed in
+//! vector registers, kept between passes and stored once, straight into the NCHW output,
+//! the planes' wide columns dropped and the bias added on the way.
 //!
 //! The instruction set is chosen at run time through `pulp` (AVX-512, AVX2 + FMA, NEON, or
 //! scalar), which keeps this module free of `unsafe`. Every output element is one fused
@@ -56,8 +57,8 @@ impl Tile {
     /// Floats of room [`Tile::run`] needs for `rows` output channels over `depth` rows of
     /// the column matrix.
     pub fn room(&self, rows: usize, depth: usize) -> usize {
-        let rows = rows.next_multiple_of(self.mr);
-        rows * depth + LINE + (pass(depth, self.nr) + rows) * self.nr
+        let (rows, kc) = (rows.next_multiple_of(self.mr), pass(depth, self.nr));
+        rows * depth + LINE + group(kc, self.nr) * (kc + rows) * self.nr
     }
 
     /// Runs `g` on this CPU's instruction set, in `room` ([`Tile::room`]).
@@ -69,11 +70,19 @@ impl Tile {
 /// Floats in a cache line: a gathered strip starts on one.
 const LINE: usize = 16;
 
-/// Bytes of a strip's rows in one pass over the depth: they stay in L1 (32 KB or more, next to
-/// a panel's weights) while every panel is multiplied by them. On the AVX2 developer VM, 12,
-/// 16 and 24 KB were alike, and a pass of the whole depth (36 KB on a 3x3 convolution over
-/// 64 channels) lost up to 10% to them.
-const PASS_BYTES: usize = 24 << 10;
+/// Bytes of a strip's rows in one pass over the depth, which sets the bytes of a panel's
+/// weights per pass: 6 KB of them (AVX2), read for every strip of a block, stay in L1.
+const PASS_BYTES: usize = 16 << 10;
+
+/// Bytes of a block's strips in one pass: they stay in L2 while every panel is multiplied
+/// by them, so that the weights are read from L2 or further once per block rather than once
+/// per strip (590 KB of them for a 3x3 convolution over 128 channels).
+const BLOCK_BYTES: usize = 128 << 10;
+
+/// Strips per block, for passes of `kc` rows over strips of `width` columns.
+fn group(kc: usize, width: usize) -> usize {
+    (BLOCK_BYTES / (kc.max(1) * width * 4)).clamp(1, 16)
+}
 
 /// Rows of the column matrix summed per pass over strips of `width` columns: at most
 /// [`PASS_BYTES`], the depth split evenly.
@@ -153,50 +162,73 @@ impl PerTile for Dims {
     }
 }
 
-/// A [`Gemm`] with its room split: the weights packed panel by panel, a strip's gathered
-/// rows, and the panels' sums kept between passes over the depth.
+/// A [`Gemm`] with its room split: the weights packed panel by panel, a block of strips of
+/// gathered rows, and the panels' sums on each strip, kept between passes over the depth.
 struct Work<'a> {
     g: Gemm<'a>,
     packed: &'a [f32],
-    strip: &'a mut [f32],
+    strips: &'a mut [f32],
     kept: &'a mut [f32],
-    /// Rows of the column matrix per pass.
+    /// Rows of the column matrix per pass, the widest strip's columns, and the output
+    /// channels rounded up to whole panels.
     kc: usize,
+    width: usize,
+    rows: usize,
+    /// How far past a row's start its furthest run begins (the largest offset).
+    reach: usize,
 }
 
 impl PerTile for (Gemm<'_>, &mut [f32]) {
     type Output = ();
 
-    /// Packs the weights, then strips of `NV` vectors of columns, the last one narrower
-    /// where that is enough.
+    /// Packs the weights, then blocks of strips of `NV` vectors of columns (the last one
+    /// narrower where that is enough), a pass of `kc` rows of the column matrix at a time:
+    /// the pass's rows of each strip gathered, then each panel times every strip of the
+    /// block, added to its sums of the passes before.
     #[inline(always)]
     fn run<S: Simd, const MR: usize, const NV: usize, const MT: usize>(self, simd: S) {
         let (g, room) = self;
         let (depth, width) = (g.offsets.len(), NV * S::F32_LANES);
-        let kc = pass(depth, width);
-        let (packed, rest) = room.split_at_mut(g.rows.next_multiple_of(MR) * depth);
+        let (kc, rows) = (pass(depth, width), g.rows.next_multiple_of(MR));
+        let (packed, rest) = room.split_at_mut(rows * depth);
         pack::<MR, MT>(g.w, g.rows, depth, packed);
-        // `align_offset` may give up (`usize::MAX`); the strip then stays unaligned.
+        // `align_offset` may give up (`usize::MAX`); the strips then stay unaligned.
         let line = rest.as_ptr().align_offset(LINE * 4).min(LINE - 1);
-        let (strip, kept) = rest[line..].split_at_mut(kc * width);
-        let reach = g.offsets.iter().copied().max().unwrap_or(0);
+        let per = group(kc, width);
+        let (strips, kept) = rest[line..].split_at_mut(per * kc * width);
         let end = g.images * g.cols;
         let mut w = Work {
+            reach: g.offsets.iter().copied().max().unwrap_or(0),
             g,
             packed,
-            strip,
+            strips,
             kept,
             kc,
+            width,
+            rows,
         };
-        let mut c0 = 0;
-        while c0 < end {
-            let n = width.min(end - c0);
-            match n.div_ceil(S::F32_LANES) {
-                1 if NV > 1 => w.strip::<S, MR, 1, MT>(simd, reach, c0, n),
-                2 if NV > 2 => w.strip::<S, MR, 2, MT>(simd, reach, c0, n),
-                _ => w.strip::<S, MR, NV, MT>(simd, reach, c0, n),
+        let full = panels::<MR, MT>(w.g.rows);
+        let mut cuts = Vec::with_capacity(per);
+        for b0 in (0..end).step_by(per * width) {
+            for k0 in (0..depth).step_by(kc) {
+                let k = [k0, (k0 + kc).min(depth)];
+                cuts.clear();
+                let starts = (b0..end.min(b0 + per * width)).step_by(width);
+                cuts.extend(starts.map(|c0| w.cut::<S, NV>(c0, width.min(end - c0), k)));
+                for (slot, &cut) in cuts.iter().enumerate() {
+                    w.fill(cut, slot);
+                }
+                for m0 in (0..full).step_by(MR) {
+                    for (slot, &cut) in cuts.iter().enumerate() {
+                        w.panel_of::<S, MR, NV>(simd, cut, slot, m0);
+                    }
+                }
+                if full < w.g.rows {
+                    for (slot, &cut) in cuts.iter().enumerate() {
+                        w.panel_of::<S, MT, NV>(simd, cut, slot, full);
+                    }
+                }
             }
-            c0 += n;
         }
     }
 }
@@ -234,80 +266,87 @@ fn pack<const MR: usize, const MT: usize>(w: &[f32], rows: usize, depth: usize, 
 }
 
 impl Work<'_> {
-    /// Columns `c0..c0 + n` of every channel, a pass of `kc` rows of the column matrix at a
-    /// time: the pass's rows gathered into the strip, then each panel times them, added to
-    /// its sums of the passes before. A row is one copy of `V` vectors unless the row
-    /// furthest in (at offset `reach`) would pass the source's end or the columns span two
-    /// images.
+    /// Columns `c0..c0 + n` and rows `k` of the column matrix: where they lie, and the
+    /// width of their strip (`NV` vectors, or fewer where that is enough).
     #[inline(always)]
-    fn strip<S: Simd, const MR: usize, const V: usize, const MT: usize>(
-        &mut self,
-        simd: S,
-        reach: usize,
-        c0: usize,
-        n: usize,
-    ) {
+    fn cut<S: Simd, const NV: usize>(&self, c0: usize, n: usize, k: [usize; 2]) -> Cut {
         let g = &self.g;
-        let width = V * S::F32_LANES;
-        let depth = g.offsets.len();
+        let lanes = S::F32_LANES;
+        let vectors = match n.div_ceil(lanes) {
+            1 if NV > 1 => 1,
+            2 if NV > 2 => 2,
+            _ => NV,
+        };
+        let width = vectors * lanes;
         let (image, j0) = (c0 / g.cols, c0 % g.cols);
+        debug_assert!(g.images == 1 || g.cols >= width, "a strip spans two images");
         // Columns in this image, and where its rows start.
         let (first, base) = (n.min(g.cols - j0), image * g.stride + g.skip + j0);
-        debug_assert!(g.images == 1 || g.cols >= width, "a strip spans two images");
-        let whole = first == n && base + reach + width <= g.src.len();
-        let runs = [(base, first), (base - j0 + g.stride, n - first)];
-        let at = [j0 / g.wq, j0 % g.wq];
-        let full = panels::<MR, MT>(g.rows);
-        for k0 in (0..depth).step_by(self.kc) {
-            let k1 = (k0 + self.kc).min(depth);
-            let (offsets, strip) = (
-                &self.g.offsets[k0..k1],
-                &mut self.strip[..(k1 - k0) * width],
-            );
-            if whole {
-                for (&at, to) in offsets.iter().zip(strip.chunks_exact_mut(width)) {
-                    let from: &[S::f32s] = bytemuck::cast_slice(&self.g.src[base + at..][..width]);
-                    bytemuck::cast_slice_mut(to)[..V].copy_from_slice(&from[..V]);
-                }
-            } else {
-                gather(self.g.src, offsets, &runs, strip);
-            }
-            let cut = StripCut {
-                n,
-                first,
-                image,
-                at,
-                depth: [k0, k1],
-            };
-            for m0 in (0..full).step_by(MR) {
-                self.panel::<S, MR, V>(simd, cut, m0);
-            }
-            if full < self.g.rows {
-                self.panel::<S, MT, V>(simd, cut, full);
-            }
+        Cut {
+            n,
+            width,
+            first,
+            image,
+            base,
+            next: base - j0 + g.stride,
+            whole: first == n && base + self.reach + width <= g.src.len(),
+            at: [j0 / g.wq, j0 % g.wq],
+            depth: k,
         }
     }
 
-    /// Channels `m0..m0 + P` (fewer at the end) of a strip over the cut's rows: summed onto
+    /// The rows of `cut` into strip `slot`: one copy a row where the columns are whole,
+    /// else gathered run by run.
+    fn fill(&mut self, cut: Cut, slot: usize) {
+        let [k0, k1] = cut.depth;
+        let to = &mut self.strips[slot * self.kc * self.width..][..(k1 - k0) * cut.width];
+        let offsets = &self.g.offsets[k0..k1];
+        if cut.whole {
+            copy_rows(&self.g.src[cut.base..], offsets, cut.width, to);
+        } else {
+            let runs = [(cut.base, cut.first), (cut.next, cut.n - cut.first)];
+            gather(self.g.src, offsets, &runs, to);
+        }
+    }
+
+    /// [`Work::panel`] with the vectors of the cut's strip.
+    #[inline(always)]
+    fn panel_of<S: Simd, const P: usize, const NV: usize>(
+        &mut self,
+        simd: S,
+        cut: Cut,
+        slot: usize,
+        m0: usize,
+    ) {
+        match cut.width / S::F32_LANES {
+            1 if NV > 1 => self.panel::<S, P, 1>(simd, cut, slot, m0),
+            2 if NV > 2 => self.panel::<S, P, 2>(simd, cut, slot, m0),
+            _ => self.panel::<S, P, NV>(simd, cut, slot, m0),
+        }
+    }
+
+    /// Channels `m0..m0 + P` (fewer at the end) of a cut, from strip `slot`: summed onto
     /// their sums of the rows before, then kept for the rows after, or stored.
     #[inline(always)]
     fn panel<S: Simd, const P: usize, const V: usize>(
         &mut self,
         simd: S,
-        cut: StripCut,
+        cut: Cut,
+        slot: usize,
         m0: usize,
     ) {
         let g = &mut self.g;
         let (width, depth) = (V * S::F32_LANES, g.offsets.len());
-        let StripCut {
+        let Cut {
             n,
             first,
             image,
             at,
             depth: [k0, k1],
+            ..
         } = cut;
         let (w, _) = self.packed[m0 * depth + k0 * P..][..(k1 - k0) * P].as_chunks::<P>();
-        let kept = &mut self.kept[m0 * width..][..P * width];
+        let kept = &mut self.kept[(slot * self.rows + m0) * self.width..][..P * width];
         let acc = if k0 == 0 {
             [[simd.splat_f32s(0.0); V]; P]
         } else {
@@ -318,8 +357,8 @@ impl Work<'_> {
                 })
             })
         };
-        let rows = self.strip[..(k1 - k0) * width].chunks_exact(width);
-        let acc = block::<S, P, V>(simd, acc, w, rows);
+        let strip = &self.strips[slot * self.kc * self.width..][..(k1 - k0) * width];
+        let acc = block::<S, P, V>(simd, acc, w, strip.chunks_exact(width));
         if k1 < depth {
             for (to, acc) in kept.chunks_exact_mut(width).zip(&acc) {
                 to.copy_from_slice(bytemuck::cast_slice(acc));
@@ -351,16 +390,46 @@ impl Work<'_> {
     }
 }
 
-/// Where a strip's `n` columns go: the `first` in `image` from output position
-/// `at` (row, column), the rest in the next image. `depth`: the rows of the column matrix
-/// summed in this cut.
+/// Columns `n` of a strip `width` wide, over rows `depth` of the column matrix: the `first`
+/// in `image`, whose rows start at `base` in the source, from its output position `at` (row,
+/// column); the rest in the next image, from `next`. `whole`: all in one image, and every
+/// row's `width` floats within the source.
 #[derive(Clone, Copy)]
-struct StripCut {
+struct Cut {
     n: usize,
+    width: usize,
     first: usize,
     image: usize,
+    base: usize,
+    next: usize,
+    whole: bool,
     at: [usize; 2],
     depth: [usize; 2],
+}
+
+/// Rows of `width` floats of `src`, one from each offset, into `to`: for the strips' widths,
+/// a copy of a fixed size, which compiles to a few vector moves rather than a call to
+/// `memcpy`.
+fn copy_rows(src: &[f32], offsets: &[usize], width: usize, to: &mut [f32]) {
+    fn rows<const W: usize>(src: &[f32], offsets: &[usize], to: &mut [f32]) {
+        let (to, _) = to.as_chunks_mut::<W>();
+        for (&at, to) in offsets.iter().zip(to) {
+            *to = *src[at..]
+                .first_chunk::<W>()
+                .expect("a row within the source");
+        }
+    }
+    match width {
+        8 => rows::<8>(src, offsets, to),
+        16 => rows::<16>(src, offsets, to),
+        32 => rows::<32>(src, offsets, to),
+        64 => rows::<64>(src, offsets, to),
+        _ => {
+            for (&at, to) in offsets.iter().zip(to.chunks_exact_mut(width)) {
+                to.copy_from_slice(&src[at..][..width]);
+            }
+        }
+    }
 }
 
 /// Columns of the column matrix into `strip` (a row of it per offset), from `runs` of the
