@@ -470,26 +470,18 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
 }
 
 /// Runs `f` on every item on at most `par.degree()` threads at once (rayon's pool has a
-/// thread per core, and an op uses no more cores than it was given): this one and the rest
-/// from the pool, so that a caller outside the pool works rather than waits for a handoff
-/// and back. Each thread takes the next item when it is done with its last, rather than a
-/// fixed share: on a busy host, one slowed core then does less instead of holding up the
-/// whole op.
+/// thread per core, and an op uses no more cores than it was given). Each thread takes the
+/// next item when it is done with its last, rather than a fixed share: on a busy host, one
+/// slowed core then does less instead of holding up the whole op.
 fn share_out<T: Send>(items: Vec<T>, par: Par, f: impl Fn(T) + Sync) {
     let threads = par.degree().max(1).min(items.len());
     if threads > 1 {
         let queue = Mutex::new(items.into_iter());
         let next = || lock(&queue).next();
-        let drain = || {
+        (0..threads).into_par_iter().for_each(|_| {
             while let Some(item) = next() {
                 f(item);
             }
-        };
-        rayon::in_place_scope(|s| {
-            for _ in 1..threads {
-                s.spawn(|_| drain());
-            }
-            drain();
         });
     } else {
         items.into_iter().for_each(f);
