@@ -295,9 +295,9 @@ impl Layout {
 ///
 /// The work is one GEMM per sample and group. With at least as many of them as threads,
 /// threads take whole ones (lowering included), which keeps every core busy without
-/// synchronising inside small GEMMs; with fewer, each one's output channels are split among
-/// threads, each lowering the input for itself. Either way each output element is the same
-/// sum in the same order.
+/// synchronising inside small GEMMs; with fewer, each one's output rows are split into bands
+/// among threads, each lowering the input for itself. Either way each output element is the
+/// same sum in the same order.
 pub fn forward(
     p: &Conv2dParams,
     x: &[f32],
