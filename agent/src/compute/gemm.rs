@@ -365,13 +365,16 @@ impl Work<'_> {
             }
             return;
         }
-        // The common case: the strip's columns are whole vectors within one output row.
+        // The common case: the strip's columns are whole vectors, side by side in one output
+        // plane (in one output row, or anywhere where no columns are wide: a 1x1 convolution,
+        // whose 14-wide rows would otherwise be stored a row at a time).
         let [oy, ox] = at;
-        let one_row = n == width && ox + n <= g.ow;
+        let dense = g.wq == g.ow;
+        let one_run = n == width && first == n && (dense || ox + n <= g.ow);
         for (m, acc) in acc.iter().enumerate().take(g.rows - m0) {
             let bias = g.bias.map_or(0.0, |b| b[m0 + m]);
             let plane = |i: usize| i * g.rows + m0 + m;
-            if one_row {
+            if one_run {
                 let out = &mut g.out[plane(image)][oy * g.ow + ox..][..width];
                 let out: &mut [S::f32s] = bytemuck::cast_slice_mut(out);
                 let bias = simd.splat_f32s(bias);
@@ -502,6 +505,12 @@ fn store(
     bias: f32,
     plane: &mut [f32],
 ) {
+    if wq == ow {
+        // No wide columns: the values lie side by side.
+        let to = &mut plane[at[0] * ow + at[1]..][..values.len()];
+        to.iter_mut().zip(values).for_each(|(t, v)| *t = v + bias);
+        return;
+    }
     while !values.is_empty() {
         let [oy, ox] = at;
         let run = (wq - ox).min(values.len());
