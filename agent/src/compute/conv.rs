@@ -129,10 +129,10 @@ impl Conv2dParams {
 /// Output `(oy, ox)` of kernel tap `(ki, kj)` reads padded `(oy*sy + ki*dh, ox*sx + kj*dw)`,
 /// which is row `oy + ki*dh/sy`, column `ox + kj*dw/sx` of one phase plane. Computing the
 /// output `wq` columns wide (the columns past `ow` are discarded) makes a tap's inputs over
-/// the whole output one run of `oh * wq` floats in that plane: the forward GEMM reads the
-/// column matrix's rows there, and the backward passes build it from `c*r*s` copies and fold
-/// it back with as many additions. The wide columns cost `(wq - ow) / ow` more GEMM work:
-/// about 2% on a 56-wide 3x3 layer, 4% on a 28-wide one.
+/// the whole output one run of `oh * wq` floats in that plane. The forward GEMM gathers the
+/// column matrix's rows from there, skipping the wide columns; the backward passes build it
+/// from `c*r*s` copies and fold it back with as many additions, where the wide columns cost
+/// `(wq - ow) / ow` more GEMM work: about 2% on a 56-wide 3x3 layer, 4% on a 28-wide one.
 #[derive(Clone, Copy)]
 struct Phases {
     stride: [usize; 2],
@@ -409,7 +409,7 @@ fn forward_on(
                     src,
                     offsets,
                     skip: y0 * wq,
-                    cols: band * wq,
+                    cols: band * ow,
                     wq,
                     ow,
                     images,
@@ -952,6 +952,9 @@ pub(crate) mod tests {
                 padding: [1, 1],
                 ..plain(2, 8, [7, 9], 100, 3)
             },
+            // Output rows of two columns: a strip of AVX2 or AVX-512 crosses more row ends
+            // than are merged, and is gathered run by run.
+            plain(2, 3, [9, 4], 5, 3),
             // A depth of 432: several passes for AVX2 and AVX-512, one for the scalar kernel.
             Conv2dParams {
                 padding: [1, 1],

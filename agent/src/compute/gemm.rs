@@ -5,11 +5,12 @@
 //! broadcasts its panel's weights from one place. `B`, the column matrix, is never built
 //! whole: its rows are runs of a source (the stride-phase planes, or the input itself for a
 //! 1x1 convolution), copied `nr` columns and a pass of the depth at a time into strips of
-//! rows aligned to cache lines, a block of strips at a time. A panel of `W` for a pass stays
-//! in L1 while it is multiplied by every strip of the block, which stay in L2 (the BLIS
-//! loop order, as in onnxruntime's MLAS). Each `mr` x `nr` block of the output is summed in
-//! vector registers, kept between passes and stored once, straight into the NCHW output,
-//! the planes' wide columns dropped and the bias added on the way.
+//! rows aligned to cache lines, a block of strips at a time; a strip's columns are output
+//! positions side by side, the planes' wide columns skipped as they are gathered. A panel of
+//! `W` for a pass stays in L1 while it is multiplied by every strip of the block, which stay
+//! in L2 (the BLIS loop order, as in onnxruntime's MLAS). Each `mr` x `nr` block of the
+//! output is summed in vector registers, kept between passes and stored once, whole vectors
+//! straight into the NCHW output, the bias added on the way.
 //!
 //! The instruction set is chosen at run time through `pulp` (AVX-512, AVX2 + FMA, NEON, or
 //! scalar), which keeps this module free of `unsafe`. Every output element is one fused
@@ -95,14 +96,14 @@ fn pass(depth: usize, width: usize) -> usize {
 pub(super) struct Gemm<'a> {
     /// The channels' weights, row-major `rows` x `offsets.len()`.
     pub w: &'a [f32],
-    /// Row `r` of the column matrix is `src[offsets[r]..]`; of its columns, `cols` are
-    /// computed from `skip` on (a band of output rows: `skip` is a multiple of `wq`).
+    /// Row `r` of the column matrix is read from `src[offsets[r] + skip..]`, in rows `wq`
+    /// floats apart of which the first `ow` are columns: column `j` (of `cols`) is output
+    /// `(j / ow, j % ow)` of the band (`skip` is where the band starts: a multiple of `wq`),
+    /// read at `(j / ow) * wq + j % ow`.
     pub src: &'a [f32],
     pub offsets: &'a [usize],
     pub skip: usize,
     pub cols: usize,
-    /// Computed column `j` is output `(j / wq, j % wq)` of the band; those with
-    /// `j % wq >= ow` are dropped.
     pub wq: usize,
     pub ow: usize,
     /// Images side by side in the column space, `cols` columns each: image `i`'s rows start
@@ -216,7 +217,7 @@ impl PerTile for (Gemm<'_>, &mut [f32]) {
                 let starts = (b0..end.min(b0 + per * width)).step_by(width);
                 cuts.extend(starts.map(|c0| w.cut::<S, NV>(c0, width.min(end - c0), k)));
                 for (slot, &cut) in cuts.iter().enumerate() {
-                    w.fill(cut, slot);
+                    w.fill(simd, cut, slot);
                 }
                 for m0 in (0..full).step_by(MR) {
                     for (slot, &cut) in cuts.iter().enumerate() {
@@ -281,31 +282,65 @@ impl Work<'_> {
         let (image, j0) = (c0 / g.cols, c0 % g.cols);
         debug_assert!(g.images == 1 || g.cols >= width, "a strip spans two images");
         // Columns in this image, and where its rows start.
-        let (first, base) = (n.min(g.cols - j0), image * g.stride + g.skip + j0);
+        let [oy, ox] = [j0 / g.ow, j0 % g.ow];
+        let start = image * g.stride + g.skip;
+        let (first, base) = (n.min(g.cols - j0), start + oy * g.wq + ox);
+        // Row ends crossed: each skips the wide columns (none where `wq == ow`).
+        let ends = if g.wq == g.ow { 0 } else { (ox + n - 1) / g.ow };
+        let far = base + ends * (g.wq - g.ow) + self.reach + width;
         Cut {
             n,
             width,
             first,
             image,
             base,
-            next: base - j0 + g.stride,
-            whole: first == n && base + self.reach + width <= g.src.len(),
-            at: [j0 / g.wq, j0 % g.wq],
+            next: start + g.stride,
+            ends,
+            fits: far <= g.src.len(),
+            at: [oy, ox],
             depth: k,
         }
     }
 
-    /// The rows of `cut` into strip `slot`: one copy a row where the columns are whole,
-    /// else gathered run by run.
-    fn fill(&mut self, cut: Cut, slot: usize) {
+    /// The rows of `cut` into strip `slot`: one copy a row where the columns lie side by
+    /// side in the source; vectors loaded past each row end crossed and merged where they
+    /// skip wide columns; else gathered run by run.
+    #[inline(always)]
+    fn fill<S: Simd>(&mut self, simd: S, cut: Cut, slot: usize) {
         let [k0, k1] = cut.depth;
         let to = &mut self.strips[slot * self.kc * self.width..][..(k1 - k0) * cut.width];
-        let offsets = &self.g.offsets[k0..k1];
-        if cut.whole {
-            copy_rows(&self.g.src[cut.base..], offsets, cut.width, to);
-        } else {
+        let (g, offsets) = (&self.g, &self.g.offsets[k0..k1]);
+        if cut.first < cut.n {
+            // Two images side by side (1x1 convolutions only: no wide columns).
             let runs = [(cut.base, cut.first), (cut.next, cut.n - cut.first)];
-            gather(self.g.src, offsets, &runs, to);
+            gather(g.src, offsets, &runs, to);
+        } else if cut.fits && cut.ends == 0 {
+            copy_rows(&g.src[cut.base..], offsets, cut.width, to);
+        } else if cut.fits && cut.ends <= ENDS {
+            // Where each row after the first starts in the strip.
+            let ends: [usize; ENDS] = std::array::from_fn(|q| (q + 1) * g.ow - cut.at[1]);
+            merge_rows(
+                simd,
+                &g.src[cut.base..],
+                offsets,
+                &ends[..cut.ends],
+                g.wq - g.ow,
+                to,
+            );
+        } else {
+            // Rarely: a strip at the source's end, or over rows of a few columns.
+            let ox = cut.at[1];
+            let runs: Vec<_> = if g.wq == g.ow {
+                vec![(cut.base, cut.n)]
+            } else {
+                (0..=cut.ends)
+                    .map(|q| match q {
+                        0 => (cut.base, (g.ow - ox).min(cut.n)),
+                        _ => (cut.base - ox + q * g.wq, g.ow.min(cut.n + ox - q * g.ow)),
+                    })
+                    .collect()
+            };
+            gather(g.src, offsets, &runs, to);
         }
     }
 
@@ -365,17 +400,15 @@ impl Work<'_> {
             }
             return;
         }
-        // The common case: the strip's columns are whole vectors, side by side in one output
-        // plane (in one output row, or anywhere where no columns are wide: a 1x1 convolution,
-        // whose 14-wide rows would otherwise be stored a row at a time).
+        // The strip's columns are output positions side by side: whole vectors where they
+        // fill the strip within one image.
         let [oy, ox] = at;
-        let dense = g.wq == g.ow;
-        let one_run = n == width && first == n && (dense || ox + n <= g.ow);
         for (m, acc) in acc.iter().enumerate().take(g.rows - m0) {
             let bias = g.bias.map_or(0.0, |b| b[m0 + m]);
             let plane = |i: usize| i * g.rows + m0 + m;
-            if one_run {
-                let out = &mut g.out[plane(image)][oy * g.ow + ox..][..width];
+            let at = oy * g.ow + ox;
+            if n == width && first == n {
+                let out = &mut g.out[plane(image)][at..][..width];
                 let out: &mut [S::f32s] = bytemuck::cast_slice_mut(out);
                 let bias = simd.splat_f32s(bias);
                 for (to, &acc) in out.iter_mut().zip(acc) {
@@ -385,18 +418,19 @@ impl Work<'_> {
             }
             let values: &[f32] = bytemuck::cast_slice(acc);
             let (here, next) = values[..n].split_at(first);
-            store(here, at, g.wq, g.ow, bias, g.out[plane(image)]);
+            store(here, bias, &mut g.out[plane(image)][at..]);
             if !next.is_empty() {
-                store(next, [0, 0], g.wq, g.ow, bias, g.out[plane(image + 1)]);
+                store(next, bias, g.out[plane(image + 1)]);
             }
         }
     }
 }
 
 /// Columns `n` of a strip `width` wide, over rows `depth` of the column matrix: the `first`
-/// in `image`, whose rows start at `base` in the source, from its output position `at` (row,
-/// column); the rest in the next image, from `next`. `whole`: all in one image, and every
-/// row's `width` floats within the source.
+/// in `image`, from its output position `at` (row, column), whose rows start at `base` in
+/// the source; the rest in the next image, whose rows start at `next`. `ends`: output rows'
+/// ends crossed where rows have wide columns; `fits`: every row's vectors, past each end,
+/// lie within the source.
 #[derive(Clone, Copy)]
 struct Cut {
     n: usize,
@@ -405,7 +439,8 @@ struct Cut {
     image: usize,
     base: usize,
     next: usize,
-    whole: bool,
+    ends: usize,
+    fits: bool,
     at: [usize; 2],
     depth: [usize; 2],
 }
@@ -431,6 +466,60 @@ fn copy_rows(src: &[f32], offsets: &[usize], width: usize, to: &mut [f32]) {
             for (&at, to) in offsets.iter().zip(to.chunks_exact_mut(width)) {
                 to.copy_from_slice(&src[at..][..width]);
             }
+        }
+    }
+}
+
+/// The most row ends a strip's rows are merged over ([`merge_rows`]): enough for rows of 14
+/// columns (a 3x3 convolution over 14x14) in strips of 64.
+const ENDS: usize = 5;
+
+/// Rows of `src` past each offset into `to`, each over the ends of output rows: the lanes
+/// from `ends[q]` on read `(q + 1) * gap` floats further (past the wide columns). Each vector
+/// of a row is loaded once from before the first end and once after each end it crosses,
+/// and the loads merged.
+#[inline(always)]
+fn merge_rows<S: Simd>(
+    simd: S,
+    src: &[f32],
+    offsets: &[usize],
+    ends: &[usize],
+    gap: usize,
+    to: &mut [f32],
+) {
+    const IOTA: [f32; 64] = {
+        let mut iota = [0.0; 64];
+        let mut i = 0;
+        while i < 64 {
+            iota[i] = i as f32;
+            i += 1;
+        }
+        iota
+    };
+    let lanes = S::F32_LANES;
+    let load = |at: usize| -> S::f32s {
+        bytemuck::pod_read_unaligned(bytemuck::cast_slice(&src[at..][..lanes]))
+    };
+    // The lanes of each vector (at most four: 64 floats of AVX-512) past each end.
+    let after: [[S::m32s; 4]; ENDS] = std::array::from_fn(|q| {
+        let end = simd.splat_f32s(ends.get(q).map_or(f32::MAX, |&e| e as f32));
+        std::array::from_fn(|v| {
+            let lane = &IOTA[(v * lanes).min(64 - lanes)..][..lanes];
+            let lane: S::f32s = bytemuck::pod_read_unaligned(bytemuck::cast_slice(lane));
+            simd.greater_than_or_equal_f32s(lane, end)
+        })
+    });
+    let width = to.len() / offsets.len();
+    for (&at, row) in offsets.iter().zip(to.chunks_exact_mut(width)) {
+        for (v, out) in row.chunks_exact_mut(lanes).enumerate() {
+            let first = v * lanes;
+            let mut x = load(at + first);
+            for (q, &end) in ends.iter().enumerate() {
+                if end < first + lanes {
+                    x = simd.select_f32s(after[q][v], load(at + first + (q + 1) * gap), x);
+                }
+            }
+            out.copy_from_slice(bytemuck::cast_slice(std::slice::from_ref(&x)));
         }
     }
 }
@@ -494,32 +583,9 @@ fn block<S: Simd, const MR: usize, const V: usize>(
     acc
 }
 
-/// Writes `values`, the columns of one channel from output `at` (row, column) on, into its
-/// output plane plus `bias`, dropping the wide columns.
+/// Writes `values` plus `bias` to the front of `to`.
 #[inline(always)]
-fn store(
-    mut values: &[f32],
-    mut at: [usize; 2],
-    wq: usize,
-    ow: usize,
-    bias: f32,
-    plane: &mut [f32],
-) {
-    if wq == ow {
-        // No wide columns: the values lie side by side.
-        let to = &mut plane[at[0] * ow + at[1]..][..values.len()];
-        to.iter_mut().zip(values).for_each(|(t, v)| *t = v + bias);
-        return;
-    }
-    while !values.is_empty() {
-        let [oy, ox] = at;
-        let run = (wq - ox).min(values.len());
-        if ox < ow {
-            let kept = run.min(ow - ox);
-            let to = &mut plane[oy * ow + ox..][..kept];
-            to.iter_mut().zip(values).for_each(|(t, v)| *t = v + bias);
-        }
-        values = &values[run..];
-        at = [oy + 1, 0];
-    }
+fn store(values: &[f32], bias: f32, to: &mut [f32]) {
+    let to = &mut to[..values.len()];
+    to.iter_mut().zip(values).for_each(|(t, v)| *t = v + bias);
 }
