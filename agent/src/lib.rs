@@ -130,7 +130,13 @@ impl Metrics {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // object_store links aws-lc-rs beside kube's ring: pick one for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let device = compute::device::detect(args.backend).context("choosing the compute backend")?;
+    // Opening the driver (loading libcuda, initialising the GPU) can take seconds: off the
+    // runtime's threads.
+    let choice = args.backend;
+    let device = tokio::task::spawn_blocking(move || compute::device::detect(choice))
+        .await
+        .context("detecting the compute backend")?
+        .context("choosing the compute backend")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
