@@ -389,7 +389,7 @@ fn forward_on(
         let bias = b.map(|b| &b[g * l.kg..][..l.kg]);
         let band = out[0].len() / ow;
         with_scratch(|buf| {
-            // Room after the planes, so that each row of every strip is one copy.
+            // Room after the planes, so that every row of a strip lies within them.
             let planes = if p.pointwise() {
                 0
             } else {
