@@ -222,12 +222,18 @@ async fn a_job_trains_to_success_with_its_loss_going_down() {
         c.event("train", reason).await;
     }
 
-    let (_, metrics) = c.operator.get("/metrics").await.unwrap();
     let info = format!(
         "kernelflow_training_job_info{{name=\"train\",namespace=\"{}\",phase=\"Succeeded\"}} 1",
         c.ns
     );
-    assert!(metrics.contains(&info), "{metrics}");
+    // The series is read from the operator's cache of jobs, which its watch may bring up to
+    // date after the status write seen above.
+    let info = &info;
+    let metrics = eventually(WAIT, "the Succeeded job's info series", || async {
+        let (_, metrics) = c.operator.get("/metrics").await?;
+        metrics.contains(info).then_some(metrics)
+    })
+    .await;
     let restarts = format!(
         "kernelflow_training_job_restarts{{name=\"train\",namespace=\"{}\"}} 0",
         c.ns
