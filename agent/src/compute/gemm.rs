@@ -76,7 +76,7 @@ const LINE: usize = 16;
 /// Bytes of a strip's rows in one pass over the depth, which sets the bytes of a panel's
 /// weights per pass: 12 KB of them (AVX2), read for every strip of a block, stay in L1 with
 /// the source lines a strip read in place touches (which overlap from tap to tap). Half as
-/// many, as when every strip was gathered, took 1-3% more time on the 3x3 shapes (AVX2): the
+/// many, as when every strip was gathered, took 1-4% more time on the 3x3 shapes (AVX2): the
 /// sums kept between passes are loaded and stored twice as often.
 const PASS_BYTES: usize = 32 << 10;
 
@@ -221,7 +221,7 @@ impl PerTile for (Gemm<'_>, &mut [f32]) {
                 cuts.clear();
                 let starts = (b0..end.min(b0 + per * width)).step_by(width);
                 cuts.extend(starts.map(|c0| w.cut::<S, NV>(c0, width.min(end - c0), k)));
-                for (slot, &cut) in cuts.iter().enumerate().filter(|(_, c)| !c.direct) {
+                for (slot, &cut) in cuts.iter().enumerate().filter(|(_, c)| !c.direct()) {
                     w.fill(simd, cut, slot);
                 }
                 for m0 in (0..full).step_by(MR) {
@@ -293,7 +293,6 @@ impl Work<'_> {
         // Row ends crossed: each skips the wide columns (none where `wq == ow`).
         let ends = if g.wq == g.ow { 0 } else { (ox + n - 1) / g.ow };
         let far = base + ends * (g.wq - g.ow) + self.reach + width;
-        let fits = far <= g.src.len();
         Cut {
             n,
             width,
@@ -302,8 +301,7 @@ impl Work<'_> {
             base,
             next: start + g.stride,
             ends,
-            fits,
-            direct: fits && ends == 0 && first == n,
+            fits: far <= g.src.len(),
             at: [oy, ox],
             depth: k,
         }
@@ -397,7 +395,7 @@ impl Work<'_> {
                 })
             })
         };
-        let acc = if cut.direct {
+        let acc = if cut.direct() {
             let src = &g.src[cut.base..];
             block::<S, P, V, _>(simd, acc, w, &g.offsets[k0..k1], |&at| {
                 vectors::<S, V>(&src[at..])
@@ -443,8 +441,7 @@ impl Work<'_> {
 /// in `image`, from its output position `at` (row, column), whose rows start at `base` in
 /// the source; the rest in the next image, whose rows start at `next`. `ends`: output rows'
 /// ends crossed where rows have wide columns; `fits`: every row's vectors, past each end,
-/// lie within the source; `direct`: its rows are read in place (within the source, one
-/// image, no end crossed).
+/// lie within the source.
 #[derive(Clone, Copy)]
 struct Cut {
     n: usize,
@@ -455,9 +452,15 @@ struct Cut {
     next: usize,
     ends: usize,
     fits: bool,
-    direct: bool,
     at: [usize; 2],
     depth: [usize; 2],
+}
+
+impl Cut {
+    /// Whether its rows are read in place: within the source, in one image, no end crossed.
+    fn direct(&self) -> bool {
+        self.fits && self.ends == 0 && self.first == self.n
+    }
 }
 
 /// The most row ends a strip's rows are merged over ([`merge_rows`]): enough for rows of 14
