@@ -130,11 +130,12 @@ fn async_overhead(rt: &tokio::runtime::Runtime) {
                     fallback_on_error: false,
                 },
             );
-            let ops = 300;
+            let ops = 50;
             let mut sync = Vec::new();
             let mut asynchronous = Vec::new();
-            // Interleaved rounds, so drift in machine load hits both paths alike.
-            for _ in 0..7 {
+            // Many short interleaved rounds, so that drift in machine load hits both paths alike
+            // and the median leaves out the rounds that a burst of it hit.
+            for _ in 0..41 {
                 let t = Instant::now();
                 for _ in 0..ops {
                     let out = run_op(Op::Conv2d(p), &[&x, &w], Par::rayon(threads));
