@@ -194,12 +194,35 @@ impl Phases {
             .map(move |ix0| (self.at(c, iy + p.padding[0], ix0 + pw), ix0))
     }
 
-    /// Writes channels `x` (unpadded, `h*w` each) into zeroed planes.
-    fn split(&self, p: &Conv2dParams, x: &[f32], planes: &mut [f32]) {
-        planes.fill(0.0);
-        let sx = self.stride[1];
+    /// Whether output rows `y0..y0 + band` read row `q` of a plane: the rows of their taps,
+    /// and one past, where a row's right padding is the next row's left (the next plane's
+    /// first row, past the last). Splitting only these spares each of several bands of a
+    /// sample the whole sample's planes.
+    fn read(&self, p: &Conv2dParams, y0: usize, band: usize) -> impl Fn(usize) -> bool {
+        let [sy, dy] = [p.stride[0], p.dilation[0]];
+        let last = ((y0 + band - 1) * sy + (p.kernel[0] - 1) * dy) / sy + 1;
+        let hq = self.hq;
+        move |q| (y0..=last).contains(&q) || (last >= hq && q == 0)
+    }
+
+    /// Writes channels `x` (unpadded, `h*w` each) into the rows of every plane that `keep`
+    /// keeps (by index in its plane), zeros around their input, and zeros past the last
+    /// plane. The other rows are left as they were.
+    fn split(&self, p: &Conv2dParams, x: &[f32], planes: &mut [f32], keep: impl Fn(usize) -> bool) {
+        let [sy, sx] = self.stride;
+        let (rows, channels) = (self.hq * self.wq, x.len() / (p.height * p.width));
+        let (body, past) = planes.split_at_mut(channels * sy * sx * rows);
+        past.fill(0.0);
+        for plane in body.chunks_exact_mut(rows) {
+            let rows = plane.chunks_exact_mut(self.wq).enumerate();
+            rows.filter(|(q, _)| keep(*q))
+                .for_each(|(_, row)| row.fill(0.0));
+        }
         for (c, plane) in x.chunks_exact(p.height * p.width).enumerate() {
             for (iy, line) in plane.chunks_exact(p.width).enumerate() {
+                if !keep((iy + p.padding[0]) / sy) {
+                    continue;
+                }
                 for (at, ix0) in self.runs(p, c, iy) {
                     if sx == 1 {
                         planes[at..][..p.width].copy_from_slice(line);
@@ -399,7 +422,7 @@ fn forward_on(
             let src = if p.pointwise() {
                 xg
             } else {
-                ph.split(p, &xg[..l.cg * l.hw], planes);
+                ph.split(p, &xg[..l.cg * l.hw], planes, ph.read(p, y0, band));
                 planes
             };
             let offsets = &offsets;
@@ -621,7 +644,7 @@ pub fn backward(
                         );
                         continue;
                     }
-                    ph.split(p, xg, planes);
+                    ph.split(p, xg, planes, |_| true);
                     unfold(&ph, p, planes, col, inner);
                     // dY_g as wide as the columns, zero past `ow`: the wide columns are no
                     // outputs and must add nothing.
@@ -774,13 +797,14 @@ pub(crate) mod tests {
             .prop_filter("an output exists", |p| p.check().is_ok())
     }
 
-    /// Largest absolute difference, relative to the output's magnitude.
+    /// Largest absolute difference, relative to the output's magnitude; NaN if any
+    /// difference is (`f32::max` would drop it).
     fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         a.iter()
             .zip(b)
             .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
+            .fold(0.0, |m: f32, d| if m.is_nan() || d <= m { m } else { d })
             / scale
     }
 
@@ -973,6 +997,81 @@ pub(crate) mod tests {
             for &tile in &tiles[1..] {
                 let y = forward_on(tile, &p, &x, &w, Some(&b), Par::rayon(2)).unwrap();
                 assert!(y == first, "{tile:?} on {p:?}");
+            }
+        }
+    }
+
+    proptest! {
+        /// Every position a band's outputs read (tap plus output position, as the GEMM
+        /// reads them) lies in a row [`Phases::read`] keeps, or past the last plane.
+        #[test]
+        fn bands_keep_every_row_they_read(p in params(), cut in 0usize..8) {
+            let (ph, [oh, ow]) = (Phases::of(&p), p.output());
+            let (cg, plane) = (p.in_channels / p.groups, ph.hq * ph.wq);
+            let body = ph.len(cg) - ph.slack;
+            let bands = 1 + cut % oh;
+            let height = oh.div_ceil(bands);
+            for y0 in (0..oh).step_by(height) {
+                let band = height.min(oh - y0);
+                let keep = ph.read(&p, y0, band);
+                let [kh, kw] = p.kernel;
+                for r in 0..cg * kh * kw {
+                    let tap = ph.tap(&p, r / (kh * kw), r / kw % kh, r % kw);
+                    for j in 0..band * ow {
+                        let at = tap + (y0 + j / ow) * ph.wq + j % ow;
+                        prop_assert!(at >= body || keep(at % plane / ph.wq), "{p:?} {y0} {band}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A band of a sample reads only the planes' rows that its split wrote: with every
+    /// thread's scratch full of NaN first, any other read would show in the outputs.
+    #[test]
+    fn bands_read_only_the_rows_they_split() {
+        let poison = || with_scratch(|buf| *buf = vec![f32::NAN; 1 << 20]);
+        let shapes = [
+            // Rows of four columns: strips over several rows; each row's right padding is
+            // the next row's left.
+            Conv2dParams {
+                padding: [1, 1],
+                ..plain(1, 3, [9, 4], 5, 3)
+            },
+            Conv2dParams {
+                stride: [2, 1],
+                padding: [1, 2],
+                dilation: [1, 2],
+                groups: 2,
+                ..plain(1, 6, [13, 8], 4, 3)
+            },
+            Conv2dParams {
+                stride: [2, 2],
+                padding: [3, 3],
+                ..plain(1, 3, [20, 18], 4, 7)
+            },
+            Conv2dParams {
+                padding: [2, 2],
+                dilation: [2, 2],
+                ..plain(1, 4, [12, 10], 6, 3)
+            },
+            Conv2dParams {
+                padding: [1, 1],
+                ..plain(1, 8, [11, 9], 13, 3)
+            },
+        ];
+        for p in shapes {
+            let (x, w, b) = (
+                random(p.input_len(), 1),
+                random(p.weight_len(), 2),
+                random(p.out_channels, 3),
+            );
+            let want = reference::forward(&p, &x, &w, Some(&b));
+            for par in [Par::Seq, Par::rayon(2), Par::rayon(3), Par::rayon(5)] {
+                rayon::broadcast(|_| poison());
+                poison();
+                let y = forward(&p, &x, &w, Some(&b), par).unwrap();
+                assert!(max_rel_diff(&y, &want) < 1e-5, "{par:?} on {p:?}");
             }
         }
     }
