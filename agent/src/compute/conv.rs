@@ -770,6 +770,14 @@ pub(crate) mod tests {
         super::super::ops::uniform(len, seed, 1.0)
     }
 
+    /// Random input, weights and bias for `p`, and the reference's output for them.
+    fn with_bias(p: &Conv2dParams) -> ([Vec<f32>; 3], Vec<f32>) {
+        let (x, w) = (random(p.input_len(), 1), random(p.weight_len(), 2));
+        let b = random(p.out_channels, 3);
+        let want = reference::forward(p, &x, &w, Some(&b));
+        ([x, w, b], want)
+    }
+
     fn params() -> impl Strategy<Value = Conv2dParams> {
         let axis = || (1usize..4, 0usize..3, 1usize..3); // stride, padding, dilation
         (
@@ -986,12 +994,7 @@ pub(crate) mod tests {
             },
         ];
         for p in shapes {
-            let (x, w, b) = (
-                random(p.input_len(), 1),
-                random(p.weight_len(), 2),
-                random(p.out_channels, 3),
-            );
-            let want = reference::forward(&p, &x, &w, Some(&b));
+            let ([x, w, b], want) = with_bias(&p);
             let first = forward_on(tiles[0], &p, &x, &w, Some(&b), Par::Seq).unwrap();
             assert!(max_rel_diff(&first, &want) < 1e-5, "{p:?}");
             for &tile in &tiles[1..] {
@@ -1061,12 +1064,7 @@ pub(crate) mod tests {
             },
         ];
         for p in shapes {
-            let (x, w, b) = (
-                random(p.input_len(), 1),
-                random(p.weight_len(), 2),
-                random(p.out_channels, 3),
-            );
-            let want = reference::forward(&p, &x, &w, Some(&b));
+            let ([x, w, b], want) = with_bias(&p);
             for par in [Par::Seq, Par::rayon(2), Par::rayon(3), Par::rayon(5)] {
                 rayon::broadcast(|_| poison());
                 poison();
