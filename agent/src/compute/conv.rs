@@ -210,10 +210,10 @@ impl Phases {
     /// plane. The other rows are left as they were.
     fn split(&self, p: &Conv2dParams, x: &[f32], planes: &mut [f32], keep: impl Fn(usize) -> bool) {
         let [sy, sx] = self.stride;
-        let (rows, channels) = (self.hq * self.wq, x.len() / (p.height * p.width));
-        let (body, past) = planes.split_at_mut(channels * sy * sx * rows);
+        let (plane_len, channels) = (self.hq * self.wq, x.len() / (p.height * p.width));
+        let (body, past) = planes.split_at_mut(channels * sy * sx * plane_len);
         past.fill(0.0);
-        for plane in body.chunks_exact_mut(rows) {
+        for plane in body.chunks_exact_mut(plane_len) {
             let rows = plane.chunks_exact_mut(self.wq).enumerate();
             rows.filter(|(q, _)| keep(*q))
                 .for_each(|(_, row)| row.fill(0.0));

@@ -241,15 +241,15 @@ impl PerTile for (Gemm<'_>, &mut [f32]) {
 }
 
 /// How `rows` channels are cut into panels: those of `MR` up to the first returned, then the
-/// second's count of `MT`, however computes the fewest wasted rows (a short panel repeats
-/// its last row), the larger panels on a tie. With panels of 6 and 4, 32 channels take
+/// second's count of `MT`, whichever cut computes the fewest rows (a short panel repeats its
+/// last row), the larger panels on a tie. With panels of 6 and 4, 32 channels take
 /// 6 x 4 + 4 x 2 rather than 6 x 5 + 4, whose last panel wastes half of its rows: 6% of the
 /// work on a 32-channel convolution.
 fn panels<const MR: usize, const MT: usize>(rows: usize) -> (usize, usize) {
     let most = rows.div_ceil(MR);
     (most.saturating_sub(2)..=most)
         .rev()
-        .map(|n| (n * MR, (rows.saturating_sub(n * MR)).div_ceil(MT)))
+        .map(|n| (n * MR, rows.saturating_sub(n * MR).div_ceil(MT)))
         .min_by_key(|&(full, tails)| full + tails * MT)
         .unwrap_or((0, 0))
 }
