@@ -141,6 +141,12 @@ async fn fetches_once_then_serves_from_memory_and_disk() {
     assert_eq!(server.requests.load(Ordering::SeqCst), 1);
     s.get(&a, &conv()).await.unwrap();
     assert_eq!(s.metrics.hits.with_label_values(&["memory"]).get(), 1);
+    // The digest, not the URL, names a kernel: a broken URL pinned to a warm digest is served.
+    s.get(&reference(&server, "/missing", &digest), &c)
+        .await
+        .unwrap();
+    assert_eq!(s.metrics.hits.with_label_values(&["memory"]).get(), 2);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
 
     // A restarted agent (a new store on the same disk) is warm without the server.
     drop(server);

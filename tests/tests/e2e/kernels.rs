@@ -45,9 +45,15 @@ async fn kernels_warm_on_selected_nodes_and_bad_artifacts_are_refused() {
     )
     .await
     .unwrap();
+    // Its own digest: the agents' caches are content-addressed, so a missing URL pinned to the
+    // good kernel's digest is served from memory once that kernel is warm.
     kds.create(
         &PostParams::default(),
-        &create("missing", "file:///nonexistent/kernel.safetensors", &sha),
+        &create(
+            "missing",
+            "file:///nonexistent/kernel.safetensors",
+            &"1".repeat(64),
+        ),
     )
     .await
     .unwrap();
