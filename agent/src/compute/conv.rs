@@ -16,7 +16,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use kernelflow_crds::Conv2dSpec;
 use rayon::prelude::*;
 
-use super::gemm::{Gemm, Tile};
+use super::gemm::{Gemm, Tile, Weights};
+use super::winograd;
 use super::{ComputeError, lock};
 
 /// Shape and parameters of one conv2d over a batch.
@@ -366,6 +367,10 @@ fn forward_on(
     } else {
         y.resize(p.output_len(), 0.0);
     }
+    if winograd::applies(p) {
+        winograd::forward(tile, p, x, w, b, &mut y, par);
+        return Ok(y);
+    }
     // Units of work: (first task, images, first output row, their output planes). A 1x1
     // convolution's samples go to the kernel several at a time, side by side, when each is at
     // least a strip wide. With fewer tasks than threads, each task's output rows are split
@@ -385,25 +390,9 @@ fn forward_on(
             })
             .collect()
     } else {
-        let bands = threads.div_ceil(tasks.max(1)).min(oh);
-        let height = oh.div_ceil(bands);
-        let tasks = y.chunks_mut(l.kg * l.ohw).enumerate();
-        tasks
-            .flat_map(|(t, yt)| {
-                let mut units: Vec<_> = (0..oh)
-                    .step_by(height)
-                    .map(|y0| (t, 1, y0, Vec::with_capacity(l.kg)))
-                    .collect();
-                for plane in yt.chunks_mut(l.ohw) {
-                    let bands = plane.chunks_mut(height * ow);
-                    units
-                        .iter_mut()
-                        .zip(bands)
-                        .for_each(|(u, band)| u.3.push(band));
-                }
-                units
-            })
-            .collect()
+        let height = oh.div_ceil(threads.div_ceil(tasks.max(1)).min(oh));
+        let bands = bands(&mut y, l.kg, l.ohw, ow, height).into_iter();
+        bands.map(|(t, y0, out)| (t, 1, y0, out)).collect()
     };
     let run = |(t, images, y0, out): (usize, usize, usize, Vec<&mut [f32]>)| {
         let (n, g) = (t / p.groups, t % p.groups);
@@ -428,7 +417,7 @@ fn forward_on(
             let offsets = &offsets;
             tile.run(
                 Gemm {
-                    w,
+                    w: Weights::Rows(w),
                     src,
                     offsets,
                     skip: y0 * wq,
@@ -468,7 +457,7 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
             let [room] = carve(buf, [tile.room(rows, depth)]);
             tile.run(
                 Gemm {
-                    w: &wt[i * per * depth..][..rows * depth],
+                    w: Weights::Rows(&wt[i * per * depth..][..rows * depth]),
                     src: dy,
                     offsets: &offsets,
                     skip: 0,
@@ -492,11 +481,39 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
     }
 }
 
+/// Each task's `planes` output planes (`plane` floats each, in rows of `ow`) cut into bands
+/// of `height` rows: (task, first row, the band of each plane).
+pub(super) fn bands(
+    y: &mut [f32],
+    planes: usize,
+    plane: usize,
+    ow: usize,
+    height: usize,
+) -> Vec<(usize, usize, Vec<&mut [f32]>)> {
+    let tasks = y.chunks_mut(planes * plane).enumerate();
+    tasks
+        .flat_map(|(t, yt)| {
+            let mut units: Vec<_> = (0..plane / ow)
+                .step_by(height)
+                .map(|y0| (t, y0, Vec::with_capacity(planes)))
+                .collect();
+            for plane in yt.chunks_mut(plane) {
+                let bands = plane.chunks_mut(height * ow);
+                units
+                    .iter_mut()
+                    .zip(bands)
+                    .for_each(|(u, band)| u.2.push(band));
+            }
+            units
+        })
+        .collect()
+}
+
 /// Runs `f` on every item on at most `par.degree()` threads at once (rayon's pool has a
 /// thread per core, and an op uses no more cores than it was given). Each thread takes the
 /// next item when it is done with its last, rather than a fixed share: on a busy host, one
 /// slowed core then does less instead of holding up the whole op.
-fn share_out<T: Send>(items: Vec<T>, par: Par, f: impl Fn(T) + Sync) {
+pub(super) fn share_out<T: Send>(items: Vec<T>, par: Par, f: impl Fn(T) + Sync) {
     let threads = par.degree().max(1).min(items.len());
     if threads > 1 {
         let queue = Mutex::new(items.into_iter());
@@ -538,7 +555,7 @@ fn unfold(ph: &Phases, p: &Conv2dParams, planes: &[f32], col: &mut [f32], par: P
 }
 
 /// Splits the front of `buf` (grown as needed) into slices of `sizes`.
-fn carve<const N: usize>(buf: &mut Vec<f32>, sizes: [usize; N]) -> [&mut [f32]; N] {
+pub(super) fn carve<const N: usize>(buf: &mut Vec<f32>, sizes: [usize; N]) -> [&mut [f32]; N] {
     buf.resize(sizes.iter().sum(), 0.0);
     let mut rest = buf.as_mut_slice();
     sizes.map(|n| {
@@ -556,7 +573,7 @@ thread_local! {
 
 /// Runs `f` with this thread's scratch buffer. Taken, not borrowed, so that a nested call
 /// (rayon runs other tasks while a thread waits) gets a fresh one instead of a conflict.
-fn with_scratch<T>(f: impl FnOnce(&mut Vec<f32>) -> T) -> T {
+pub(super) fn with_scratch<T>(f: impl FnOnce(&mut Vec<f32>) -> T) -> T {
     let mut buf = SCRATCH.take();
     let out = f(&mut buf);
     SCRATCH.set(buf);
@@ -848,6 +865,40 @@ pub(crate) mod tests {
 
     }
 
+    /// 3x3 convolutions with unit stride and dilation and enough channels for Winograd's
+    /// F(2x2, 3x3): any padding, odd and even sizes (tiles past the output's edge), groups.
+    fn winograd_params() -> impl Strategy<Value = Conv2dParams> {
+        (
+            1usize..3,
+            1usize..3,
+            64usize..68,
+            64usize..68,
+            1usize..9,
+            1usize..9,
+            0usize..3,
+        )
+            .prop_map(|(batch, groups, cg, kg, h, w, pad)| Conv2dParams {
+                padding: [pad, (pad + 1) % 3],
+                groups,
+                ..plain(batch, groups * cg, [h, w], groups * kg, 3)
+            })
+            .prop_filter("an output exists", |p| p.check().is_ok())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        /// The transforms add the rounding of a few additions per product and per sum (their
+        /// coefficients are 0, ±1 and ½): still well within 1e-5 of the output's magnitude
+        /// over 600 channels' products.
+        #[test]
+        fn winograd_matches_the_reference(
+            p in winograd_params(), seed in 0u64..1000, bias in any::<bool>(), threads in 2usize..=3,
+        ) {
+            prop_assert!(winograd::applies(&p));
+            forward_agrees(&p, seed, bias, threads)?;
+        }
+    }
+
     fn dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter()
             .zip(b)
@@ -891,9 +942,10 @@ pub(crate) mod tests {
     #[test]
     fn large_convolutions_give_the_same_bits_on_any_thread_count() {
         for (batch, r) in [(1, 3), (3, 3), (1, 5), (3, 5)] {
+            // The 3x3 ones through Winograd's transforms.
             let p = Conv2dParams {
                 padding: [r / 2, r / 2],
-                ..plain(batch, 48, [40, 40], 64, r)
+                ..plain(batch, 64, [40, 40], 64, r)
             };
             let (x, w) = (random(p.input_len(), 1), random(p.weight_len(), 2));
             let one = forward(&p, &x, &w, None, Par::Seq).unwrap();
@@ -987,6 +1039,12 @@ pub(crate) mod tests {
             // Output rows of two columns: a strip of AVX2 or AVX-512 crosses more row ends
             // than are merged, and is gathered run by run.
             plain(2, 3, [9, 4], 5, 3),
+            // Winograd's transforms: two groups, odd output sizes, a padding of 2.
+            Conv2dParams {
+                padding: [2, 1],
+                groups: 2,
+                ..plain(2, 128, [7, 9], 140, 3)
+            },
             // A depth of 432: several passes for AVX2 and AVX-512, one for the scalar kernel.
             Conv2dParams {
                 padding: [1, 1],
@@ -1057,6 +1115,11 @@ pub(crate) mod tests {
                 padding: [2, 2],
                 dilation: [2, 2],
                 ..plain(1, 4, [12, 10], 6, 3)
+            },
+            // Winograd's tiles: bands of tile rows, the last one short.
+            Conv2dParams {
+                padding: [1, 1],
+                ..plain(1, 64, [11, 9], 64, 3)
             },
             Conv2dParams {
                 padding: [1, 1],

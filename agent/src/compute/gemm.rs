@@ -64,6 +64,23 @@ impl Tile {
         rows * depth + LINE + group(kc, self.nr) * (kc + rows) * self.nr
     }
 
+    /// `w` (`rows` x `depth`, row-major) laid out for [`Weights::Packed`].
+    pub fn pack(&self, w: &[f32], rows: usize, depth: usize) -> Vec<f32> {
+        let mut to = vec![0.0; rows.next_multiple_of(self.mr) * depth];
+        self.dispatch(Select(Pack {
+            w,
+            rows,
+            depth,
+            to: &mut to,
+        }));
+        to
+    }
+
+    /// Runs `op` on this CPU's instruction set.
+    pub fn dispatch<W: WithSimd>(&self, op: W) -> W::Output {
+        self.arch.dispatch(op)
+    }
+
     /// Runs `g` on this CPU's instruction set, in `room` ([`Tile::room`]).
     pub fn run(&self, g: Gemm<'_>, room: &mut [f32]) {
         self.arch.dispatch(Select((g, room)))
@@ -97,10 +114,18 @@ fn pass(depth: usize, width: usize) -> usize {
     depth.div_ceil(depth.div_ceil(most).max(1))
 }
 
+/// A GEMM's weights, `rows` x `depth`: row-major, or already laid out by [`Tile::pack`] where
+/// the same ones serve many GEMMs.
+#[derive(Clone, Copy)]
+pub(super) enum Weights<'a> {
+    Rows(&'a [f32]),
+    Packed(&'a [f32]),
+}
+
 /// One output block: `rows` output channels over all their positions.
 pub(super) struct Gemm<'a> {
-    /// The channels' weights, row-major `rows` x `offsets.len()`.
-    pub w: &'a [f32],
+    /// The channels' weights, `rows` x `offsets.len()`.
+    pub w: Weights<'a>,
     /// Row `r` of the column matrix is read from `src[offsets[r] + skip..]`, in rows `wq`
     /// floats apart of which the first `ow` are columns: column `j` (of `cols`) is output
     /// `(j / ow, j % ow)` of the band (`skip` is where the band starts: a multiple of `wq`),
@@ -169,6 +194,21 @@ impl PerTile for Dims {
     }
 }
 
+/// Weights to lay out panel by panel ([`Tile::pack`]).
+struct Pack<'a> {
+    w: &'a [f32],
+    rows: usize,
+    depth: usize,
+    to: &'a mut [f32],
+}
+
+impl PerTile for Pack<'_> {
+    type Output = ();
+    fn run<S: Simd, const MR: usize, const NV: usize, const MT: usize>(self, _: S) {
+        pack::<MR, MT>(self.w, self.rows, self.depth, self.to);
+    }
+}
+
 /// A [`Gemm`] with its room split: the weights packed panel by panel, a block of strips of
 /// gathered rows, and the panels' sums on each strip, kept between passes over the depth.
 struct Work<'a> {
@@ -198,7 +238,13 @@ impl PerTile for (Gemm<'_>, &mut [f32]) {
         let (depth, width) = (g.offsets.len(), NV * S::F32_LANES);
         let (kc, rows) = (pass(depth, width), g.rows.next_multiple_of(MR));
         let (packed, rest) = room.split_at_mut(rows * depth);
-        pack::<MR, MT>(g.w, g.rows, depth, packed);
+        let packed: &[f32] = match g.w {
+            Weights::Rows(w) => {
+                pack::<MR, MT>(w, g.rows, depth, packed);
+                packed
+            }
+            Weights::Packed(w) => w,
+        };
         // `align_offset` may give up (`usize::MAX`); the strips then stay unaligned.
         let line = rest.as_ptr().align_offset(LINE * 4).min(LINE - 1);
         let per = group(kc, width);

@@ -13,6 +13,7 @@ mod gemm;
 pub mod ops;
 pub mod pipeline;
 pub mod train;
+mod winograd;
 
 /// Locks `m`, poisoned or not: a panic elsewhere leaves this module's locked state (queues,
 /// flags, lists) whole, and one failed op must not take the engine down with it.
