@@ -154,13 +154,24 @@ fn filters(p: &Conv2dParams, w: &[f32]) -> Vec<f32> {
             a[2],
         ]
     };
-    for (kc, f) in w.chunks_exact(9).enumerate() {
-        let cols: [[f32; 4]; 3] = std::array::from_fn(|j| g([f[j], f[3 + j], f[6 + j]]));
-        for i in 0..4 {
-            let row = g([cols[0][i], cols[1][i], cols[2][i]]);
-            for (j, v) in row.into_iter().enumerate() {
-                u[(i * 4 + j) * per + kc] = v;
+    // A chunk of filters at a time, each position's values then copied out together: one
+    // store per filter into each of 16 matrices a multiple of 4 KB apart kept evicting the
+    // same L1 sets (13% of a 32-channel call).
+    const CHUNK: usize = 64;
+    for (chunk, fs) in w.chunks(9 * CHUNK).enumerate() {
+        let mut local = [[0.0; CHUNK]; 16];
+        for (kc, f) in fs.chunks_exact(9).enumerate() {
+            let cols: [[f32; 4]; 3] = std::array::from_fn(|j| g([f[j], f[3 + j], f[6 + j]]));
+            for i in 0..4 {
+                let row = g([cols[0][i], cols[1][i], cols[2][i]]);
+                for (j, v) in row.into_iter().enumerate() {
+                    local[i * 4 + j][kc] = v;
+                }
             }
+        }
+        let n = fs.len() / 9;
+        for (xi, local) in local.iter().enumerate() {
+            u[xi * per + chunk * CHUNK..][..n].copy_from_slice(&local[..n]);
         }
     }
     u
