@@ -232,13 +232,14 @@ impl Shape {
         let tw = ow.div_ceil(2);
         let cg = p.in_channels / p.groups;
         let block = (BLOCK_FLOATS / (16 * cg)).max(1).next_multiple_of(tile.nr);
+        let stride = block + MAX_LANES;
         Self {
             tw,
             ow,
             row: 2 * (tw + 1),
             block,
-            stride: block + MAX_LANES,
-            offsets: (0..cg).map(|c| c * (block + MAX_LANES)).collect(),
+            stride,
+            offsets: (0..cg).map(|c| c * stride).collect(),
             padding: p.padding,
         }
     }
@@ -283,7 +284,7 @@ impl Shape {
 }
 
 /// `Bᵀ d B` of tiles `s..s + count` of every channel's prepared rows `input` into `v`: 16
-/// matrices of `cg` rows, one per position, each row `block` tiles long.
+/// matrices of `cg` rows, one per position, rows `stride` floats apart.
 struct Inputs<'a> {
     shape: &'a Shape,
     input: &'a [f32],
