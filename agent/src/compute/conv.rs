@@ -344,7 +344,7 @@ fn forward_on(
     p.check()?;
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
     let (l, ph) = (Layout::of(p), Phases::of(p));
-    let [oh, ow] = p.output();
+    let [_, ow] = p.output();
     // Where each row of the column matrix starts: in the input for a 1x1 convolution, else
     // in the stride-phase planes, whose layout computes `wq` columns per output row.
     let (offsets, wq): (Vec<usize>, _) = if p.pointwise() {
@@ -390,9 +390,11 @@ fn forward_on(
             })
             .collect()
     } else {
-        let height = oh.div_ceil(threads.div_ceil(tasks.max(1)).min(oh));
-        let bands = bands(&mut y, l.kg, l.ohw, ow, height).into_iter();
-        bands.map(|(t, y0, out)| (t, 1, y0, out)).collect()
+        let bands = bands(&mut y, l.kg, l.ohw, ow, threads.div_ceil(tasks.max(1)), 1);
+        bands
+            .into_iter()
+            .map(|(t, y0, out)| (t, 1, y0, out))
+            .collect()
     };
     let run = |(t, images, y0, out): (usize, usize, usize, Vec<&mut [f32]>)| {
         let (n, g) = (t / p.groups, t % p.groups);
@@ -481,15 +483,19 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
     }
 }
 
-/// Each task's `planes` output planes (`plane` floats each, in rows of `ow`) cut into bands
-/// of `height` rows: (task, first row, the band of each plane).
+/// Each task's `planes` output planes (`plane` floats each, in rows of `ow`) cut into at most
+/// `pieces` bands of equal height, a whole number of `step` rows each: (task, first row, the
+/// band of each plane).
 pub(super) fn bands(
     y: &mut [f32],
     planes: usize,
     plane: usize,
     ow: usize,
-    height: usize,
+    pieces: usize,
+    step: usize,
 ) -> Vec<(usize, usize, Vec<&mut [f32]>)> {
+    let steps = (plane / ow).div_ceil(step);
+    let height = step * steps.div_ceil(pieces.clamp(1, steps.max(1)));
     let tasks = y.chunks_mut(planes * plane).enumerate();
     tasks
         .flat_map(|(t, yt)| {
@@ -1142,8 +1148,12 @@ pub(crate) mod tests {
     fn an_empty_batch_has_empty_outputs() {
         let p = plain(0, 2, [5, 5], 3, 3);
         let w = random(p.weight_len(), 1);
+        // And one that would go through Winograd's transforms.
+        let wide = plain(0, 64, [5, 5], 64, 3);
+        let ww = random(wide.weight_len(), 1);
         for par in [Par::Seq, Par::rayon(2)] {
             assert!(forward(&p, &[], &w, None, par).unwrap().is_empty());
+            assert!(forward(&wide, &[], &ww, None, par).unwrap().is_empty());
             let g = backward(&p, &[], &w, &[], par).unwrap();
             assert_eq!(
                 (g.dx.len(), g.dw, g.db),

@@ -64,10 +64,6 @@ pub(super) fn forward(
             tile.pack(&u[(xi * p.out_channels + g * kg) * cg..][..kg * cg], kg, cg)
         })
         .collect();
-    let th = oh.div_ceil(2);
-    let tasks = p.batch * p.groups;
-    let bands_per_task = par.degree().max(1).div_ceil(tasks.max(1)).min(th);
-    let height = 2 * th.div_ceil(bands_per_task);
     let shape = Shape::of(p, tile);
     let run = |(t, y0, mut out): (usize, usize, Vec<&mut [f32]>)| {
         let (n, g) = (t / p.groups, t % p.groups);
@@ -137,7 +133,9 @@ pub(super) fn forward(
             }
         });
     };
-    share_out(bands(y, kg, oh * ow, ow, height), par, run);
+    // Bands of whole tile rows (two output rows each).
+    let pieces = par.degree().max(1).div_ceil((p.batch * p.groups).max(1));
+    share_out(bands(y, kg, oh * ow, ow, pieces, 2), par, run);
 }
 
 /// The filters transformed, `G g Gᵀ` for each output and input channel: 16 matrices, one per
@@ -405,6 +403,7 @@ fn interleave<S: Simd>(a: S::f32s, b: S::f32s, to: &mut [f32]) {
         pairs[2 * t + 1] = b[t];
     }
     let pairs = &pairs[..2 * S::F32_LANES];
+    // Whole vectors where they fit: a copy of known length is stores, not a `memcpy` call.
     if to.len() == pairs.len() {
         to.copy_from_slice(pairs);
     } else {
