@@ -1,7 +1,7 @@
 //! Staged rollouts end to end: the operator walks the steps on what several agents report,
 //! the agents split their traffic as each step says, and bad revisions are rolled back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kernelflow_crds::kernel_deployment::RolloutPhase;
@@ -87,7 +87,7 @@ async fn walk(
     nodes: usize,
 ) -> (Vec<(u32, u8)>, KernelDeployment) {
     let mut steps: Vec<(u32, u8)> = Vec::new();
-    let mut measured: BTreeMap<(u32, u8), usize> = BTreeMap::new();
+    let mut measured: BTreeMap<(u32, u8), BTreeSet<String>> = BTreeMap::new();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let kd = kds.get(name).await.expect("the deployment");
@@ -99,7 +99,7 @@ async fn walk(
         if ended && s.observed_generation == kd.metadata.generation {
             for step in &steps {
                 assert!(
-                    measured.get(step).copied().unwrap_or(0) >= nodes,
+                    measured.get(step).map_or(0, BTreeSet::len) >= nodes,
                     "no traffic measured on every node at step {step:?}: {measured:?}"
                 );
             }
@@ -124,7 +124,7 @@ async fn walk(
                     "{node} at {}%: {canary} of {total} on the canary",
                     s.traffic_percent
                 );
-                *measured.entry(step).or_default() += 1;
+                measured.entry(step).or_default().insert(node);
             }
         }
         assert!(std::time::Instant::now() < deadline, "rollout stuck: {s:?}");
