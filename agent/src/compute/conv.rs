@@ -399,7 +399,7 @@ fn forward_on(
     let run = |(t, images, y0, out): (usize, usize, usize, Vec<&mut [f32]>)| {
         let (n, g) = (t / p.groups, t % p.groups);
         let xg = &x[(n * p.in_channels + g * l.cg) * l.hw..];
-        let w = &w[g * l.kg * l.ckk..][..l.kg * l.ckk];
+        let w = Weights::Rows(&w[g * l.kg * l.ckk..][..l.kg * l.ckk]);
         let bias = b.map(|b| &b[g * l.kg..][..l.kg]);
         let band = out[0].len() / ow;
         with_scratch(|buf| {
@@ -409,7 +409,7 @@ fn forward_on(
             } else {
                 ph.len(l.cg) + tile.nr
             };
-            let [planes, room] = carve(buf, [planes, tile.room(l.kg, l.ckk)]);
+            let [planes, room] = carve(buf, [planes, tile.room(w, l.kg, l.ckk)]);
             let src = if p.pointwise() {
                 xg
             } else {
@@ -419,7 +419,7 @@ fn forward_on(
             let offsets = &offsets;
             tile.run(
                 Gemm {
-                    w: Weights::Rows(w),
+                    w,
                     src,
                     offsets,
                     skip: y0 * wq,
@@ -456,10 +456,11 @@ fn transposed(tile: Tile, wt: &[f32], dy: &[f32], cols: usize, out: &mut [f32], 
     let run = |(i, out): (usize, &mut [f32])| {
         with_scratch(|buf| {
             let rows = out.len() / cols;
-            let [room] = carve(buf, [tile.room(rows, depth)]);
+            let w = Weights::Rows(&wt[i * per * depth..][..rows * depth]);
+            let [room] = carve(buf, [tile.room(w, rows, depth)]);
             tile.run(
                 Gemm {
-                    w: Weights::Rows(&wt[i * per * depth..][..rows * depth]),
+                    w,
                     src: dy,
                     offsets: &offsets,
                     skip: 0,

@@ -58,10 +58,14 @@ impl Tile {
     }
 
     /// Floats of room [`Tile::run`] needs for `rows` output channels over `depth` rows of
-    /// the column matrix.
-    pub fn room(&self, rows: usize, depth: usize) -> usize {
+    /// the column matrix, with weights `w`: row-major ones are packed into it first.
+    pub fn room(&self, w: Weights<'_>, rows: usize, depth: usize) -> usize {
         let (rows, kc) = (rows.next_multiple_of(self.mr), pass(depth, self.nr));
-        rows * depth + LINE + group(kc, self.nr) * (kc + rows) * self.nr
+        let packing = match w {
+            Weights::Rows(_) => rows * depth,
+            Weights::Packed(_) => 0,
+        };
+        packing + LINE + group(kc, self.nr) * (kc + rows) * self.nr
     }
 
     /// `w` (`rows` x `depth`, row-major) laid out for [`Weights::Packed`].
@@ -237,13 +241,13 @@ impl PerTile for (Gemm<'_>, &mut [f32]) {
         let (g, room) = self;
         let (depth, width) = (g.offsets.len(), NV * S::F32_LANES);
         let (kc, rows) = (pass(depth, width), g.rows.next_multiple_of(MR));
-        let (packed, rest) = room.split_at_mut(rows * depth);
-        let packed: &[f32] = match g.w {
+        let (packed, rest): (&[f32], _) = match g.w {
             Weights::Rows(w) => {
-                pack::<MR, MT>(w, g.rows, depth, packed);
-                packed
+                let (to, rest) = room.split_at_mut(rows * depth);
+                pack::<MR, MT>(w, g.rows, depth, to);
+                (to, rest)
             }
-            Weights::Packed(w) => w,
+            Weights::Packed(w) => (w, room),
         };
         // `align_offset` may give up (`usize::MAX`); the strips then stay unaligned.
         let line = rest.as_ptr().align_offset(LINE * 4).min(LINE - 1);

@@ -84,7 +84,7 @@ pub(super) fn forward(
                     cg * per_channel + MAX_LANES,
                     16 * cg * shape.stride,
                     16 * kg * shape.block + MAX_LANES,
-                    tile.room(kg, cg),
+                    tile.room(Weights::Packed(&packed[g * 16]), kg, cg),
                 ],
             );
             shape.prepare(p, x, &band, &mut input[..cg * per_channel]);
