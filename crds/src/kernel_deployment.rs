@@ -102,7 +102,7 @@ pub struct KernelSpec {
     pub conv2d: Conv2dSpec,
     /// Input height and width the agents use for shadow load and analysis.
     #[serde(default = "default_input_size")]
-    #[schemars(default = "default_input_size")]
+    #[schemars(default = "default_input_size", inner(range(min = 1)))]
     pub input_size: [u32; 2],
 }
 

@@ -48,8 +48,15 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
     let mut e = Errors::default();
     artifact(&mut e, "spec.kernel.artifact", &spec.kernel.artifact);
     let conv = &spec.kernel.conv2d;
-    if conv2d(&mut e, "spec.kernel.conv2d", conv) {
-        check_output(&mut e, "spec.kernel", conv, spec.kernel.input_size);
+    let input = spec.kernel.input_size;
+    if input.contains(&0) {
+        e.push(
+            "spec.kernel.inputSize",
+            "height and width must both be at least 1",
+        );
+    }
+    if conv2d(&mut e, "spec.kernel.conv2d", conv) && !input.contains(&0) {
+        check_output(&mut e, "spec.kernel", conv, input);
     }
     label_selector(&mut e, "spec.nodeSelector", &spec.node_selector);
 
@@ -487,6 +494,13 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn input_size_must_not_be_empty() {
+        // Padding alone would give this input an output, over nothing but zeros.
+        let r = kernel_deployment(&kd("kernel: {inputSize: [0, 32]}"));
+        assert_eq!(fields(r), ["spec.kernel.inputSize"]);
     }
 
     #[test]

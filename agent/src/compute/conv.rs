@@ -71,6 +71,10 @@ impl Conv2dParams {
         if self.kernel.contains(&0) || self.stride.contains(&0) || self.dilation.contains(&0) {
             return bad("kernel, stride and dilation must be at least 1");
         }
+        // Padding alone would otherwise give an empty input an output.
+        if [self.in_channels, self.out_channels, self.height, self.width].contains(&0) {
+            return bad("channels, height and width must be at least 1");
+        }
         for i in 0..2 {
             let extent = [self.height, self.width][i] + 2 * self.padding[i];
             if extent < self.dilation[i] * (self.kernel[i] - 1) + 1 {
@@ -970,8 +974,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// Every instruction set this CPU has (the scalar one at least) sums each output in the
-    /// same order: the same bits, and so the same numbers on every node of a fleet.
     #[test]
     fn work_is_shared_out_on_no_more_threads_than_given() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -1024,6 +1026,8 @@ pub(crate) mod tests {
         });
     }
 
+    /// Every instruction set this CPU has (the scalar one at least) sums each output in the
+    /// same order: the same bits, and so the same numbers on every node of a fleet.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let tiles = Tile::all();
@@ -1260,5 +1264,22 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
+        for empty in [
+            Conv2dParams { height: 0, ..p },
+            Conv2dParams { width: 0, ..p },
+            Conv2dParams {
+                in_channels: 0,
+                ..p
+            },
+            Conv2dParams {
+                out_channels: 0,
+                ..p
+            },
+        ] {
+            let err = forward(&empty, &[], &[], None, Par::Seq).unwrap_err();
+            assert!(err.to_string().contains("at least 1"), "{err}");
+            let err = backward(&empty, &[], &[], &[], Par::Seq).unwrap_err();
+            assert!(err.to_string().contains("at least 1"), "{err}");
+        }
     }
 }
