@@ -95,7 +95,7 @@ fn training_step(rt: &tokio::runtime::Runtime) {
         },
     );
     let fwd = median(Duration::from_secs(3), || {
-        std::hint::black_box(model.predict(&x, 16).unwrap());
+        std::hint::black_box(model.predict(&x, 16, Par::rayon(2)).unwrap());
     });
     let step = median(Duration::from_secs(3), || {
         let r = rt
@@ -120,8 +120,9 @@ fn async_overhead(rt: &tokio::runtime::Runtime) {
     let w = Arc::new(uniform(p.weight_len(), 2, 0.1));
     // The same compute threads on both paths: what differs is only the stream around it.
     for threads in [1, 2] {
-        // One op awaited before the next: the stream's worker sleeps between ops, and each
-        // op pays for waking it. Several in flight: the worker goes from one to the next.
+        // One op awaited before the next: each op pays for waking a pool thread to drain the
+        // stream, and the awaiting thread when it is done. Several in flight: the stream's
+        // drain goes from one op to the next.
         for in_flight in [1, 4] {
             let engine = Engine::new(
                 Arc::new(CpuBackend::new(1, threads)),

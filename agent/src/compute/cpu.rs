@@ -59,7 +59,6 @@ enum Step {
 #[derive(Default)]
 struct Stream {
     steps: Mutex<Steps>,
-    queued: AtomicUsize,
     busy_nanos: AtomicU64,
 }
 
@@ -75,7 +74,6 @@ impl Stream {
     }
 
     fn push(self: &Arc<Self>, step: Step) {
-        self.queued.fetch_add(1, Ordering::Relaxed);
         let mut steps = self.steps();
         steps.queue.push_back(step);
         if !std::mem::replace(&mut steps.draining, true) {
@@ -109,10 +107,8 @@ impl Stream {
                     }
                     let busy = start.elapsed().as_nanos() as u64;
                     self.busy_nanos.fetch_add(busy, Ordering::Relaxed);
-                    self.queued.fetch_sub(1, Ordering::Relaxed);
                 }
                 Step::Wait(event) => {
-                    self.queued.fetch_sub(1, Ordering::Relaxed);
                     if !event.is_done() {
                         return event.then(move || self.resume());
                     }
@@ -163,14 +159,6 @@ impl CpuBackend {
     fn enqueue(&self, stream: usize, step: Step) {
         self.streams[stream % self.streams.len()].push(step);
     }
-
-    /// Steps waiting or running on each stream, for least-loaded assignment.
-    pub fn queued(&self) -> Vec<usize> {
-        self.streams
-            .iter()
-            .map(|s| s.queued.load(Ordering::Relaxed))
-            .collect()
-    }
 }
 
 /// Runs `op` on host data; the CPU backend's ops and the synchronous path share this.
@@ -184,6 +172,17 @@ pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, Comp
         } else {
             Ok(())
         }
+    };
+    // Element-wise ops take inputs of one length, as on CUDA: zipping would drop a tail.
+    let same = |n: usize| {
+        arity(n)?;
+        let lens: Vec<usize> = inputs[..n].iter().map(|i| i.len()).collect();
+        if lens.windows(2).any(|l| l[0] != l[1]) {
+            return Err(ComputeError::Shape(format!(
+                "{op:?} takes inputs of one length, got {lens:?}"
+            )));
+        }
+        Ok(())
     };
     match op {
         Op::Conv2d(p) => {
@@ -208,13 +207,13 @@ pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, Comp
             Ok(vec![y])
         }
         Op::ReluBackward => {
-            arity(2)?;
+            same(2)?;
             let mut dy = inputs[1].to_vec();
             ops::relu_backward(inputs[0], &mut dy);
             Ok(vec![dy])
         }
         Op::Mse => {
-            arity(2)?;
+            same(2)?;
             let (loss, grad) = ops::mse(inputs[0], inputs[1]);
             Ok(vec![vec![loss], grad])
         }
@@ -222,13 +221,13 @@ pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, Comp
             learning_rate,
             momentum,
         } => {
-            arity(3)?;
+            same(3)?;
             let (mut w, mut v) = (inputs[0].to_vec(), inputs[2].to_vec());
             ops::sgd(&mut w, inputs[1], &mut v, learning_rate, momentum);
             Ok(vec![w, v])
         }
         Op::Axpy { alpha } => {
-            arity(2)?;
+            same(2)?;
             Ok(vec![
                 inputs[0]
                     .iter()
@@ -435,6 +434,26 @@ mod tests {
             let _ = tx.send(());
         });
         rx
+    }
+
+    #[test]
+    fn element_wise_ops_refuse_inputs_of_different_lengths() {
+        let (long, short) = ([1.0, 2.0], [1.0]);
+        let sgd = Op::Sgd {
+            learning_rate: 0.1,
+            momentum: 0.9,
+        };
+        for (op, inputs) in [
+            (Op::Axpy { alpha: 2.0 }, vec![&long[..], &short]),
+            (Op::Mse, vec![&long, &short]),
+            (Op::ReluBackward, vec![&short, &long]),
+            (sgd, vec![&long, &short, &long]),
+        ] {
+            let err = run_op(op, &inputs, Par::Seq).unwrap_err();
+            assert!(matches!(err, ComputeError::Shape(_)), "{op:?}: {err}");
+        }
+        let ok = run_op(sgd, &[&long, &long, &long], Par::Seq).unwrap();
+        assert_eq!(ok.len(), 2);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use faer::Par;
 use futures::future::{BoxFuture, try_join_all};
 use kernelflow_crds::Conv2dSpec;
 
@@ -61,7 +62,7 @@ impl Model {
             layers.push(Layer {
                 weight: uniform(params.weight_len(), layer_seed, scale),
                 bias: if spec.bias {
-                    uniform(params.out_channels, layer_seed + 1, scale)
+                    uniform(params.out_channels, layer_seed.wrapping_add(1), scale)
                 } else {
                     vec![0.0; params.out_channels]
                 },
@@ -426,23 +427,9 @@ async fn part_gradients<B: Backend>(
     Ok((size, values))
 }
 
-/// Synthetic data: inputs from `seed`, targets from a fixed "teacher" model of the same
-/// shape (seeded apart from any student), so that the loss can go down.
-pub fn synthetic_batch(
-    model: &Model,
-    teacher: &Model,
-    samples: usize,
-    seed: u64,
-) -> Result<(Vec<f32>, Vec<f32>), ComputeError> {
-    let (in_size, _) = model.sample_sizes();
-    let x = uniform(samples * in_size, seed, 1.0);
-    let target = teacher.predict(&x, samples)?;
-    Ok((x, target))
-}
-
 impl Model {
-    /// Forward pass on the calling thread.
-    pub fn predict(&self, x: &[f32], batch: usize) -> Result<Vec<f32>, ComputeError> {
+    /// Forward pass, synchronously, each layer's conv2d on `par`'s threads.
+    pub fn predict(&self, x: &[f32], batch: usize, par: Par) -> Result<Vec<f32>, ComputeError> {
         let mut a = x.to_vec();
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -450,13 +437,7 @@ impl Model {
                 batch,
                 ..layer.params
             };
-            a = super::conv::forward(
-                &p,
-                &a,
-                &layer.weight,
-                Some(&layer.bias),
-                faer::Par::rayon(0),
-            )?;
+            a = super::conv::forward(&p, &a, &layer.weight, Some(&layer.bias), par)?;
             if i != last {
                 super::ops::relu(&mut a);
             }
@@ -471,12 +452,35 @@ mod tests {
     use crate::compute::cpu::{CpuBackend, InlineBackend};
     use crate::compute::engine::EngineConfig;
 
+    /// Synthetic data: inputs from `seed`, targets from a fixed "teacher" model of the same
+    /// shape (seeded apart from any student), so that the loss can go down.
+    fn synthetic_batch(
+        model: &Model,
+        teacher: &Model,
+        samples: usize,
+        seed: u64,
+    ) -> Result<(Vec<f32>, Vec<f32>), ComputeError> {
+        let (in_size, _) = model.sample_sizes();
+        let x = uniform(samples * in_size, seed, 1.0);
+        let target = teacher.predict(&x, samples, Par::rayon(0))?;
+        Ok((x, target))
+    }
+
     fn specs() -> Vec<Conv2dSpec> {
         let conv = |c, k| Conv2dSpec {
             padding: [1, 1],
             ..Conv2dSpec::new(c, k, [3, 3])
         };
         vec![conv(3, 8), conv(8, 3)]
+    }
+
+    #[test]
+    fn every_seed_initialises_a_model() {
+        // Makes the first layer's seed u64::MAX: its bias's seed wraps around (an overflow
+        // panic in builds with overflow checks, as the tests' and the demo's).
+        let seed = 2_336_937_208_910_341_525;
+        let model = Model::new(&specs(), [3, 8, 8], seed).unwrap();
+        assert_eq!(model.layers[0].bias, uniform(8, 0, 1.0 / 27f32.sqrt()));
     }
 
     fn engine(streams: usize) -> Engine<CpuBackend> {

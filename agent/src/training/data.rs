@@ -75,7 +75,7 @@ impl Data {
                     let offset = index(i, *samples) * *in_size as u64;
                     x.extend(uniform_at(offset, *in_size, *seed, 1.0));
                 }
-                let target = teacher.predict(&x, batch)?;
+                let target = teacher.predict(&x, batch, faer::Par::rayon(0))?;
                 Ok((x, target))
             }
             Data::Artifact {
@@ -143,6 +143,11 @@ fn parse_dataset(bytes: &[u8]) -> Result<Dataset, ArtifactError> {
     if n == 0 || out_shape.first() != Some(&n) {
         return Err(mismatch(format!(
             "{n} samples, but targets have shape {out_shape:?}; both need the same non-zero first dimension"
+        )));
+    }
+    if [c, h, w].contains(&0) {
+        return Err(mismatch(format!(
+            "shape {in_shape:?}; channels, height and width must be at least 1"
         )));
     }
     let dim = |v: usize| u32::try_from(v).map_err(|_| mismatch(format!("dimension {v} too large")));
@@ -221,7 +226,7 @@ mod tests {
             unreachable!()
         };
         assert_ne!(teacher.layers[0].weight, model().layers[0].weight);
-        assert_eq!(a.1, teacher.predict(&a.0, 4).unwrap());
+        assert_eq!(a.1, teacher.predict(&a.0, 4, faer::Par::rayon(0)).unwrap());
     }
 
     fn dataset_bytes(n: usize, out: usize) -> Vec<u8> {
@@ -276,5 +281,27 @@ mod tests {
                 .unwrap_err()
                 .contains("7 values per sample; the model outputs 48")
         );
+    }
+
+    #[test]
+    fn data_sets_of_empty_samples_are_refused() {
+        let targets = f32_bytes(&[0.0; 2]);
+        let bytes = safetensors::serialize(
+            [
+                (
+                    "inputs",
+                    TensorView::new(Dtype::F32, vec![2, 2, 0, 4], &[]).unwrap(),
+                ),
+                (
+                    "targets",
+                    TensorView::new(Dtype::F32, vec![2, 1], &targets).unwrap(),
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        let err = parse_dataset(&bytes).unwrap_err();
+        assert_eq!(err.reason(), "TensorMismatch");
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 }
