@@ -79,8 +79,10 @@ const MIN_REQUEUE: Duration = Duration::from_millis(100);
 /// Longest wait before looking for nodes again: new agents wake no job.
 const NODE_POLL: Duration = Duration::from_secs(5);
 
-fn seconds(s: u64) -> SignedDuration {
-    SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX))
+/// `s` seconds after `t`, or the end of time: a spec's limit of any size must not overflow.
+fn after(t: Timestamp, s: u64) -> Timestamp {
+    let s = SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
+    t.checked_add(s).unwrap_or(Timestamp::MAX)
 }
 
 /// Decides the next status of `job`.
@@ -186,7 +188,7 @@ impl Machine<'_> {
         let Some((ttl, done)) = ttl.zip(self.status.completion_time.clone()) else {
             return self.done(None);
         };
-        let expires = done.0 + seconds(ttl);
+        let expires = after(done.0, ttl);
         let left = expires.duration_since(self.obs.now);
         if left.is_positive() {
             let left = Duration::try_from(left).unwrap_or(Duration::MAX);
@@ -251,7 +253,7 @@ impl Machine<'_> {
     fn deadline(&self) -> Option<(&'static str, String)> {
         let limit = self.spec.run_policy.active_deadline_seconds?;
         let start = self.status.start_time.as_ref()?.0;
-        if self.spec.run_policy.suspend || self.obs.now < start + seconds(limit) {
+        if self.spec.run_policy.suspend || self.obs.now < after(start, limit) {
             return None;
         }
         Some((
@@ -278,7 +280,8 @@ impl Machine<'_> {
         let limit = self.spec.run_policy.backoff_limit;
         for i in 0..self.status.workers.len() {
             let w = &self.status.workers[i];
-            if w.node.is_empty() {
+            // A finished worker's weights are in its report: losing its node loses nothing.
+            if w.node.is_empty() || w.state == WorkerState::Succeeded {
                 continue;
             }
             let lost = match self.obs.nodes.iter().find(|n| n.name == w.node) {
@@ -498,7 +501,7 @@ impl Machine<'_> {
             self.spec.run_policy.active_deadline_seconds,
             &self.status.start_time,
         ) {
-            let ends = start.0 + seconds(limit);
+            let ends = after(start.0, limit);
             let left = Duration::try_from(ends.duration_since(now)).unwrap_or_default();
             requeue = requeue.min(left);
         }
@@ -904,6 +907,24 @@ mod tests {
     }
 
     #[test]
+    fn limits_past_the_end_of_time_never_expire() {
+        let (j, reports) = running(
+            serde_json::json!({"activeDeadlineSeconds": u64::MAX, "ttlSecondsAfterFinished": 300_000_000_000u64}),
+            WorkerState::Running,
+        );
+        let d = decide_at(&j, &nodes(), &reports, 10);
+        assert_eq!(d.status.phase, TrainingPhase::Running);
+        let done = [
+            report("b", 0, 0, WorkerState::Succeeded, 100),
+            report("a", 1, 0, WorkerState::Succeeded, 100),
+        ];
+        let d = decide_at(&j, &nodes(), &done, 20);
+        assert_eq!(d.status.phase, TrainingPhase::Succeeded);
+        let later = decide_at(&then(j, &d), &nodes(), &[], 30);
+        assert!(!later.delete);
+    }
+
+    #[test]
     fn suspension_waits_for_checkpoints_stops_the_clock_and_resumes() {
         let policy =
             |suspend| serde_json::json!({"suspend": suspend, "activeDeadlineSeconds": 100});
@@ -966,6 +987,25 @@ mod tests {
         j.spec.run_policy.suspend = false;
         let d = decide_at(&j, &nodes(), &reports, 3);
         assert!(is(&d, "Suspended", "False", "JobResumed"));
+    }
+
+    #[test]
+    fn a_finished_worker_whose_node_goes_is_not_restarted() {
+        let (j, _) = running(serde_json::json!({"backoffLimit": 0}), WorkerState::Running);
+        let reports = [
+            report("b", 0, 0, WorkerState::Succeeded, 100),
+            report("a", 1, 0, WorkerState::Running, 60),
+        ];
+        let j = then(j.clone(), &decide_at(&j, &nodes(), &reports, 2));
+        let gone: Vec<NodeView> = nodes().into_iter().filter(|n| n.name != "b").collect();
+        let d = decide_at(&j, &gone, &reports[1..], 3);
+        assert_eq!(
+            (assigned(&d), d.status.restarts, d.status.phase.clone()),
+            (vec![("b", 0), ("a", 0)], 0, TrainingPhase::Running)
+        );
+        let done = [report("a", 1, 0, WorkerState::Succeeded, 100)];
+        let d = decide_at(&then(j, &d), &gone, &done, 4);
+        assert_eq!(d.status.phase, TrainingPhase::Succeeded);
     }
 
     #[test]
