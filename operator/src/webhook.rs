@@ -302,25 +302,36 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     else {
         return response;
     };
+    // An update is judged on what it changes: one that leaves the spec alone (the controller
+    // adding or removing its finalizer) must pass even for an object that today's rules
+    // would refuse, or that object could never get its condition, nor finish deleting.
     let verdict = match request.kind.kind.as_str() {
         "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| {
-            validate::kernel_deployment(&kd.spec)?;
-            validate::action_annotation(kd.annotations())?;
-            match request.old_object.as_ref() {
-                Some(old) => validate::kernel_deployment_update(
-                    &typed::<KernelDeployment>(old)?.spec,
-                    &kd.spec,
-                ),
+            let old = request.old_object.as_ref().map(typed::<KernelDeployment>);
+            let old = old.transpose()?;
+            if old.as_ref().is_none_or(|old| old.spec != kd.spec) {
+                validate::kernel_deployment(&kd.spec)?;
+            }
+            if old
+                .as_ref()
+                .is_none_or(|old| old.annotations() != kd.annotations())
+            {
+                validate::action_annotation(kd.annotations())?;
+            }
+            match old {
+                Some(old) => validate::kernel_deployment_update(&old.spec, &kd.spec),
                 None => Ok(()),
             }
         }),
         "AsyncTrainingJob" => typed::<AsyncTrainingJob>(object).and_then(|j| {
-            validate::training_job(&j.spec)?;
-            match request.old_object.as_ref() {
+            let old = request.old_object.as_ref().map(typed::<AsyncTrainingJob>);
+            match old.transpose()? {
+                Some(old) if old.spec == j.spec => Ok(()),
                 Some(old) => {
-                    validate::training_job_update(&typed::<AsyncTrainingJob>(old)?.spec, &j.spec)
+                    validate::training_job(&j.spec)?;
+                    validate::training_job_update(&old.spec, &j.spec)
                 }
-                None => Ok(()),
+                None => validate::training_job(&j.spec),
             }
         }),
         _ => Ok(()),
@@ -461,6 +472,26 @@ mod tests {
         );
         annotated["metadata"]["annotations"]["kernelflow.dev/action"] = "abort:1".into();
         assert!(update(kd(steps), annotated).allowed);
+    }
+
+    #[test]
+    fn an_update_that_leaves_the_spec_alone_passes_even_for_an_invalid_object() {
+        let invalid = kd(serde_json::json!([{"trafficPercent": 20}]));
+        let mut finalized = invalid.clone();
+        finalized["metadata"]["finalizers"] = serde_json::json!(["kernelflow.dev/drain"]);
+        let r = admit(&update(invalid.clone(), finalized.clone()));
+        assert!(r.allowed, "{:?}", r.result);
+        assert!(admit(&update(finalized, invalid.clone())).allowed);
+        let mut changed = invalid.clone();
+        changed["spec"]["rollout"]["steps"] = serde_json::json!([{"trafficPercent": 30}]);
+        assert!(!admit(&update(invalid, changed)).allowed);
+
+        let mut bad_job = job(10, false);
+        bad_job["spec"]["data"]["synthetic"]["shape"] = serde_json::json!([0, 2, 2]);
+        let mut finalized = bad_job.clone();
+        finalized["metadata"]["finalizers"] = serde_json::json!(["kernelflow.dev/cleanup"]);
+        assert!(admit(&update(finalized, bad_job.clone())).allowed);
+        assert!(!admit(&request(bad_job)).allowed);
     }
 
     #[test]
