@@ -270,11 +270,8 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
             .map_or_else(Action::await_change, Action::requeue);
         (status, decision.notes, wait)
     } else {
-        let mut status = old.clone();
-        status.phase = RolloutPhase::Failed;
-        status.conditions = vec![accepted];
         // An invalid spec waits for the user to change it.
-        (status, Vec::new(), Action::await_change())
+        (frozen(&old, accepted), Vec::new(), Action::await_change())
     };
     status.observed_generation = generation;
     ctx.metrics.rollout(&namespace, &name, &status);
@@ -378,6 +375,16 @@ fn accepted(
     existing: &[Condition],
 ) -> Condition {
     accepted_at(verdict, generation, existing, Timestamp::now())
+}
+
+/// The status of a deployment whose spec is invalid: the rollout stays where it stands,
+/// traffic split included (as Argo Rollouts pauses on an invalid spec), under an
+/// `Accepted=False` condition; once the spec is fixed it goes on from there.
+fn frozen(old: &KernelDeploymentStatus, accepted: Condition) -> KernelDeploymentStatus {
+    let mut status = old.clone();
+    status.conditions.retain(|c| c.type_ != accepted.type_);
+    status.conditions.insert(0, accepted);
+    status
 }
 
 /// [`accepted`] as of `now`.
@@ -537,6 +544,32 @@ mod tests {
         old.last_transition_time = Time(Timestamp::UNIX_EPOCH);
         let flipped = condition("Accepted", "False", "InvalidSpec", "bad", Some(3), &[old]);
         assert_ne!(flipped.last_transition_time, Time(Timestamp::UNIX_EPOCH));
+    }
+
+    #[test]
+    fn an_invalid_spec_freezes_the_rollout_where_it_stands() {
+        let progressing = condition("Progressing", "True", "StepStarted", "50%", Some(1), &[]);
+        let old = KernelDeploymentStatus {
+            phase: RolloutPhase::Progressing,
+            traffic_percent: 50,
+            current_step_index: Some(2),
+            conditions: vec![
+                condition("Accepted", "True", "Valid", "ok", Some(1), &[]),
+                progressing.clone(),
+            ],
+            ..Default::default()
+        };
+        let invalid = condition("Accepted", "False", "InvalidSpec", "bad", Some(2), &[]);
+        let status = frozen(&old, invalid.clone());
+        assert_eq!(status.conditions, [invalid, progressing]);
+        assert_eq!(
+            (
+                status.phase,
+                status.traffic_percent,
+                status.current_step_index
+            ),
+            (RolloutPhase::Progressing, 50, Some(2))
+        );
     }
 
     #[test]

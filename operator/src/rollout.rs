@@ -166,9 +166,11 @@ impl Machine<'_> {
     fn follow_spec(&mut self) {
         let desired = Revision::of(self.spec);
         let Some(stable) = self.s.stable_revision.clone() else {
-            // A first revision: its baseline is the same artifact on the synchronous path.
-            self.s.stable_revision = Some(desired.baseline());
-            self.start(desired);
+            // A first revision (or one after a first that nothing could serve, which waits
+            // for another).
+            if self.s.canary_revision.as_ref() != Some(&desired) {
+                self.start(desired);
+            }
             return;
         };
         if stable == desired {
@@ -210,7 +212,12 @@ impl Machine<'_> {
 
     /// A new canary: it warms first and takes no traffic until it is warm everywhere.
     fn start(&mut self, canary: Revision) {
-        let same = self.s.stable_revision.as_ref() == Some(&canary);
+        // With no stable revision, the baseline is the same artifact on the synchronous path.
+        let stable = self
+            .s
+            .stable_revision
+            .get_or_insert_with(|| canary.baseline());
+        let same = *stable == canary;
         self.s.canary_revision = (!same).then_some(canary);
         self.s.phase = RolloutPhase::Warming;
         self.s.current_step_index = None;
@@ -287,6 +294,9 @@ impl Machine<'_> {
             let then = if fallback.is_some() {
                 "the stable revision keeps all traffic"
             } else {
+                // The stable revision has the same artifact, so it cannot serve either: the
+                // next revision rolls out as a first one, over its own baseline.
+                self.s.stable_revision = None;
                 "nothing serves until a servable artifact is set"
             };
             self.note(
@@ -318,7 +328,10 @@ impl Machine<'_> {
             );
             return;
         }
-        self.enter_step(0);
+        // Paused before its first step: warm, and no traffic until resumed.
+        if !self.spec.paused {
+            self.enter_step(0);
+        }
     }
 
     fn enter_step(&mut self, index: usize) {
@@ -495,8 +508,14 @@ impl Machine<'_> {
                 self.s.traffic_percent
             ),
             (Warming, Some(c)) => format!(
-                "{c}: warming on {} of {} nodes",
-                self.s.nodes.warmed, self.s.nodes.reporting
+                "{c}: warming on {} of {} nodes{}",
+                self.s.nodes.warmed,
+                self.s.nodes.reporting,
+                if self.spec.paused {
+                    " (paused before its first step)"
+                } else {
+                    ""
+                }
             ),
             (RolledBack, Some(c)) => {
                 format!("{c} rolled back; the stable revision takes all traffic")

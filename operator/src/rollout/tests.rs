@@ -545,6 +545,56 @@ fn a_first_artifact_no_node_can_serve_says_nothing_serves() {
 }
 
 #[test]
+fn after_a_first_artifact_nothing_could_serve_the_next_rolls_out_over_its_own_baseline() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    let mut broken = nodes(3, 0);
+    broken.unservable = true;
+    run.at(0, &broken);
+    assert_eq!(
+        (run.phase(), run.status.stable_revision.as_ref()),
+        (RolloutPhase::Failed, None)
+    );
+    // The same revision is not tried again on its own.
+    let notes = run.notes.len();
+    run.at(5, &broken);
+    assert_eq!(
+        (run.phase(), run.notes.len()),
+        (RolloutPhase::Failed, notes)
+    );
+    run.spec = spec(B, serde_json::json!({}));
+    run.at(1, &nodes(3, 3));
+    assert_eq!(
+        run.status.stable_revision,
+        Some(Revision::of(&run.spec).baseline())
+    );
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Progressing, (Some(0), 1))
+    );
+}
+
+#[test]
+fn a_rollout_paused_before_its_first_step_warms_but_takes_no_traffic() {
+    let mut run = Run::new(spec(A, serde_json::json!({"paused": true})));
+    run.at(0, &nodes(3, 3));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Warming, (None, 0))
+    );
+    let message = run.status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("paused before its first step"),
+        "{message}"
+    );
+    run.spec.paused = false;
+    run.at(1, &nodes(3, 3));
+    assert_eq!(
+        (run.phase(), run.step()),
+        (RolloutPhase::Progressing, (Some(0), 1))
+    );
+}
+
+#[test]
 fn deciding_again_on_the_same_inputs_changes_nothing() {
     // What an operator restarted mid-rollout does: it reads the status and decides again.
     let mut run = Run::new(spec(B, serde_json::json!({})));
