@@ -1000,7 +1000,7 @@ mod tests {
         let gone: Vec<NodeView> = nodes().into_iter().filter(|n| n.name != "b").collect();
         let d = decide_at(&j, &gone, &reports[1..], 3);
         assert_eq!(
-            (assigned(&d), d.status.restarts, d.status.phase.clone()),
+            (assigned(&d), d.status.restarts, d.status.phase),
             (vec![("b", 0), ("a", 0)], 0, TrainingPhase::Running)
         );
         let done = [report("a", 1, 0, WorkerState::Succeeded, 100)];
