@@ -200,8 +200,12 @@ pub struct RolloutStep {
     pub traffic_percent: u8,
     /// Minimum time at this step (Go duration such as `30s` or `5m`). Without it the
     /// rollout waits here for a manual promote.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "go_duration::optional"
+    )]
+    #[schemars(regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$"))]
     pub pause: Option<Duration>,
 }
 
@@ -210,9 +214,12 @@ pub struct RolloutStep {
 #[serde(rename_all = "camelCase")]
 pub struct AnalysisSpec {
     /// Length of one analysis window (Go duration).
-    #[serde(default = "default_interval")]
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "go_duration::required"
+    )]
     #[schemars(
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$"),
         default = "default_interval"
     )]
     pub interval: Duration,
@@ -237,6 +244,40 @@ pub struct AnalysisSpec {
     #[serde(default = "default_failure_limit")]
     #[schemars(range(min = 1, max = 1000), default = "default_failure_limit")]
     pub failure_limit: u32,
+}
+
+/// Go durations read within bounds: kube's parser panics on one past `std::time::Duration`'s
+/// range (`99999999999999999h`), which would take down every watcher of the object. The
+/// schema's pattern keeps such values out of the API; this keeps them out of the process
+/// where an object predates it.
+mod go_duration {
+    use kube::core::Duration;
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    /// At most 9 digits in a row and 100 characters: under 2e14 seconds in all.
+    fn parse<E: Error>(s: &str) -> Result<Duration, E> {
+        let longest = s
+            .split(|c: char| !c.is_ascii_digit())
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        if longest > 9 || s.len() > 100 {
+            return Err(E::custom(format!(
+                "duration {s:?} is out of range: at most 9 digits a number and 100 characters"
+            )));
+        }
+        s.parse().map_err(E::custom)
+    }
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        parse(&String::deserialize(d)?)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| parse(&s))
+            .transpose()
+    }
 }
 
 fn default_interval() -> Duration {
@@ -423,4 +464,29 @@ pub struct KernelDeploymentStatus {
     /// A human-readable summary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_out_of_range_are_errors_not_panics() {
+        let step = |pause: &str| {
+            serde_json::from_value::<RolloutStep>(
+                serde_json::json!({"trafficPercent": 100, "pause": pause}),
+            )
+        };
+        let pause = step("1h30m").unwrap().pause.unwrap();
+        assert_eq!(std::time::Duration::from(pause).as_secs(), 5400);
+        assert!(step("999999999.999999999h").is_ok());
+        for huge in ["99999999999999999h", "1234567890s"] {
+            let err = step(huge).unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{err}");
+        }
+        let analysis = serde_json::from_value::<AnalysisSpec>(
+            serde_json::json!({"interval": "99999999999999999h"}),
+        );
+        assert!(analysis.unwrap_err().to_string().contains("out of range"));
+    }
 }
