@@ -104,15 +104,6 @@ impl Conv2dSpec {
         };
         Some([dim(0)?, dim(1)?])
     }
-
-    /// Multiply-accumulates of one forward pass over one sample of `input` size.
-    pub fn macs_per_sample(&self, input: [u32; 2]) -> Option<u64> {
-        let [oh, ow] = self.output_size(input)?;
-        let per_output = u64::from(self.in_channels / self.groups.max(1))
-            * u64::from(self.kernel_size[0])
-            * u64::from(self.kernel_size[1]);
-        Some(u64::from(self.out_channels) * u64::from(oh) * u64::from(ow) * per_output)
-    }
 }
 
 #[cfg(test)]
@@ -142,13 +133,5 @@ mod tests {
         assert_eq!(conv(3, 1, 0, 3).output_size([6, 6]), None);
         assert_eq!(conv(0, 1, 0, 1).output_size([6, 6]), None);
         assert_eq!(conv(3, 0, 0, 1).output_size([6, 6]), None);
-    }
-
-    #[test]
-    fn macs_count_grouped_convolutions() {
-        let mut c = conv(3, 1, 1, 1);
-        assert_eq!(c.macs_per_sample([8, 8]), Some(8 * 64 * 4 * 9));
-        c.groups = 4;
-        assert_eq!(c.macs_per_sample([8, 8]), Some(8 * 64 * 9));
     }
 }

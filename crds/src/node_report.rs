@@ -53,7 +53,8 @@ pub struct KernelReport {
     pub name: String,
     /// Artifact digest of the canary revision.
     pub canary_sha256: String,
-    /// `Warming`, `Warm` or `Failed`.
+    /// `Warming`, `Warm` or `Failed`; `Draining` for a deleted deployment whose operations
+    /// are still finishing.
     pub state: String,
     /// Why the kernel failed, as a typed reason (for example `DigestMismatch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -140,6 +140,7 @@ impl DiskCache {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn bytes(&self) -> u64 {
         self.entries()
             .map(|e| e.iter().map(|e| e.1).sum())

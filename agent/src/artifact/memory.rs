@@ -77,6 +77,7 @@ impl<V: Clone> MemoryCache<V> {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.inner.lock().expect("cache lock").bytes
     }

@@ -266,6 +266,7 @@ impl Remote {
     }
 
     /// The breaker state of the store serving `url`, if it was used.
+    #[cfg(test)]
     pub fn breaker(&self, url: &str) -> Option<BreakerState> {
         let (scheme, authority, _) = split(url).ok()?;
         let stores = self.stores.lock().expect("stores lock");
