@@ -25,7 +25,8 @@ crds:
 
 ## Regenerate examples/install.yaml (plain manifests for kubectl) from the Helm chart.
 install-yaml:
-	scripts/render-install-yaml.sh > examples/install.yaml
+	scripts/render-install-yaml.sh > examples/install.yaml.new
+	mv examples/install.yaml.new examples/install.yaml
 
 lint:
 	$(CARGO) fmt --all --check

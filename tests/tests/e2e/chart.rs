@@ -300,6 +300,20 @@ fn the_chart_lints_and_renders_every_values_set() {
             "cert-manager" => {
                 assert_eq!(kinds["ServiceMonitor"], 2);
                 assert_eq!(kinds["PodMonitor"], 2);
+                // The series' own `namespace`, `job` and `node` labels survive the scrape;
+                // only an agent's series get the pod's node.
+                for (kind, endpoints) in [
+                    ("ServiceMonitor", "endpoints"),
+                    ("PodMonitor", "podMetricsEndpoints"),
+                ] {
+                    for component in ["operator", "agent"] {
+                        let name = format!("kernelflow-{component}");
+                        let endpoint = &object(&objects, kind, &name)["spec"][endpoints][0];
+                        assert_eq!(endpoint["honorLabels"], true, "{kind} {name}");
+                        let relabeled = endpoint["relabelings"][0]["targetLabel"] == "node";
+                        assert_eq!(relabeled, component == "agent", "{kind} {name}");
+                    }
+                }
                 // The PrometheusRule is the plain rules file, runbook links re-pointed.
                 let rule = object(&objects, "PrometheusRule", "kernelflow");
                 let file =
