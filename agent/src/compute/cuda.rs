@@ -240,7 +240,8 @@ impl CudaBackend {
 /// Teardowns of dropped backends that may still be running.
 static TEARDOWNS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
-/// Waits until every backend dropped so far is torn down. A process must call this before it
+/// Waits until every backend dropped so far is torn down, its streams' waiter threads
+/// included. A process must call this before it
 /// exits: one that exits while a teardown is inside the driver or cuDNN can crash in their
 /// exit handlers (seen on an H200 as a segmentation fault after the last test had passed).
 pub fn settle() {
@@ -259,7 +260,7 @@ impl Drop for CudaBackend {
         let teardown = std::thread::Builder::new().name("cuda-teardown".into());
         // On failure the closure, and all it holds, drops here instead.
         let spawned = teardown.spawn(move || {
-            drop(streams);
+            streams.into_iter().for_each(Stream::tear_down);
             for pool in pools {
                 drop(std::mem::take(&mut *lock(&pool.idle)));
             }
@@ -420,6 +421,9 @@ struct Stream {
     /// The stream's handles; holding the lock also keeps submissions whole.
     libs: Mutex<Libs>,
     waiter: mpsc::Sender<Pending>,
+    /// The thread completing its work: joined at teardown, since the work it still holds
+    /// frees device and pinned memory.
+    completing: std::thread::JoinHandle<()>,
     busy_nanos: Arc<AtomicU64>,
 }
 
@@ -430,7 +434,7 @@ impl Stream {
         let (waiter, pending) = mpsc::channel();
         let busy_nanos = Arc::new(AtomicU64::new(0));
         let busy = busy_nanos.clone();
-        std::thread::Builder::new()
+        let completing = std::thread::Builder::new()
             .name(format!("cuda-stream-{index}"))
             .spawn(move || complete(pending, &busy))
             .or_device("spawning a stream's waiter thread")?;
@@ -438,8 +442,24 @@ impl Stream {
             stream,
             libs: Mutex::new(libs),
             waiter,
+            completing,
             busy_nanos,
         })
+    }
+
+    /// Drops the stream and its handles, then waits for its waiter thread to finish the
+    /// work still queued (closing the queue ends it).
+    fn tear_down(self) {
+        let Self {
+            stream,
+            libs,
+            waiter,
+            completing,
+            busy_nanos,
+        } = self;
+        // In the order a `Stream` drops its fields; the queue must close before the join.
+        drop((stream, libs, waiter, busy_nanos));
+        let _ = completing.join();
     }
 
     /// Enqueues `work` between a timing event and a completion event, holding the stream's
