@@ -42,9 +42,14 @@ if ! grep -rqsE '^(deb-src .*bookworm|Types:.*deb-src)' /etc/apt/sources.list /e
     'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' | sudo_ tee "$src_list" >/dev/null
   sudo_ apt-get update -qq
 fi
-(cd "$work" && apt-get source -qq kubernetes >/dev/null 2>&1)
+# Judged by the tree it leaves (its exit status is not); its output shown when there is none.
+(cd "$work" && apt-get source -qq kubernetes >"$work/apt-source.log" 2>&1) || true
 src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
-[ -n "$src" ] || { echo "apt-get source kubernetes gave no source tree" >&2; exit 1; }
+[ -n "$src" ] || {
+  cat "$work/apt-source.log" >&2
+  echo "apt-get source kubernetes gave no source tree" >&2
+  exit 1
+}
 
 # The vendored reflect2 v1.0.1 segfaults under Go >= 1.18 (mapiterinit);
 # Debian ships the fixed 1.0.2 sources.

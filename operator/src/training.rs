@@ -143,9 +143,9 @@ async fn apply(ctx: &Context, job: &AsyncTrainingJob, d: state::Decision) -> Res
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let old = job.status.clone().unwrap_or_default();
     if d.status != old {
-        // A merge patch under the operator's field manager, as for KernelDeployments: the
-        // 1.20 API server's server-side apply mangles some values (an empty string became
-        // null) and leaves emptied parents behind.
+        // A merge patch, as for KernelDeployments: the 1.20 API server's server-side apply
+        // mangles some values (an empty string became null) and leaves emptied parents
+        // behind.
         let patch = serde_json::json!({
             "status": merge_patch(&serde_json::to_value(&old)?, &serde_json::to_value(&d.status)?)
         });
