@@ -42,7 +42,7 @@ if ! grep -rqsE '^(deb-src .*bookworm|Types:.*deb-src)' /etc/apt/sources.list /e
     'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' | sudo_ tee "$src_list" >/dev/null
   sudo_ apt-get update -qq
 fi
-# Judged by the tree it leaves (its exit status is not); its output shown when there is none.
+# Judged by the tree it leaves, not by its exit status; its output is shown when there is none.
 (cd "$work" && apt-get source -qq kubernetes >"$work/apt-source.log" 2>&1) || true
 src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
 [ -n "$src" ] || {
