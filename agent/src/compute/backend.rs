@@ -75,7 +75,7 @@ pub type Download = Arc<Mutex<Option<Result<Arc<Vec<f32>>, ComputeError>>>>;
 /// A landed download's data; a copy only when something else still holds it (a buffer the
 /// caller kept).
 pub fn take_download(sink: &Download) -> Result<Vec<f32>, ComputeError> {
-    let landed = sink.lock().expect("download lock").take();
+    let landed = lock(sink).take();
     landed
         .unwrap_or_else(|| Err(ComputeError::Stopped("download lost".into())))
         .map(Arc::unwrap_or_clone)

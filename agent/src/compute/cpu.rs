@@ -272,7 +272,7 @@ fn land(buffer: CpuBuffer, sink: &Download, signal: &Event) {
     let data = buffer.read();
     // Let go of the buffer before the waiter wakes, so that it may take the data uncopied.
     drop(buffer);
-    *sink.lock().expect("download lock") = Some(data);
+    *lock(sink) = Some(data);
     signal.fire();
 }
 

@@ -338,12 +338,12 @@ impl Backend for CudaBackend {
                     });
                     pool.give(staging);
                     drop(keep);
-                    *out.lock().expect("download lock") = Some(data);
+                    *lock(&out) = Some(data);
                     signal.fire();
                 });
             }
             Err(e) => {
-                *sink.lock().expect("download lock") = Some(Err(e));
+                *lock(&sink) = Some(Err(e));
                 event.fire();
             }
         }

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use super::ComputeError;
 use super::backend::{Backend, Download, Event, Op};
 use super::cpu::{CpuBackend, CpuBuffer};
 use super::cuda::{CudaBackend, CudaBuffer, CudaDevice};
+use super::{ComputeError, lock};
 
 /// The `--backend` flag.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -169,7 +169,7 @@ impl Backend for DeviceBackend {
             (DeviceBackend::Cuda(b), DeviceBuffer::Cuda(buffer)) => b.download(stream, buffer),
             _ => {
                 let (event, sink) = (Event::default(), Download::default());
-                *sink.lock().expect("download lock") = Some(Err(foreign()));
+                *lock(&sink) = Some(Err(foreign()));
                 event.fire();
                 (event, sink)
             }
