@@ -436,17 +436,32 @@ async fn pause_promote_abort_retry_new_digest_and_deletion_drains() {
         sha2
     );
 
-    // spec.paused holds a rollout; unpausing resumes it.
+    // spec.paused holds a rollout, before its first step too: warm, but no traffic on the
+    // canary until unpaused.
     let patch = serde_json::json!({"spec": {"paused": true, "kernel": {"artifact": {"url": url, "sha256": sha}}}});
     kds.patch("m", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    phase_is(&kds, "m", RolloutPhase::Paused, Some(0)).await;
+    eventually(WAIT, "m warm and held before its first step", || async {
+        let s = status_of(&kds.get("m").await.ok()?);
+        let held = s.phase == RolloutPhase::Warming
+            && s.message
+                .as_deref()?
+                .contains("paused before its first step");
+        (held && s.nodes.reporting > 0 && s.nodes.warmed == s.nodes.reporting).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status_of(&kds.get("m").await.unwrap());
     assert_eq!(
-        status_of(&kds.get("m").await.unwrap()).current_step_index,
-        Some(0)
+        (s.phase, s.current_step_index, s.traffic_percent),
+        (RolloutPhase::Warming, None, 0)
     );
+    let patch = serde_json::json!({"spec": {"paused": false}});
+    kds.patch("m", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    phase_is(&kds, "m", RolloutPhase::Paused, Some(0)).await;
 
     // Deletion waits for every node to drain the deployment's traffic.
     kds.delete("m", &DeleteParams::default()).await.unwrap();
