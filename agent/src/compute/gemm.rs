@@ -92,15 +92,7 @@ impl Tile {
 }
 
 /// Floats in a cache line: a gathered strip starts on one.
-pub(super) const LINE: usize = 16;
-
-/// `buf` from its first cache line boundary on (at most `LINE - 1` floats in), so that
-/// vectors of a row of whole lines each touch one line. `align_offset` may give up
-/// (`usize::MAX`); the rows then stay unaligned.
-pub(super) fn from_line(buf: &mut [f32]) -> &mut [f32] {
-    let line = buf.as_ptr().align_offset(LINE * 4).min(LINE - 1);
-    &mut buf[line..]
-}
+const LINE: usize = 16;
 
 /// Bytes of a strip's rows in one pass over the depth, which sets the bytes of a panel's
 /// weights per pass: 12 KB of them (AVX2), read for every strip of a block, stay in L1 with
@@ -257,8 +249,10 @@ impl PerTile for (Gemm<'_>, &mut [f32]) {
             }
             Weights::Packed(w) => (w, room),
         };
+        // `align_offset` may give up (`usize::MAX`); the strips then stay unaligned.
+        let line = rest.as_ptr().align_offset(LINE * 4).min(LINE - 1);
         let per = group(kc, width);
-        let (strips, kept) = from_line(rest).split_at_mut(per * kc * width);
+        let (strips, kept) = rest[line..].split_at_mut(per * kc * width);
         let end = g.images * g.cols;
         let mut w = Work {
             reach: g.offsets.iter().copied().max().unwrap_or(0),

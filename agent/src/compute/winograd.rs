@@ -18,7 +18,7 @@ use faer::Par;
 use pulp::{Simd, WithSimd};
 
 use super::conv::{Conv2dParams, bands, carve, share_out, with_scratch};
-use super::gemm::{Gemm, LINE, Tile, Weights, from_line};
+use super::gemm::{Gemm, Tile, Weights};
 
 /// Input and output channels per group from which the products saved pay for the
 /// transforms: at 32 (the benchmarks' small shape) this path only ties with the direct one on
@@ -82,14 +82,11 @@ pub(super) fn forward(
                 buf,
                 [
                     cg * per_channel + MAX_LANES,
-                    16 * cg * shape.stride + LINE,
-                    16 * kg * shape.block + MAX_LANES + LINE,
+                    16 * cg * shape.stride,
+                    16 * kg * shape.block + MAX_LANES,
                     tile.room(Weights::Packed(&packed[g * 16]), kg, cg),
                 ],
             );
-            // Rows of whole cache lines from a line on: the GEMMs' loads and stores of a
-            // strip's row each touch one line.
-            let (v, m) = (from_line(v), from_line(m));
             shape.prepare(p, x, &band, &mut input[..cg * per_channel]);
             for s in (0..band.tiles).step_by(shape.block) {
                 let count = shape.block.min(band.tiles - s);
