@@ -54,7 +54,12 @@ impl Figures {
         s.canary_seconds_sum += o.canary_seconds_sum;
         s.stable_seconds_sum += o.stable_seconds_sum;
         s.max_numeric_diff = match (s.max_numeric_diff, o.max_numeric_diff) {
-            (Some(a), Some(b)) => Some(if b.is_nan() { b } else { a.max(b) }),
+            // NaN from any node wins, whichever node came first (`f64::max` drops a NaN).
+            (Some(a), Some(b)) => Some(if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }),
             (a, b) => a.or(b),
         };
         self.nodes += 1;
@@ -136,7 +141,12 @@ pub fn summarize(
             _ => {}
         }
     }
-    let readiness = if let Some((node, reason, message)) = failures.first() {
+    // A failure no retry fixes is the one to name, wherever its node came in the list.
+    let named = failures
+        .iter()
+        .find(|(_, reason, _)| fatal(reason))
+        .or(failures.first());
+    let readiness = if let Some((node, reason, message)) = named {
         let more = match failures.len() {
             1 => String::new(),
             n => format!(" (and {} more nodes)", n - 1),
@@ -277,6 +287,15 @@ mod tests {
             STALE,
         );
         assert!(!summary.unservable, "a store failure is retried, not fatal");
+        // The fatal failure is named even when a retried one comes first.
+        let reports = [
+            report("a", "Failed", Some("FetchFailed"), now),
+            report("b", "Failed", Some("DigestMismatch"), now),
+        ];
+        let summary = summarize(&kd(), &"a".repeat(64), 1, &nodes, &reports, now, STALE);
+        assert!(summary.unservable);
+        assert_eq!(summary.readiness.reason, "DigestMismatch");
+        assert!(summary.readiness.message.starts_with("node b:"));
     }
 
     #[test]
@@ -375,7 +394,7 @@ mod tests {
             &"a".repeat(64),
             7,
             &nodes[..2],
-            &[reports[0].clone(), mixed],
+            &[reports[0].clone(), mixed.clone()],
             now,
             STALE,
         )
@@ -385,5 +404,17 @@ mod tests {
             f.shadow.max_numeric_diff.unwrap().is_nan(),
             "a NaN difference is never hidden by max"
         );
+        // Nor when the NaN comes first.
+        let f = summarize(
+            &kd(),
+            &"a".repeat(64),
+            7,
+            &nodes[..2],
+            &[mixed, reports[0].clone()],
+            now,
+            STALE,
+        )
+        .figures;
+        assert!(f.shadow.max_numeric_diff.unwrap().is_nan());
     }
 }
