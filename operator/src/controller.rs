@@ -265,9 +265,9 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
             ),
             progressing(&status, &decision.notes, generation, &old.conditions),
         ];
-        let wait = decision
-            .requeue
-            .map_or_else(Action::await_change, Action::requeue);
+        // A node that goes silent sends nothing: look again once its report would be stale,
+        // so that readiness and node counts do not stay as they were.
+        let wait = Action::requeue(decision.requeue.unwrap_or(REPORT_STALE_AFTER));
         (status, decision.notes, wait)
     } else {
         // An invalid spec waits for the user to change it.

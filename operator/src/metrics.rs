@@ -244,10 +244,13 @@ impl Metrics {
         self.rollout_traffic
             .with_label_values(&kd)
             .set(status.traffic_percent.into());
-        if let Some(t) = &status.step_start_time {
-            self.rollout_step_started
+        match &status.step_start_time {
+            Some(t) => self
+                .rollout_step_started
                 .with_label_values(&kd)
-                .set(t.0.as_millisecond() as f64 / 1e3);
+                .set(t.0.as_millisecond() as f64 / 1e3),
+            // No step now: the previous rollout's last one must not linger.
+            None => drop(self.rollout_step_started.remove_label_values(&kd)),
         }
     }
 
@@ -299,5 +302,33 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn a_step_start_goes_when_the_rollout_has_no_step() {
+        let m = Metrics::default();
+        let mut status = KernelDeploymentStatus {
+            step_start_time: Some(Time(Timestamp::from_second(1_800_000_000).unwrap())),
+            ..Default::default()
+        };
+        m.rollout("ns", "k", &status);
+        assert!(
+            m.render()
+                .contains("step_started_timestamp_seconds{name=\"k\"")
+        );
+        status.step_start_time = None;
+        m.rollout("ns", "k", &status);
+        assert!(
+            !m.render()
+                .contains("step_started_timestamp_seconds{name=\"k\"")
+        );
     }
 }
