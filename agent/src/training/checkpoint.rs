@@ -13,6 +13,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -106,8 +107,22 @@ impl Checkpoints {
         let path = dir.join(path);
         let parent = path.parent().expect("a job directory");
         fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(".tmp-worker-{index}-{}", std::process::id()));
-        let mut file = File::create(&tmp)?;
+        // A name of its own: another writer of this worker (a run being replaced, or the
+        // agent of another node, PID 1 too, sharing the directory) must not write into it.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let (tmp, mut file) = loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tmp = parent.join(format!(".tmp-worker-{index}-{}-{n}", std::process::id()));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(file) => break (tmp, file),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         file.write_all(&bytes)?;
         file.sync_all()?;
         drop(file);

@@ -173,8 +173,11 @@ impl Trainer {
                 let p = e.progress.lock().expect("progress lock").clone();
                 let (then, step) = e.reported;
                 let seconds = now.duration_since(then).as_secs_f64();
+                // Steps of this interval only: a run resumed from a checkpoint did not take the
+                // steps before it here.
+                let from = step.max(p.resumed_from_step.unwrap_or(0));
                 let samples_per_second = if p.state == WorkerState::Running && seconds > 0.0 {
-                    p.step.saturating_sub(step) as f64 * f64::from(e.batch_size) / seconds
+                    p.step.saturating_sub(from) as f64 * f64::from(e.batch_size) / seconds
                 } else {
                     0.0
                 };

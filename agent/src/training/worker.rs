@@ -222,7 +222,7 @@ async fn train(
     progress: &Arc<Mutex<Progress>>,
     stop: &Arc<StopFlag>,
 ) -> Result<Outcome, TrainingError> {
-    let Some(layers) = resolve_layers(a, env, progress, stop).await else {
+    let Some(layers) = resolve_layers(a, env, progress, stop).await? else {
         return Ok(stopped(stop.get()));
     };
     let specs: Vec<Conv2dSpec> = layers.iter().map(|(spec, _)| spec.clone()).collect();
@@ -299,7 +299,7 @@ async fn resolve_layers(
     env: &Env,
     progress: &Mutex<Progress>,
     stop: &StopFlag,
-) -> Option<Vec<(Conv2dSpec, Option<Arc<Kernel>>)>> {
+) -> Result<Option<Vec<(Conv2dSpec, Option<Arc<Kernel>>)>>, TrainingError> {
     loop {
         let mut layers = Vec::new();
         let mut waiting = None;
@@ -328,17 +328,23 @@ async fn resolve_layers(
                     }
                 },
                 (None, Some(conv)) => layers.push((conv.clone(), None)),
-                (None, None) => unreachable!("the webhook requires a source per layer"),
+                // The webhook refuses it; a job that got past it fails instead.
+                (None, None) => {
+                    return Err(TrainingError::InvalidModel(format!(
+                        "layer {} sets neither conv2d nor kernelDeploymentRef",
+                        layer.name
+                    )));
+                }
             }
         }
         let Some(message) = waiting else {
             progress.lock().expect("progress lock").message = None;
-            return Some(layers);
+            return Ok(Some(layers));
         };
         progress.lock().expect("progress lock").message = Some(message);
         for _ in 0..10 {
             if stop.get() != Stop::No {
-                return None;
+                return Ok(None);
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -676,6 +682,18 @@ mod tests {
     fn digest(p: &Progress) -> String {
         assert_eq!(p.state, WorkerState::Succeeded, "{p:?}");
         p.final_weights_sha256.clone().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_layer_without_a_source_fails_the_worker_for_good() {
+        let mut s = spec(serde_json::json!({}));
+        s.model.layers[1].conv2d = None;
+        let p = run_to_end(assignment("u-nosource", s), &env(None)).await;
+        assert_eq!(
+            (p.state, p.reason, p.permanent),
+            (WorkerState::Failed, Some("InvalidModel"), true)
+        );
+        assert!(p.message.unwrap().contains("layer b sets neither"));
     }
 
     #[tokio::test]
