@@ -96,7 +96,9 @@ impl Lane {
         // revision's parallelism, as streams are on a GPU.
         let engine = f.async_enabled.then(|| {
             let backend = device.backend(f.stream_pool_size as usize, 1);
-            let resident = weights.get(&kernel.sha256).unwrap_or_else(|| {
+            // Per backend kind: a GPU node's backend may have fallen back to the CPU.
+            let key = format!("{}/{}", backend.name(), kernel.sha256);
+            let resident = weights.get(&key).unwrap_or_else(|| {
                 let host = [Some(kernel.weight.clone()), kernel.bias.clone()];
                 let up: Weights = Arc::new(
                     host.into_iter()
@@ -104,7 +106,10 @@ impl Lane {
                         .map(|d| backend.resident(d))
                         .collect(),
                 );
-                weights.insert(kernel.sha256.clone(), up.clone(), footprint(&kernel));
+                // A failed upload fails this lane's ops, not every later lane's.
+                if !up.iter().any(DeviceBuffer::failed) {
+                    weights.insert(key, up.clone(), footprint(&kernel));
+                }
                 up
             });
             (

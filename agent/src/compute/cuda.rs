@@ -157,6 +157,11 @@ impl CudaBuffer {
     fn slice(&self) -> Result<&Slice, ComputeError> {
         self.0.as_ref().as_ref().map_err(Clone::clone)
     }
+
+    /// The error it holds instead of memory, if it does.
+    pub fn error(&self) -> Option<&ComputeError> {
+        self.0.as_ref().as_ref().err()
+    }
 }
 
 /// Streams on the GPU running f32 ops.

@@ -91,6 +91,17 @@ pub enum DeviceBuffer {
     Cuda(CudaBuffer),
 }
 
+impl DeviceBuffer {
+    /// Whether it holds the error of a failed upload or op rather than data. (A CPU buffer's
+    /// error shows only when read; the CPU's uploads do not fail.)
+    pub fn failed(&self) -> bool {
+        match self {
+            DeviceBuffer::Cpu(_) => false,
+            DeviceBuffer::Cuda(b) => b.error().is_some(),
+        }
+    }
+}
+
 fn foreign() -> ComputeError {
     ComputeError::Device("a buffer of another backend".into())
 }
