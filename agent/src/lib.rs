@@ -20,6 +20,10 @@ use tracing::{info, warn};
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "kernelflow-agent";
 
+/// How long a terminating agent waits for its training workers to checkpoint and stop: within
+/// the 30 s a pod gets by default.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Command-line flags (each also read from the environment).
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "kernelflow-agent", version, about)]
@@ -243,6 +247,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = training => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+    // Within the pod's 30 s of grace: workers that finish their step checkpoint and stop;
+    // the process leaves the others to the runtime's shutdown.
+    if tokio::time::timeout(SHUTDOWN_GRACE, trainer.shut_down())
+        .await
+        .is_err()
+    {
+        warn!("training workers still running at shutdown; their last checkpoints stand");
     }
     info!("stopped");
     Ok(())

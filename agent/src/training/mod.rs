@@ -162,6 +162,24 @@ impl Trainer {
         }
     }
 
+    /// Stops every worker at its next step boundary, after a checkpoint, and waits for them:
+    /// a terminating agent's workers resume from there wherever they run next.
+    pub async fn shut_down(&self) {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut workers = self.workers.lock().expect("workers lock");
+            workers
+                .values_mut()
+                .filter_map(|e| {
+                    e.stop.set(Stop::AtCheckpoint);
+                    e.task.take()
+                })
+                .collect()
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
     /// The node report's worker entries; samples per second are over the time since the
     /// previous call.
     pub fn report(&self) -> Vec<WorkerReport> {
@@ -319,6 +337,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("{name} never got there: {:?}", t.report());
+    }
+
+    #[tokio::test]
+    async fn shutting_down_checkpoints_and_stops_every_worker() {
+        let t = trainer();
+        let long = job("long", 1_000_000, "n", 0, false);
+        until(&t, std::slice::from_ref(&long), "long", |r| r.step > 0).await;
+        t.shut_down().await;
+        let [stopped] = &t.report()[..] else {
+            panic!("one worker")
+        };
+        assert_eq!(stopped.state, WorkerState::Suspended);
+        assert_eq!(stopped.checkpoint_step, Some(stopped.step));
     }
 
     #[tokio::test]
