@@ -75,7 +75,8 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: Some(identity),
     };
-    metrics.watch_heartbeats(reports.clone());
+    // Held while this replica leads: the future is dropped when the Lease is lost.
+    let _leading = metrics.lead(reports.clone());
     let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context {
         recorder,
@@ -220,6 +221,7 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
     let verdict = validate::kernel_deployment(&kd.spec);
     let accepted = accepted(&verdict, generation, &old.conditions);
     let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
+    let mut tally = None;
     let (mut status, notes, wait) = if verdict.is_ok() {
         let now = Timestamp::now();
         // The canary, if any, is always the spec's revision, and with no canary the stable
@@ -246,12 +248,14 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
                 action,
             },
         );
-        if let Some(v) = &decision.verdict {
-            ctx.metrics.analysis(&namespace, &name, v.label());
-        }
-        if let Some((outcome, took)) = decision.finished {
-            ctx.metrics.finished(&namespace, &name, outcome, took);
-        }
+        // Counted once the status recording them is written, and a verdict once per analysis
+        // window, not once per reconcile (every node report wakes one).
+        let window = |s: &KernelDeploymentStatus| s.analysis.as_ref().and_then(|a| a.time.clone());
+        let new_window = window(&decision.status) != window(&old);
+        tally = Some((
+            decision.verdict.filter(|_| new_window).map(|v| v.label()),
+            decision.finished,
+        ));
         let mut status = decision.status;
         status.conditions = vec![
             accepted,
@@ -285,6 +289,14 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
         let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
+        if let Some((verdict, finished)) = tally {
+            if let Some(label) = verdict {
+                ctx.metrics.analysis(&namespace, &name, label);
+            }
+            if let Some((outcome, took)) = finished {
+                ctx.metrics.finished(&namespace, &name, outcome, took);
+            }
+        }
         // Rollout events come from the machine's notes; these from the other conditions.
         let others = |c: &[Condition]| -> Vec<Condition> {
             c.iter()

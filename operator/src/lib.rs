@@ -57,8 +57,10 @@ pub struct Args {
         default_value = "kernelflow-operator"
     )]
     pub lease_name: String,
-    /// Seconds a leader's Lease lasts without renewal; a standby takes over after it.
-    #[arg(long, env = "KERNELFLOW_LEASE_DURATION", default_value_t = 15)]
+    /// Seconds a leader's Lease lasts without renewal; a standby takes over after it. At
+    /// least 3: the leader renews a third of it before expiry.
+    #[arg(long, env = "KERNELFLOW_LEASE_DURATION", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(3..))]
     pub lease_duration_seconds: u64,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "KERNELFLOW_HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -276,5 +278,21 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        let parse =
+            |d: &str| Args::try_parse_from(["kernelflow-operator", "--lease-duration-seconds", d]);
+        let err = parse("2").unwrap_err().to_string();
+        assert!(err.contains("--lease-duration-seconds"), "{err}");
+        assert_eq!(parse("3").unwrap().lease_duration_seconds, 3);
     }
 }

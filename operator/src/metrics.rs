@@ -175,6 +175,21 @@ impl Default for Metrics {
     }
 }
 
+/// Keeps the leader's series exported; dropping it (when the Lease is lost) withdraws the
+/// heartbeats and the rollout gauges, so that a standby exports none of them stale.
+pub struct Leading(Metrics);
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        let m = &self.0;
+        m.withdraw_heartbeats();
+        for g in [&m.rollout_info, &m.rollout_step, &m.rollout_traffic] {
+            g.reset();
+        }
+        m.rollout_step_started.reset();
+    }
+}
+
 /// Each node's last report time, read from the report cache at scrape time so that a
 /// report that goes away takes its series with it.
 struct Heartbeats {
@@ -212,18 +227,24 @@ impl Collector for Heartbeats {
 }
 
 impl Metrics {
-    /// Exports the heartbeat of every node report in `reports`.
-    pub fn watch_heartbeats(&self, reports: Store<NodeReport>) {
-        let desc: Vec<Desc> = Heartbeats::gauge().desc().into_iter().cloned().collect();
-        // A replica that leads again replaces the collector of its previous term.
-        let previous = Heartbeats {
-            reports: reports.clone(),
-            desc: desc.clone(),
-        };
-        let _ = self.registry.unregister(Box::new(previous));
+    /// Exports the heartbeat of every node report in `reports`, and the rollout gauges as the
+    /// controller sets them, until the returned guard is dropped.
+    pub fn lead(&self, reports: Store<NodeReport>) -> Leading {
+        self.withdraw_heartbeats();
+        let desc = Heartbeats::gauge().desc().into_iter().cloned().collect();
         self.registry
             .register(Box::new(Heartbeats { reports, desc }))
             .expect("the previous collector is gone");
+        Leading(self.clone())
+    }
+
+    fn withdraw_heartbeats(&self) {
+        // Unregistering matches the descriptors; the store does not matter.
+        let any = Heartbeats {
+            reports: kube::runtime::reflector::store::<NodeReport>().0,
+            desc: Heartbeats::gauge().desc().into_iter().cloned().collect(),
+        };
+        let _ = self.registry.unregister(Box::new(any));
     }
 
     /// Sets the gauges of one KernelDeployment's rollout from its status.
@@ -311,6 +332,18 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
+
+    #[test]
+    fn leadership_lost_withdraws_the_leaders_series() {
+        let m = Metrics::default();
+        let leading = m.lead(kube::runtime::reflector::store::<NodeReport>().0);
+        m.rollout("ns", "k", &KernelDeploymentStatus::default());
+        assert!(m.render().contains("rollout_info{"));
+        drop(leading);
+        assert!(!m.render().contains("rollout_info{"));
+        // Leading again registers the heartbeats anew.
+        let _again = m.lead(kube::runtime::reflector::store::<NodeReport>().0);
+    }
 
     #[test]
     fn a_step_start_goes_when_the_rollout_has_no_step() {
