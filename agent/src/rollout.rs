@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kernelflow_crds::KernelDeployment;
 use kernelflow_crds::kernel_deployment::{Revision, RolloutPhase};
-use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
+use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures, max_diff};
 use kube::ResourceExt;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
@@ -340,7 +340,7 @@ impl Serving {
             if self.comparable {
                 let diff = max_abs_diff(&yc, &ys);
                 shadow.max_numeric_diff =
-                    Some(shadow.max_numeric_diff.map_or(diff, |d| d.max(diff)));
+                    Some(shadow.max_numeric_diff.map_or(diff, |d| max_diff(d, diff)));
             }
         }
         if let Some(d) = w.shadow.max_numeric_diff {
@@ -377,10 +377,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;
     }
-    a.iter().zip(b).fold(0.0, |m: f64, (x, y)| {
-        let d = f64::from((x - y).abs());
-        if d.is_nan() { d } else { m.max(d) }
-    })
+    a.iter()
+        .zip(b)
+        .fold(0.0, |m, (x, y)| max_diff(m, f64::from((x - y).abs())))
 }
 
 /// Per-deployment Prometheus series of the split.

@@ -119,6 +119,16 @@ pub struct ShadowFigures {
     pub max_numeric_diff: Option<f64>,
 }
 
+/// The larger of two numeric differences, NaN if either is: `f64::max` drops a NaN, and a
+/// NaN difference (a revision producing NaN) must never be hidden by a later finite one.
+pub fn max_diff(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// One AsyncTrainingJob worker as run on one node. The operator folds these into the job's
 /// status, taking only reports whose job uid, worker index and attempt match the assignment.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -169,4 +179,16 @@ pub struct WorkerReport {
     /// job fails at once instead of spending its backoff limit.
     #[serde(default)]
     pub permanent: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_diff;
+
+    #[test]
+    fn a_nan_difference_wins_from_either_side() {
+        assert_eq!(max_diff(1e-6, 2e-6), 2e-6);
+        assert!(max_diff(f64::NAN, 1.0).is_nan());
+        assert!(max_diff(1.0, f64::NAN).is_nan());
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kernelflow_crds::kernel_deployment::NodeCounts;
-use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
+use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures, max_diff};
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -54,12 +54,7 @@ impl Figures {
         s.canary_seconds_sum += o.canary_seconds_sum;
         s.stable_seconds_sum += o.stable_seconds_sum;
         s.max_numeric_diff = match (s.max_numeric_diff, o.max_numeric_diff) {
-            // NaN from any node wins, whichever node came first (`f64::max` drops a NaN).
-            (Some(a), Some(b)) => Some(if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.max(b)
-            }),
+            (Some(a), Some(b)) => Some(max_diff(a, b)),
             (a, b) => a.or(b),
         };
         self.nodes += 1;

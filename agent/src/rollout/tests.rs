@@ -267,3 +267,10 @@ async fn a_new_epoch_starts_new_figures_and_a_removed_deployment_stops_serving()
         .await;
     assert!(matches!(r, Err(OpError::NotServing(_))), "{r:?}");
 }
+
+#[test]
+fn a_nan_anywhere_in_the_outputs_makes_the_difference_nan() {
+    assert!(max_abs_diff(&[f32::NAN, 0.0], &[0.0, 1.0]).is_nan());
+    assert!(max_abs_diff(&[0.0, f32::NAN], &[1.0, 0.0]).is_nan());
+    assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+}
