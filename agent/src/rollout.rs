@@ -449,6 +449,19 @@ impl RolloutMetrics {
         registry.register(Box::new(m.state.clone()))?;
         Ok(m)
     }
+
+    /// Drops the series of a deployment this node no longer serves.
+    fn forget(&self, namespace: &str, name: &str) {
+        for side in [Side::Canary, Side::Stable] {
+            let labels = [namespace, name, side.label()];
+            for v in [&self.ops, &self.failures] {
+                let _ = v.remove_label_values(&labels);
+            }
+            let _ = self.duration.remove_label_values(&labels);
+        }
+        let _ = self.fallbacks.remove_label_values(&[namespace, name]);
+        let _ = self.numeric_diff.remove_label_values(&[namespace, name]);
+    }
 }
 
 /// Every deployment's split on this node.
@@ -536,6 +549,8 @@ impl Router {
                 }
                 _ => false,
             };
+            // The largest difference is the new split's.
+            let _ = self.metrics.numeric_diff.remove_label_values(&[&ns, &name]);
             tracing::info!(
                 namespace = ns,
                 name,
@@ -567,7 +582,20 @@ impl Router {
         }
         let mut draining = self.draining.lock().expect("draining lock");
         draining.extend(std::mem::take(&mut *serving).into_values());
-        draining.retain(|s| s.in_flight.load(Ordering::Relaxed) > 0);
+        let (busy, done): (Vec<_>, Vec<_>) = std::mem::take(&mut *draining)
+            .into_iter()
+            .partition(|s| s.in_flight.load(Ordering::Relaxed) > 0);
+        *draining = busy;
+        // The series of a deployment gone from this node go once its operations have.
+        for s in done {
+            let key = (s.namespace.clone(), s.name.clone());
+            let draining = draining
+                .iter()
+                .any(|d| (&d.namespace, &d.name) == (&key.0, &key.1));
+            if !keep.contains_key(&key) && !draining {
+                self.metrics.forget(&key.0, &key.1);
+            }
+        }
         *serving = keep;
     }
 

@@ -274,3 +274,23 @@ fn a_nan_anywhere_in_the_outputs_makes_the_difference_nan() {
     assert!(max_abs_diff(&[0.0, f32::NAN], &[1.0, 0.0]).is_nan());
     assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
 }
+
+/// A deployment gone from the node takes its series with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_no_longer_served_takes_its_series_with_it() {
+    let f = Fixture::new("forget");
+    let a = f.artifact(1, 0.5, None);
+    let router = router();
+    f.serve(&router, &f.kd(&a, true, &a, 10, "Progressing"))
+        .await;
+    let x = Arc::new(uniform(2 * 8 * 8, 7, 1.0));
+    assert!(router.conv2d("ns", "k", params(), x).await.is_ok());
+    let series = |router: &Router| {
+        prometheus::core::Collector::collect(&router.metrics.ops)[0]
+            .get_metric()
+            .len()
+    };
+    assert_eq!(series(&router), 1);
+    router.sync(&[], &f.labels, &f.warmer);
+    assert_eq!(series(&router), 0);
+}
