@@ -77,6 +77,22 @@ pub struct RouterConfig {
 /// shared by every lane running that kernel.
 type Weights = Arc<Vec<DeviceBuffer>>;
 
+/// An operation in flight, counted until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One revision as this node runs it.
 struct Lane {
     kernel: Arc<Kernel>,
@@ -120,18 +136,29 @@ impl Lane {
         Self { kernel, engine }
     }
 
-    async fn run(&self, p: Conv2dParams, x: Arc<Vec<f32>>) -> Result<Vec<f32>, ComputeError> {
+    /// Runs the op, holding `busy` until its work ends: on the synchronous path that is the
+    /// blocking task's end, which a timeout does not bring forward.
+    async fn run(
+        &self,
+        p: Conv2dParams,
+        x: Arc<Vec<f32>>,
+        busy: Busy,
+    ) -> Result<Vec<f32>, ComputeError> {
         let (w, b) = (self.kernel.weight.clone(), self.kernel.bias.clone());
         let inputs: Vec<_> = [Some(x), Some(w), b].into_iter().flatten().collect();
         match &self.engine {
             Some((engine, resident)) => {
                 let out = engine.run_with(Op::Conv2d(p), inputs, resident).await;
+                drop(busy);
                 Ok(out?.swap_remove(0))
             }
-            None => tokio::task::spawn_blocking(move || run_sync(Op::Conv2d(p), &inputs))
-                .await
-                .map_err(|e| ComputeError::Stopped(e.to_string()))?
-                .map(|mut out| out.swap_remove(0)),
+            None => tokio::task::spawn_blocking(move || {
+                let _busy = busy;
+                run_sync(Op::Conv2d(p), &inputs)
+            })
+            .await
+            .map_err(|e| ComputeError::Stopped(e.to_string()))?
+            .map(|mut out| out.swap_remove(0)),
         }
     }
 
@@ -180,7 +207,8 @@ pub struct Serving {
     /// Canary and stable compute the same function, so their outputs must agree.
     comparable: bool,
     seq: AtomicU64,
-    in_flight: AtomicUsize,
+    /// Operations started and not finished, timed-out ones included until their work ends.
+    in_flight: Arc<AtomicUsize>,
     started: Timestamp,
     window: Mutex<Window>,
     timeout: Duration,
@@ -240,9 +268,9 @@ impl Serving {
         let lane = self
             .lane(side)
             .ok_or_else(|| OpError::NotServing(format!("{}/{}", self.namespace, self.name)))?;
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let busy = Busy::new(&self.in_flight);
         let start = Instant::now();
-        let result = match tokio::time::timeout(timeout, lane.run(p, x)).await {
+        let result = match tokio::time::timeout(timeout, lane.run(p, x, busy)).await {
             Err(_) => Err(OpError::Timeout(timeout)),
             Ok(Err(e)) => Err(e.into()),
             Ok(Ok(y)) => match y.iter().position(|v| !v.is_finite()) {
@@ -251,7 +279,6 @@ impl Serving {
             },
         };
         let took = start.elapsed();
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let labels = [self.namespace.as_str(), self.name.as_str(), side.label()];
         metrics.ops.with_label_values(&labels).inc();
         {
@@ -571,7 +598,7 @@ impl Router {
                     stable,
                     comparable,
                     seq: AtomicU64::new(0),
-                    in_flight: AtomicUsize::new(0),
+                    in_flight: Arc::default(),
                     started: Timestamp::now(),
                     window: Mutex::default(),
                     timeout: self.config.op_timeout,
