@@ -260,6 +260,16 @@ async fn a_new_epoch_starts_new_figures_and_a_removed_deployment_stops_serving()
         0,
         "a changed split starts from zero"
     );
+    router
+        .conv2d("ns", "k", params(), Arc::new(uniform(128, 0, 1.0)))
+        .await
+        .unwrap();
+    // A new epoch alone (a retry at the same percent) starts from zero too.
+    let mut again = (*next).clone();
+    again.status.as_mut().unwrap().step_epoch += 1;
+    f.serve(&router, &Arc::new(again)).await;
+    let k = report(&router);
+    assert_eq!((k.canary.ops + k.stable.ops, k.epoch), (0, Some(5)));
 
     router.sync(&[], &f.labels, &f.warmer);
     let r = router
