@@ -525,13 +525,16 @@ impl Router {
     }
 
     /// Brings the splits in line with the deployments' statuses and the warm kernels.
+    ///
+    /// New splits are built outside the lock that every operation's lookup takes: a GPU
+    /// lane's streams and handles take a while to create. One caller at a time.
     pub fn sync(
         &self,
         deployments: &[Arc<KernelDeployment>],
         labels: &BTreeMap<String, String>,
         warmer: &Warmer,
     ) {
-        let mut serving = self.serving.lock().expect("serving lock");
+        let current = self.serving.lock().expect("serving lock").clone();
         let mut keep = BTreeMap::new();
         for kd in deployments.iter().filter(|kd| selects(kd, labels)) {
             let (ns, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
@@ -554,8 +557,8 @@ impl Router {
                 stable: with_warmth(&status.stable_revision),
             };
             let key = (ns.clone(), name.clone());
-            if let Some(current) = serving.remove(&key).filter(|s| s.plan == plan) {
-                keep.insert(key, current);
+            if let Some(current) = current.get(&key).filter(|s| s.plan == plan) {
+                keep.insert(key, current.clone());
                 continue;
             }
             let Ok(params) =
@@ -607,8 +610,12 @@ impl Router {
                 }),
             );
         }
+        let mut serving = self.serving.lock().expect("serving lock");
+        let replaced = std::mem::take(&mut *serving)
+            .into_values()
+            .filter(|s| !keep.values().any(|k| Arc::ptr_eq(k, s)));
         let mut draining = self.draining.lock().expect("draining lock");
-        draining.extend(std::mem::take(&mut *serving).into_values());
+        draining.extend(replaced);
         let (busy, done): (Vec<_>, Vec<_>) = std::mem::take(&mut *draining)
             .into_iter()
             .partition(|s| s.in_flight.load(Ordering::Relaxed) > 0);

@@ -250,7 +250,12 @@ pub async fn run(client: Client, node: String, warmer: Arc<Warmer>, router: Arc<
         }
         let (kds, labels) = (kds.state(), labels(&nodes, &node));
         warmer.sync(&kds, &labels);
-        router.sync(&kds, &labels, &warmer);
+        // Off the runtime: new lanes may create a GPU backend and upload weights.
+        let (router, warmer) = (router.clone(), warmer.clone());
+        let synced = tokio::task::spawn_blocking(move || router.sync(&kds, &labels, &warmer));
+        if let Err(e) = synced.await {
+            tracing::error!(error = %e, "updating the splits failed");
+        }
     }
 }
 
