@@ -180,7 +180,9 @@ async fn reconcile_kernel_deployment(
         })
         .await
         .map_err(|e| match e {
-            kube::runtime::finalizer::Error::CleanupFailed(e @ Error::Draining(_)) => e,
+            // The reconciler's own errors keep their kind (and metric label).
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
             e => Error::Finalizer(e.to_string()),
         })
     })
