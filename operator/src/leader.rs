@@ -5,6 +5,9 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Api;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{info, warn};
 
@@ -41,6 +44,13 @@ where
         .build()
         .await?;
     let (mut leading, task) = manager.watch().await;
+    let api: Api<Lease> = Api::namespaced(client.clone(), lease.namespace);
+    let hold = Hold {
+        api: &api,
+        name: lease.name,
+        identity: lease.identity,
+        grace,
+    };
     let campaign = async {
         loop {
             while !*leading.borrow_and_update() {
@@ -48,6 +58,12 @@ where
                     bail!("the lease manager stopped");
                 }
             }
+            // The manager's flag stays up while its renewals fail: start only on a hold the
+            // Lease as stored shows.
+            let Some(until) = hold.confirmed().await else {
+                tokio::time::sleep(hold.poll()).await;
+                continue;
+            };
             info!(
                 lease = lease.name,
                 "acquired the lease; starting controllers"
@@ -62,10 +78,13 @@ where
             };
             tokio::select! {
                 () = work() => bail!("the controllers stopped"),
-                () = lost => {}
+                () = lost => warn!(lease = lease.name, "lost the lease; controllers stopped"),
+                () = hold.lapses(until) => warn!(
+                    lease = lease.name,
+                    "the lease was not seen renewed before its deadline; controllers stopped"
+                ),
             }
             metrics.leader.set(0);
-            warn!(lease = lease.name, "lost the lease; controllers stopped");
         }
     };
     let result = tokio::select! {
@@ -82,4 +101,105 @@ where
         Err(_) => warn!("releasing the lease timed out"),
     }
     result
+}
+
+/// This replica's hold on the Lease, as the API server stores it.
+struct Hold<'a> {
+    api: &'a Api<Lease>,
+    name: &'a str,
+    identity: &'a str,
+    grace: u64,
+}
+
+impl Hold<'_> {
+    /// How often the Lease is read while leading: twice per grace period.
+    fn poll(&self) -> Duration {
+        Duration::from_millis(self.grace * 500)
+    }
+
+    /// Until when this replica may act, if the stored Lease shows it holding.
+    async fn confirmed(&self) -> Option<Timestamp> {
+        match self.api.get(self.name).await {
+            Ok(stored) => acts_until(&stored, self.identity, self.grace)
+                .filter(|until| *until > Timestamp::now()),
+            Err(e) => {
+                warn!(error = %e, "reading the lease failed");
+                None
+            }
+        }
+    }
+
+    /// Returns once the hold is not seen renewed before its deadline (`until` at first): the
+    /// lease manager keeps its flag up while renewals fail (the API server unreachable, say),
+    /// while a standby takes over once the Lease expires. client-go's leaders stop at their
+    /// renew deadline likewise.
+    async fn lapses(&self, mut until: Timestamp) {
+        loop {
+            tokio::time::sleep(self.poll()).await;
+            match self.api.get(self.name).await {
+                Ok(stored) => match acts_until(&stored, self.identity, self.grace) {
+                    Some(t) => until = t,
+                    None => return,
+                },
+                Err(e) => warn!(error = %e, "reading the lease failed"),
+            }
+            if Timestamp::now() >= until {
+                return;
+            }
+        }
+    }
+}
+
+/// Until when the holder of `lease` may act if it is `identity`: its last renewal plus the
+/// Lease's duration less half the grace, after the renewal due a grace before expiry and
+/// before a standby may take over. `None` if another replica holds it, or nobody.
+fn acts_until(lease: &Lease, identity: &str, grace: u64) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?.0;
+    let duration = i64::from(spec.lease_duration_seconds?);
+    let grace = i64::try_from(grace).ok()?;
+    renewed
+        .checked_add(SignedDuration::from_millis(duration * 1000 - grace * 500))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    use super::*;
+
+    fn lease(holder: Option<&str>, renewed: Option<i64>, acquired: Option<i64>) -> Lease {
+        let at = |s: i64| MicroTime(Timestamp::from_second(s).unwrap());
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(String::from),
+                lease_duration_seconds: Some(15),
+                renew_time: renewed.map(at),
+                acquire_time: acquired.map(at),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_holder_acts_until_half_a_grace_before_its_lease_expires() {
+        let t = |s: i64, ms: i64| {
+            Timestamp::from_second(s)
+                .unwrap()
+                .checked_add(SignedDuration::from_millis(ms))
+                .unwrap()
+        };
+        let held = lease(Some("a"), Some(1_000), Some(900));
+        assert_eq!(acts_until(&held, "a", 5), Some(t(1_012, 500)));
+        assert_eq!(acts_until(&held, "b", 5), None, "another's");
+        let acquired = lease(Some("a"), None, Some(900));
+        assert_eq!(acts_until(&acquired, "a", 5), Some(t(912, 500)));
+        assert_eq!(acts_until(&lease(None, Some(1_000), None), "a", 5), None);
+    }
 }
