@@ -223,8 +223,7 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
     let verdict = validate::kernel_deployment(&kd.spec);
     let accepted = accepted(&verdict, generation, &old.conditions);
     let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
-    let mut tally = None;
-    let (mut status, notes, wait) = if verdict.is_ok() {
+    let (mut status, notes, wait, tally) = if verdict.is_ok() {
         let now = Timestamp::now();
         // The canary, if any, is always the spec's revision, and with no canary the stable
         // one is: either way the nodes should be warm with the spec's artifact.
@@ -254,10 +253,10 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
         // window, not once per reconcile (every node report wakes one).
         let window = |s: &KernelDeploymentStatus| s.analysis.as_ref().and_then(|a| a.time.clone());
         let new_window = window(&decision.status) != window(&old);
-        tally = Some((
+        let tally = (
             decision.verdict.filter(|_| new_window).map(|v| v.label()),
             decision.finished,
-        ));
+        );
         let mut status = decision.status;
         status.conditions = vec![
             accepted,
@@ -274,10 +273,11 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
         // A node that goes silent sends nothing: look again once its report would be stale,
         // so that readiness and node counts do not stay as they were.
         let wait = Action::requeue(decision.requeue.unwrap_or(REPORT_STALE_AFTER));
-        (status, decision.notes, wait)
+        (status, decision.notes, wait, tally)
     } else {
         // An invalid spec waits for the user to change it.
-        (frozen(&old, accepted), Vec::new(), Action::await_change())
+        let status = frozen(&old, accepted);
+        (status, Vec::new(), Action::await_change(), (None, None))
     };
     status.observed_generation = generation;
     ctx.metrics.rollout(&namespace, &name, &status);
@@ -291,13 +291,12 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
         let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
-        if let Some((verdict, finished)) = tally {
-            if let Some(label) = verdict {
-                ctx.metrics.analysis(&namespace, &name, label);
-            }
-            if let Some((outcome, took)) = finished {
-                ctx.metrics.finished(&namespace, &name, outcome, took);
-            }
+        let (verdict, finished) = tally;
+        if let Some(label) = verdict {
+            ctx.metrics.analysis(&namespace, &name, label);
+        }
+        if let Some((outcome, took)) = finished {
+            ctx.metrics.finished(&namespace, &name, outcome, took);
         }
         // Rollout events come from the machine's notes; these from the other conditions.
         let others = |c: &[Condition]| -> Vec<Condition> {

@@ -177,12 +177,15 @@ impl Default for Metrics {
 
 /// Keeps the leader's series exported; dropping it (when the Lease is lost) withdraws the
 /// heartbeats and the rollout gauges, so that a standby exports none of them stale.
-pub struct Leading(Metrics);
+pub struct Leading {
+    metrics: Metrics,
+    heartbeats: Heartbeats,
+}
 
 impl Drop for Leading {
     fn drop(&mut self) {
-        let m = &self.0;
-        m.withdraw_heartbeats();
+        let m = &self.metrics;
+        let _ = m.registry.unregister(Box::new(self.heartbeats.clone()));
         for g in [&m.rollout_info, &m.rollout_step, &m.rollout_traffic] {
             g.reset();
         }
@@ -192,6 +195,7 @@ impl Drop for Leading {
 
 /// Each node's last report time, read from the report cache at scrape time so that a
 /// report that goes away takes its series with it.
+#[derive(Clone)]
 struct Heartbeats {
     reports: Store<NodeReport>,
     desc: Vec<Desc>,
@@ -229,22 +233,17 @@ impl Collector for Heartbeats {
 impl Metrics {
     /// Exports the heartbeat of every node report in `reports`, and the rollout gauges as the
     /// controller sets them, until the returned guard is dropped.
+    /// One guard at a time: the previous term's, dropped, has withdrawn its collector.
     pub fn lead(&self, reports: Store<NodeReport>) -> Leading {
-        self.withdraw_heartbeats();
         let desc = Heartbeats::gauge().desc().into_iter().cloned().collect();
+        let heartbeats = Heartbeats { reports, desc };
         self.registry
-            .register(Box::new(Heartbeats { reports, desc }))
-            .expect("the previous collector is gone");
-        Leading(self.clone())
-    }
-
-    fn withdraw_heartbeats(&self) {
-        // Unregistering matches the descriptors; the store does not matter.
-        let any = Heartbeats {
-            reports: kube::runtime::reflector::store::<NodeReport>().0,
-            desc: Heartbeats::gauge().desc().into_iter().cloned().collect(),
-        };
-        let _ = self.registry.unregister(Box::new(any));
+            .register(Box::new(heartbeats.clone()))
+            .expect("the previous term's collector is gone");
+        Leading {
+            metrics: self.clone(),
+            heartbeats,
+        }
     }
 
     /// Sets the gauges of one KernelDeployment's rollout from its status.
