@@ -149,7 +149,6 @@ impl Lane {
         match &self.engine {
             Some((engine, resident)) => {
                 let out = engine.run_with(Op::Conv2d(p), inputs, resident).await;
-                drop(busy);
                 Ok(out?.swap_remove(0))
             }
             None => tokio::task::spawn_blocking(move || {
@@ -622,12 +621,12 @@ impl Router {
         *draining = busy;
         // The series of a deployment gone from this node go once its operations have.
         for s in done {
-            let key = (s.namespace.clone(), s.name.clone());
-            let draining = draining
+            let served = keep.contains_key(&(s.namespace.clone(), s.name.clone()));
+            let busy = draining
                 .iter()
-                .any(|d| (&d.namespace, &d.name) == (&key.0, &key.1));
-            if !keep.contains_key(&key) && !draining {
-                self.metrics.forget(&key.0, &key.1);
+                .any(|d| d.namespace == s.namespace && d.name == s.name);
+            if !served && !busy {
+                self.metrics.forget(&s.namespace, &s.name);
             }
         }
         *serving = keep;
