@@ -236,12 +236,16 @@ impl Trainer {
             .collect()
     }
 
-    /// Deletes the checkpoints of jobs that no longer exist.
-    fn clean_up(&self, jobs: &[Arc<AsyncTrainingJob>]) {
+    /// Deletes the checkpoints of jobs that no longer exist, on a blocking thread (it walks
+    /// and deletes directories); the returned handle ends with it.
+    fn clean_up(&self, jobs: &[Arc<AsyncTrainingJob>]) -> JoinHandle<()> {
         let live: HashSet<String> = jobs.iter().filter_map(|j| j.uid()).collect();
-        if let Err(e) = self.env.checkpoints.retain(&live, KEEP_ORPHANS) {
-            tracing::warn!(error = %e, "deleting old checkpoints failed");
-        }
+        let env = self.env.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = env.checkpoints.retain(&live, KEEP_ORPHANS) {
+                tracing::warn!(error = %e, "deleting old checkpoints failed");
+            }
+        })
     }
 }
 
@@ -271,7 +275,8 @@ pub async fn run(client: Client, trainer: Arc<Trainer>) {
         tokio::select! {
             Some(()) = events.next() => {}
             _ = tick.tick() => {}
-            _ = cleanup.tick(), if is_ready => trainer.clean_up(&jobs.state()),
+            // Not awaited: the watch goes on while the disk is walked.
+            _ = cleanup.tick(), if is_ready => drop(trainer.clean_up(&jobs.state())),
             r = &mut ready, if !waited => (waited, is_ready) = (true, r.is_ok()),
         }
         trainer.sync(&jobs.state());
@@ -350,6 +355,24 @@ mod tests {
         };
         assert_eq!(stopped.state, WorkerState::Suspended);
         assert_eq!(stopped.checkpoint_step, Some(stopped.step));
+    }
+
+    #[tokio::test]
+    async fn clean_up_deletes_only_the_checkpoints_of_jobs_that_are_gone() {
+        let t = trainer();
+        let layers = [kernelflow_crds::Conv2dSpec::new(1, 1, [1, 1])];
+        let model = crate::compute::train::Model::new(&layers, [1, 2, 2], 1).unwrap();
+        let meta = checkpoint::Meta {
+            step: 1,
+            first_loss: None,
+            fingerprint: String::new(),
+        };
+        for uid in ["uid-kept", "uid-gone"] {
+            t.env.checkpoints.save(uid, 0, &meta, &model).unwrap();
+        }
+        t.clean_up(&[job("kept", 5, "m", 0, false)]).await.unwrap();
+        assert!(t.env.checkpoints.load("uid-kept", 0).unwrap().is_some());
+        assert!(t.env.checkpoints.load("uid-gone", 0).unwrap().is_none());
     }
 
     #[tokio::test]

@@ -257,16 +257,6 @@ async fn train(
         }
         (None, None) => unreachable!("checked above"),
     };
-    let (start, first_loss) = resume(a, env, &mut model);
-    {
-        let mut p = progress.lock().expect("progress lock");
-        let resumed = (start > 0).then_some(start);
-        (p.step, p.first_loss) = (start, first_loss);
-        (p.checkpoint_step, p.resumed_from_step) = (resumed, resumed);
-    }
-    if start >= spec.training.steps {
-        return Ok(Outcome::Finished(weights_digest(&model)));
-    }
     let job = Steps {
         a: a.clone(),
         env: env.clone(),
@@ -277,7 +267,12 @@ async fn train(
     let handle = Handle::current();
     let (device, streams) = (env.router.device().clone(), spec.pipeline.streams as usize);
     tokio::task::spawn_blocking(move || {
-        // Off the runtime: CUDA streams start with handles that take a while to create.
+        // Off the runtime: a checkpoint is read from disk, and CUDA streams start with
+        // handles that take a while to create.
+        let (start, first_loss) = job.resume(&mut model);
+        if start >= job.a.spec.training.steps {
+            return Ok(Outcome::Finished(weights_digest(&model)));
+        }
         let backend = device.backend(streams, OP_THREADS);
         job.run(&handle, backend, model, start, first_loss)
     })
@@ -368,52 +363,6 @@ fn fingerprint(spec: &AsyncTrainingJobSpec) -> String {
     hex::encode(Sha256::digest(json))
 }
 
-/// Restores the last checkpoint into `model` when there is a usable one; returns the step
-/// to start from and the run's first loss. A damaged or foreign checkpoint is ignored (and
-/// counted): training restarts from the seed rather than from a bad state.
-fn resume(a: &Assignment, env: &Env, model: &mut Model) -> (u64, Option<f32>) {
-    let fresh = model.clone();
-    let refused = |why: &str, detail: String| {
-        tracing::warn!(
-            job = a.name,
-            worker = a.index,
-            why,
-            detail,
-            "not resuming from the checkpoint"
-        );
-        env.metrics
-            .checkpoint_refusals
-            .with_label_values(&[why])
-            .inc();
-    };
-    let loaded = match env.checkpoints.load(&a.uid, a.index) {
-        Ok(Some(l)) => l,
-        Ok(None) => return (0, None),
-        Err(e) => {
-            refused(e.reason(), e.to_string());
-            return (0, None);
-        }
-    };
-    if loaded.meta.fingerprint != fingerprint(&a.spec) {
-        refused("SpecChanged", loaded.meta.fingerprint);
-        return (0, None);
-    }
-    let mut tensors = loaded.tensors;
-    if let Err(e) = model.load_state_dict(|k| tensors.remove(k)) {
-        *model = fresh;
-        refused("Corrupt", e.to_string());
-        return (0, None);
-    }
-    let step = loaded.meta.step;
-    tracing::info!(
-        job = a.name,
-        worker = a.index,
-        step,
-        "resuming from the checkpoint"
-    );
-    (step, loaded.meta.first_loss)
-}
-
 /// The blocking part of a run: the steps through the pipeline.
 struct Steps {
     a: Assignment,
@@ -433,6 +382,63 @@ struct Item<B: Backend> {
 }
 
 impl Steps {
+    /// [`Self::restore`], recording in the progress where the run starts.
+    fn resume(&self, model: &mut Model) -> (u64, Option<f32>) {
+        let (start, first_loss) = self.restore(model);
+        let mut p = self.progress.lock().expect("progress lock");
+        let resumed = (start > 0).then_some(start);
+        (p.step, p.first_loss) = (start, first_loss);
+        (p.checkpoint_step, p.resumed_from_step) = (resumed, resumed);
+        (start, first_loss)
+    }
+
+    /// Restores the last checkpoint into `model` when there is a usable one; returns the step
+    /// to start from and the run's first loss. A damaged or foreign checkpoint is ignored (and
+    /// counted): training restarts from the seed rather than from a bad state. Reads a file.
+    fn restore(&self, model: &mut Model) -> (u64, Option<f32>) {
+        let (a, env) = (&self.a, &self.env);
+        let fresh = model.clone();
+        let refused = |why: &str, detail: String| {
+            tracing::warn!(
+                job = a.name,
+                worker = a.index,
+                why,
+                detail,
+                "not resuming from the checkpoint"
+            );
+            env.metrics
+                .checkpoint_refusals
+                .with_label_values(&[why])
+                .inc();
+        };
+        let loaded = match env.checkpoints.load(&a.uid, a.index) {
+            Ok(Some(l)) => l,
+            Ok(None) => return (0, None),
+            Err(e) => {
+                refused(e.reason(), e.to_string());
+                return (0, None);
+            }
+        };
+        if loaded.meta.fingerprint != fingerprint(&a.spec) {
+            refused("SpecChanged", loaded.meta.fingerprint);
+            return (0, None);
+        }
+        let mut tensors = loaded.tensors;
+        if let Err(e) = model.load_state_dict(|k| tensors.remove(k)) {
+            *model = fresh;
+            refused("Corrupt", e.to_string());
+            return (0, None);
+        }
+        let step = loaded.meta.step;
+        tracing::info!(
+            job = a.name,
+            worker = a.index,
+            step,
+            "resuming from the checkpoint"
+        );
+        (step, loaded.meta.first_loss)
+    }
+
     /// Runs steps `start..` on this (blocking) thread, entering the runtime of `handle` for
     /// the async compute.
     fn run<B: Backend>(
