@@ -663,9 +663,16 @@ impl Libs {
             .context()
             .bind_to_thread()
             .or_device("binding the CUDA context")?;
+        let raw = RawCudnn::new(stream).or_device("creating a cuDNN handle")?;
+        // cudarc's `Cudnn::new` unwraps a context binding, which fails when another thread's
+        // drop has just recorded an error in the context: an error here, not a panic that
+        // would skip the caller's fallback to the CPU.
+        let cudnn = std::panic::catch_unwind(|| Cudnn::new(stream.clone()))
+            .map_err(|_| ComputeError::Device("creating a cuDNN handle: cudarc panicked".into()))?
+            .or_device("creating a cuDNN handle")?;
         Ok(Self {
-            raw: RawCudnn::new(stream).or_device("creating a cuDNN handle")?,
-            cudnn: Cudnn::new(stream.clone()).or_device("creating a cuDNN handle")?,
+            raw,
+            cudnn,
             blas: CudaBlas::new(stream.clone()).or_device("creating a cuBLAS handle")?,
             graphs: HashMap::new(),
             plans: HashMap::new(),
