@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: demo test deps crds install-yaml lint
+.PHONY: demo test deps crds install-yaml images lint
 
 ## Install etcd, build kube-apiserver, install helm, kubectl and promtool, once (cached in
 ## ~/.cache/kernelflow or installed from Debian).
@@ -27,6 +27,14 @@ crds:
 install-yaml:
 	scripts/render-install-yaml.sh > examples/install.yaml.new
 	mv examples/install.yaml.new examples/install.yaml
+
+## The operator and agent images (Dockerfile), named and tagged as the chart pulls them.
+DOCKER ?= docker
+IMAGE_REGISTRY ?= ghcr.io/kernelflow
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/kernelflow/Chart.yaml)
+images:
+	$(DOCKER) build --target operator -t $(IMAGE_REGISTRY)/kernelflow-operator:$(IMAGE_TAG) .
+	$(DOCKER) build --target agent -t $(IMAGE_REGISTRY)/kernelflow-agent:$(IMAGE_TAG) .
 
 lint:
 	$(CARGO) fmt --all --check
