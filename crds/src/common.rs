@@ -37,17 +37,19 @@ pub struct Conv2dSpec {
     #[schemars(range(min = 1, max = 65536))]
     pub out_channels: u32,
     /// Kernel height and width (R, S).
+    #[schemars(inner(range(max = 65536)))]
     pub kernel_size: [u32; 2],
     /// Stride along height and width.
     #[serde(default = "ones")]
-    #[schemars(default = "ones")]
+    #[schemars(default = "ones", inner(range(max = 65536)))]
     pub stride: [u32; 2],
     /// Zero padding added to each side along height and width.
     #[serde(default)]
+    #[schemars(inner(range(max = 65536)))]
     pub padding: [u32; 2],
     /// Spacing between kernel taps along height and width.
     #[serde(default = "ones")]
-    #[schemars(default = "ones")]
+    #[schemars(default = "ones", inner(range(max = 65536)))]
     pub dilation: [u32; 2],
     /// Channel groups; both channel counts must be divisible by it.
     #[serde(default = "one")]

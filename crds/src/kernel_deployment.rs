@@ -102,7 +102,7 @@ pub struct KernelSpec {
     pub conv2d: Conv2dSpec,
     /// Input height and width the agents use for shadow load and analysis.
     #[serde(default = "default_input_size")]
-    #[schemars(default = "default_input_size", inner(range(min = 1)))]
+    #[schemars(default = "default_input_size", inner(range(min = 1, max = 65536)))]
     pub input_size: [u32; 2],
 }
 
@@ -205,7 +205,10 @@ pub struct RolloutStep {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "go_duration::optional"
     )]
-    #[schemars(regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$"))]
+    #[schemars(
+        length(max = 100),
+        regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$")
+    )]
     pub pause: Option<Duration>,
 }
 
@@ -219,6 +222,7 @@ pub struct AnalysisSpec {
         deserialize_with = "go_duration::required"
     )]
     #[schemars(
+        length(max = 100),
         regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$"),
         default = "default_interval"
     )]

@@ -31,6 +31,20 @@ pub fn describe(errors: &[FieldError]) -> String {
         .join("; ")
 }
 
+/// Values one tensor of one sample (an input, an output, a kernel's weights) may hold: 2^24
+/// f32s, 64 MiB. Agents allocate several at once for shadow load, traffic and training; far
+/// larger ones would exhaust a node's memory, or overflow its arithmetic.
+pub const MAX_TENSOR_VALUES: u64 = 1 << 24;
+
+/// Values a training step's activations of one layer may hold over the batch: 1 GiB of f32s.
+pub const MAX_BATCH_VALUES: u64 = 1 << 28;
+
+/// The product of `dims`, saturating.
+fn values(dims: &[u32]) -> u64 {
+    dims.iter()
+        .fold(1u64, |n, &d| n.saturating_mul(u64::from(d)))
+}
+
 #[derive(Default)]
 struct Errors(Vec<FieldError>);
 
@@ -40,6 +54,18 @@ impl Errors {
             field: field.into(),
             message: message.into(),
         });
+    }
+
+    /// Refuses a tensor of `dims` larger than [`MAX_TENSOR_VALUES`]; returns its size.
+    fn tensor(&mut self, field: impl Into<String>, what: &str, dims: &[u32]) -> u64 {
+        let n = values(dims);
+        if n > MAX_TENSOR_VALUES {
+            self.push(
+                field,
+                format!("{what} would hold {n} values ({dims:?}); at most {MAX_TENSOR_VALUES}"),
+            );
+        }
+        n
     }
 }
 
@@ -56,6 +82,8 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
         );
     }
     if conv2d(&mut e, "spec.kernel.conv2d", conv) && !input.contains(&0) {
+        let dims = [conv.in_channels, input[0], input[1]];
+        e.tensor("spec.kernel.inputSize", "one sample's input", &dims);
         check_output(&mut e, "spec.kernel", conv, input);
     }
     label_selector(&mut e, "spec.nodeSelector", &spec.node_selector);
@@ -163,6 +191,7 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
                     "channels, height and width must all be at least 1",
                 );
             }
+            e.tensor("spec.data.synthetic.shape", "one sample", &s.shape);
             (Some(s.samples), Some(s.shape))
         }
         (None, Some(a)) => {
@@ -175,6 +204,8 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
         }
     };
 
+    // The largest activation of one sample known, for the batch's bound.
+    let mut largest = shape.map_or(0, |s| values(&s));
     let mut names = std::collections::HashSet::new();
     for (i, layer) in spec.model.layers.iter().enumerate() {
         let at = format!("spec.model.layers[{i}]");
@@ -204,6 +235,7 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
                     }
                     shape = check_output(&mut e, &at, conv, [h, w])
                         .map(|[h, w]| [conv.out_channels, h, w]);
+                    largest = largest.max(shape.map_or(0, |s| values(&s)));
                 }
             }
             _ => e.push(at, "set exactly one of kernelDeploymentRef or conv2d"),
@@ -227,6 +259,13 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
     }
     if !(0.0..1.0).contains(&t.momentum) {
         e.push("spec.training.momentum", "must be at least 0 and below 1");
+    }
+    let batch = largest.saturating_mul(u64::from(t.batch_size));
+    if batch > MAX_BATCH_VALUES {
+        e.push(
+            "spec.training.batchSize",
+            format!("a batch of {} would hold {batch} values in one layer's activations; at most {MAX_BATCH_VALUES}", t.batch_size),
+        );
     }
     if let Some(samples) = samples.filter(|&n| n < u64::from(t.batch_size)) {
         e.push(
@@ -346,13 +385,22 @@ fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
                 );
             }
         }
+        let [kh, kw] = c.kernel_size;
+        e.tensor(
+            at,
+            "the weights",
+            &[c.out_channels, c.in_channels / c.groups, kh, kw],
+        );
     }
     e.0.len() == before
 }
 
 fn check_output(e: &mut Errors, at: &str, c: &Conv2dSpec, input: [u32; 2]) -> Option<[u32; 2]> {
     let out = c.output_size(input);
-    if out.is_none() {
+    if let Some([h, w]) = out {
+        let dims = [c.out_channels, h, w];
+        e.tensor(format!("{at}.conv2d"), "one sample's output", &dims);
+    } else {
         e.push(
             format!("{at}.conv2d"),
             format!(
@@ -494,6 +542,36 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn tensors_a_node_could_not_hold_are_refused() {
+        // 64 x 4096 x 4096 inputs and outputs: each 2^30 values.
+        let r = kernel_deployment(&kd(
+            "kernel: {inputSize: [4096, 4096], conv2d: {inChannels: 64, outChannels: 64}}",
+        ));
+        assert_eq!(fields(r), ["spec.kernel.inputSize", "spec.kernel.conv2d"]);
+        // Padding alone makes the output that large.
+        let r = kernel_deployment(&kd("kernel: {conv2d: {padding: [60000, 60000]}}"));
+        assert_eq!(fields(r), ["spec.kernel.conv2d"]);
+        // 2^64 weights: saturates instead of overflowing.
+        let r = kernel_deployment(&kd(
+            "kernel: {conv2d: {inChannels: 65536, outChannels: 65536, kernelSize: [65536, 65536], padding: [65536, 65536]}}",
+        ));
+        let errors = r.unwrap_err();
+        assert_eq!(errors[0].field, "spec.kernel.conv2d");
+        assert!(
+            errors[0].message.contains(&u64::MAX.to_string()),
+            "{errors:?}"
+        );
+        let r = training_job(&atj("data: {synthetic: {shape: [3, 65536, 65536]}}"));
+        assert!(fields(r).contains(&"spec.data.synthetic.shape".to_string()));
+        // Each sample fits, the batch does not: 65536 times 8 x 1024 x 1024 activations.
+        let r = training_job(&atj(
+            "{data: {synthetic: {shape: [3, 1024, 1024], samples: 100000}}, training: {batchSize: 65536}}",
+        ));
+        assert_eq!(fields(r), ["spec.training.batchSize"]);
+        assert_eq!(fields(training_job(&atj("{}"))), Vec::<String>::new());
     }
 
     #[test]
