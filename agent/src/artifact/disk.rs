@@ -4,7 +4,8 @@
 //! name is deleted. Survives agent restarts: a restarted agent is warm at once.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -46,10 +47,10 @@ impl DiskCache {
         .then(|| self.dir.join(digest))
     }
 
-    /// The artifact's bytes if they are here and still match their digest.
-    pub fn get(&self, digest: &str) -> Option<Vec<u8>> {
+    /// The artifact's bytes if they are here, at most `max` long, and still match their digest.
+    pub fn get(&self, digest: &str, max: usize) -> Option<Vec<u8>> {
         let path = self.path(digest)?;
-        let found = match fs::read(&path) {
+        let found = match read_bounded(&path, max) {
             Ok(bytes) if sha256_hex(&bytes) == digest => {
                 // The modification time orders eviction: touch on use.
                 let _ = File::options()
@@ -58,16 +59,16 @@ impl DiskCache {
                     .and_then(|f| f.set_modified(SystemTime::now()));
                 Some(bytes)
             }
-            Ok(_) => {
+            Ok(_) | Err(Unfit) => {
                 tracing::warn!(
                     digest,
-                    "cached artifact no longer matches its digest; deleting it"
+                    "cached artifact no longer matches its digest, or is no regular file of its size; deleting it"
                 );
                 let _ = fs::remove_file(&path);
                 let _ = self.publish_size();
                 None
             }
-            Err(_) => None,
+            Err(Unreadable) => None,
         };
         self.metrics.count(Tier::Disk, found.is_some());
         found
@@ -84,10 +85,20 @@ impl DiskCache {
         if bytes.len() as u64 > self.capacity {
             return Ok(());
         }
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{digest}-{}", std::process::id()));
-        let mut file = File::create(&tmp)?;
+        // A name of its own: another put of this digest (another URL of the same bytes), or
+        // another agent sharing the directory (PID 1 too), must not write into it.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let (tmp, mut file) = loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tmp = self
+                .dir
+                .join(format!(".tmp-{digest}-{}-{n}", std::process::id()));
+            match File::options().write(true).create_new(true).open(&tmp) {
+                Ok(file) => break (tmp, file),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        };
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
@@ -103,8 +114,10 @@ impl DiskCache {
             if entry.file_name().to_string_lossy().starts_with(".tmp-") {
                 continue;
             }
-            let meta = entry.metadata()?;
-            out.push((entry.path(), meta.len(), meta.modified()?));
+            // Gone meanwhile (evicted by another put, or deleted as corrupt): skipped.
+            if let Ok(meta) = entry.metadata() {
+                out.push((entry.path(), meta.len(), meta.modified()?));
+            }
         }
         Ok(out)
     }
@@ -120,8 +133,11 @@ impl DiskCache {
             if path.file_name().is_some_and(|n| n == keep) {
                 continue;
             }
-            fs::remove_file(&path)?;
-            total -= size;
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                // Removed here or by a concurrent eviction: gone either way.
+                _ => total -= size,
+            }
             self.metrics
                 .evictions
                 .with_label_values(&[Tier::Disk.label()])
@@ -148,9 +164,45 @@ impl DiskCache {
     }
 }
 
+/// Why a cached file was not read.
+enum Miss {
+    /// Absent, or unreadable: nothing to delete.
+    Unreadable,
+    /// Not a regular file (a link, a FIFO, a device), or longer than any artifact may be.
+    Unfit,
+}
+use Miss::{Unfit, Unreadable};
+
+/// Reads a regular file of at most `max` bytes, never more: a file swapped for a link to
+/// `/dev/zero`, a FIFO or a sparse giant neither hangs nor exhausts memory.
+fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Miss> {
+    let regular = |m: &fs::Metadata| m.file_type().is_file() && m.len() <= max as u64;
+    // Before opening: opening a FIFO would block.
+    match fs::symlink_metadata(path) {
+        Ok(m) if regular(&m) => {}
+        Ok(_) => return Err(Unfit),
+        Err(_) => return Err(Unreadable),
+    }
+    let file = File::open(path).map_err(|_| Unreadable)?;
+    // Again on what was opened, in case the name changed in between.
+    if !file.metadata().is_ok_and(|m| regular(&m)) {
+        return Err(Unfit);
+    }
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|_| Unreadable)?;
+    if bytes.len() > max {
+        return Err(Unfit);
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX: usize = 1 << 20;
 
     fn dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -168,7 +220,7 @@ mod tests {
         let bytes = b"kernel bytes".to_vec();
         let digest = sha256_hex(&bytes);
         let cache = DiskCache::open(&root, 1 << 20, CacheMetrics::default()).unwrap();
-        assert_eq!(cache.get(&digest), None);
+        assert_eq!(cache.get(&digest, MAX), None);
         cache.put(&digest, &bytes).unwrap();
         drop(cache);
         // A crash mid-write leaves only a temporary file, removed on open.
@@ -178,7 +230,7 @@ mod tests {
         )
         .unwrap();
         let reopened = DiskCache::open(&root, 1 << 20, CacheMetrics::default()).unwrap();
-        assert_eq!(reopened.get(&digest), Some(bytes));
+        assert_eq!(reopened.get(&digest, MAX), Some(bytes));
         assert_eq!(fs::read_dir(root.join("sha256")).unwrap().count(), 1);
     }
 
@@ -189,8 +241,48 @@ mod tests {
         let digest = sha256_hex(b"good");
         cache.put(&digest, b"good").unwrap();
         fs::write(root.join("sha256").join(&digest), b"evil").unwrap();
-        assert_eq!(cache.get(&digest), None);
+        assert_eq!(cache.get(&digest, MAX), None);
         assert!(!root.join("sha256").join(&digest).exists());
+    }
+
+    #[test]
+    fn links_fifos_and_oversized_files_are_deleted_unread() {
+        let root = dir();
+        let cache = DiskCache::open(&root, 1 << 40, CacheMetrics::default()).unwrap();
+        let digest = sha256_hex(b"good");
+        let path = root.join("sha256").join(&digest);
+        let check = |what: &str| {
+            assert_eq!(cache.get(&digest, MAX), None, "{what}");
+            assert!(fs::symlink_metadata(&path).is_err(), "{what} not deleted");
+        };
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        check("a link to /dev/zero");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        check("a FIFO");
+        File::create(&path).unwrap().set_len(1 << 40).unwrap();
+        check("a sparse 1 TiB file");
+        cache.put(&digest, b"good").unwrap();
+        assert_eq!(cache.get(&digest, 3), None);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn concurrent_puts_of_one_digest_never_collide() {
+        let root = dir();
+        let cache = DiskCache::open(&root, 1 << 20, CacheMetrics::default()).unwrap();
+        let bytes = vec![7u8; 64 << 10];
+        let digest = sha256_hex(&bytes);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        cache.put(&digest, &bytes).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(cache.get(&digest, MAX), Some(bytes));
     }
 
     #[test]
@@ -203,11 +295,11 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         cache.put(&digests[1], &blobs[1]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(cache.get(&digests[0]).is_some()); // Now 1 is the least recently used.
+        assert!(cache.get(&digests[0], MAX).is_some()); // Now 1 is the least recently used.
         std::thread::sleep(std::time::Duration::from_millis(20));
         cache.put(&digests[2], &blobs[2]).unwrap();
-        assert!(cache.get(&digests[1]).is_none());
-        assert!(cache.get(&digests[0]).is_some() && cache.get(&digests[2]).is_some());
+        assert!(cache.get(&digests[1], MAX).is_none());
+        assert!(cache.get(&digests[0], MAX).is_some() && cache.get(&digests[2], MAX).is_some());
         assert_eq!(cache.bytes(), 20);
     }
 
@@ -215,6 +307,6 @@ mod tests {
     fn only_digests_name_files() {
         let cache = DiskCache::open(&dir(), 1 << 20, CacheMetrics::default()).unwrap();
         assert!(cache.put("../../etc/passwd", b"x").is_err());
-        assert_eq!(cache.get("../../etc/passwd"), None);
+        assert_eq!(cache.get("../../etc/passwd", MAX), None);
     }
 }

@@ -220,12 +220,15 @@ pub fn parse(
     check_metadata(&meta, declared)?;
 
     let shape = weight_shape(declared);
-    let count = shape.iter().product::<usize>() as u64
-        + if declared.bias {
+    // Saturating: a declared shape may multiply past u64 (the API bounds it, the file not).
+    let count = shape
+        .iter()
+        .fold(1u64, |n, &d| n.saturating_mul(d as u64))
+        .saturating_add(if declared.bias {
             u64::from(declared.out_channels)
         } else {
             0
-        };
+        });
     if count > limits.max_parameters as u64 {
         return Err(ArtifactError::TooManyParameters {
             count,
@@ -461,6 +464,23 @@ pub(crate) mod tests {
             ),
             "TooLarge"
         );
+        // A header declaring 2^64 weights over a small tensor: refused, not an overflow.
+        let huge = Conv2dSpec {
+            padding: [65536, 65536],
+            ..Conv2dSpec::new(65536, 65536, [65536, 65536])
+        };
+        let (_, header) = SafeTensors::read_metadata(&good).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        for key in ["in_channels", "out_channels"] {
+            meta.insert(key.into(), "65536".into());
+        }
+        for key in ["kernel_size", "padding"] {
+            meta.insert(key.into(), pair([65536, 65536]));
+        }
+        let weight = SafeTensors::deserialize(&good).unwrap().tensor("weight").unwrap();
+        let lying = safetensors::serialize([("weight", weight)], Some(meta)).unwrap();
+        assert_eq!(refused(&lying, &huge, &limits), "TooManyParameters");
+
         let mut w = uniform(8 * 4 * 9, 1, 0.5);
         w[17] = f32::INFINITY;
         let inf = pack(&conv(), &w, Some(&[0.0; 8]), None).unwrap();

@@ -124,22 +124,18 @@ impl KernelStore {
         artifact: &ArtifactRef,
         conv2d: &Conv2dSpec,
     ) -> Result<Kernel, ArtifactError> {
-        let cached = match &self.disk {
-            Some(_) => {
-                let store = self.clone();
-                let digest = artifact.sha256.clone();
-                tokio::task::spawn_blocking(move || {
-                    store.disk.as_ref().and_then(|d| d.get(&digest))
-                })
-                .await
-                .ok()
-                .flatten()
-            }
-            None => None,
-        };
-        if let Some(bytes) = cached {
+        // Hashing and decoding up to `max_bytes` take a while: off the runtime, like the disk.
+        let (store, digest, conv) = (self.clone(), artifact.sha256.clone(), conv2d.clone());
+        let cached = tokio::task::spawn_blocking(move || {
+            let bytes = store.disk.as_ref()?.get(&digest, store.limits.max_bytes)?;
             // The disk tier checked the digest on read.
-            return format::parse(&bytes, &artifact.sha256, conv2d, &self.limits);
+            Some(format::parse(&bytes, &digest, &conv, &store.limits))
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(parsed) = cached {
+            return parsed;
         }
         let fetched = self
             .remote
@@ -147,19 +143,16 @@ impl KernelStore {
             .await;
         self.metrics.count(Tier::Remote, fetched.is_ok());
         let bytes = fetched?;
-        let kernel = format::verify(&bytes, &artifact.sha256, conv2d, &self.limits)?;
-        if self.disk.is_some() {
-            let store = self.clone();
-            let digest = artifact.sha256.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Some(Err(e)) = store.disk.as_ref().map(|d| d.put(&digest, &bytes)) {
-                    tracing::warn!(error = %e, digest, "writing the disk cache failed; serving from memory");
-                }
-            })
-            .await
-            .ok();
-        }
-        Ok(kernel)
+        let (store, digest, conv) = (self.clone(), artifact.sha256.clone(), conv2d.clone());
+        tokio::task::spawn_blocking(move || {
+            let kernel = format::verify(&bytes, &digest, &conv, &store.limits)?;
+            if let Some(Err(e)) = store.disk.as_ref().map(|d| d.put(&digest, &bytes)) {
+                tracing::warn!(error = %e, digest, "writing the disk cache failed; serving from memory");
+            }
+            Ok(kernel)
+        })
+        .await
+        .map_err(|e| ArtifactError::Malformed(format!("verifying the artifact stopped: {e}")))?
     }
 
     /// The remote tier, for breaker state.
