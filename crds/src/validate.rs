@@ -337,7 +337,12 @@ fn artifact(e: &mut Errors, at: &str, a: &ArtifactRef) {
         ),
         Some(("http" | "https" | "s3", rest)) => {
             let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-            if host.is_empty() || rest.len() == host.len() {
+            // The path (an object's key) starts with `/` and names something.
+            let path = rest[host.len()..]
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default();
+            if host.is_empty() || !path.starts_with('/') || path.len() < 2 {
                 e.push(
                     format!("{at}.url"),
                     format!("needs a host (or bucket) and a path; {allowed}"),
@@ -599,6 +604,10 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
             ("s3://bucket", false),
             ("https:///path", false),
             ("ftp://host/k", false),
+            ("s3://bucket/", false),
+            ("https://host?x=1", false),
+            ("https://host#f", false),
+            ("https://host/k?v=2", true),
         ] {
             let spec = kd(&format!("kernel: {{artifact: {{url: {url:?}}}}}"));
             assert_eq!(kernel_deployment(&spec).is_ok(), ok, "{url}");

@@ -302,15 +302,25 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     else {
         return response;
     };
-    // An update is judged on what it changes: one that leaves the spec alone (the controller
-    // adding or removing its finalizer) must pass even for an object that today's rules
-    // would refuse, or that object could never get its condition, nor finish deleting.
+    // An update is judged on what it changes. One that leaves spec and annotations alone
+    // (the controller adding or removing its finalizer) passes unread, even for an object
+    // that today's rules, or today's types, would refuse: else it could never get its
+    // condition, nor finish deleting.
+    if let Some(old) = &request.old_object
+        && old.data.get("spec") == object.data.get("spec")
+        && old.metadata.annotations == object.metadata.annotations
+    {
+        return response;
+    }
     let verdict = match request.kind.kind.as_str() {
         "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| {
             let old = request.old_object.as_ref().map(typed::<KernelDeployment>);
             let old = old.transpose()?;
             if old.as_ref().is_none_or(|old| old.spec != kd.spec) {
-                validate::kernel_deployment(&kd.spec)?;
+                ratchet(
+                    validate::kernel_deployment(&kd.spec),
+                    old.as_ref().map(|o| validate::kernel_deployment(&o.spec)),
+                )?;
             }
             if old
                 .as_ref()
@@ -328,7 +338,10 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
             match old.transpose()? {
                 Some(old) if old.spec == j.spec => Ok(()),
                 Some(old) => {
-                    validate::training_job(&j.spec)?;
+                    ratchet(
+                        validate::training_job(&j.spec),
+                        Some(validate::training_job(&old.spec)),
+                    )?;
                     validate::training_job_update(&old.spec, &j.spec)
                 }
                 None => validate::training_job(&j.spec),
@@ -339,6 +352,23 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     match verdict {
         Ok(()) => response,
         Err(errors) => response.deny(validate::describe(&errors)),
+    }
+}
+
+/// The errors of an object's new spec that its old one (if any) did not have already. A flaw
+/// left where it stands passes, as Kubernetes ratchets CRD schema validation: else an object
+/// that today's rules refuse could not be paused, suspended or mended one field at a time.
+fn ratchet(
+    new: Result<(), Vec<FieldError>>,
+    old: Option<Result<(), Vec<FieldError>>>,
+) -> Result<(), Vec<FieldError>> {
+    let old = old.and_then(Result::err).unwrap_or_default();
+    match new {
+        Err(errors) => {
+            let fresh: Vec<_> = errors.into_iter().filter(|e| !old.contains(e)).collect();
+            if fresh.is_empty() { Ok(()) } else { Err(fresh) }
+        }
+        Ok(()) => Ok(()),
     }
 }
 
@@ -492,6 +522,40 @@ mod tests {
         finalized["metadata"]["finalizers"] = serde_json::json!(["kernelflow.dev/cleanup"]);
         assert!(admit(&update(finalized, bad_job.clone())).allowed);
         assert!(!admit(&request(bad_job)).allowed);
+    }
+
+    #[test]
+    fn flaws_an_update_leaves_alone_do_not_block_it() {
+        // A job that today's rules refuse (it predates them, or the webhook) can be suspended.
+        let mut flawed = job(10, false);
+        flawed["spec"]["training"]["momentum"] = 1.0.into();
+        let mut suspended = flawed.clone();
+        suspended["spec"]["runPolicy"]["suspend"] = true.into();
+        let r = admit(&update(suspended, flawed.clone()));
+        assert!(r.allowed, "{:?}", r.result);
+        // A new flaw is still refused, and named alone.
+        let mut worse = flawed.clone();
+        worse["spec"]["runPolicy"]["activeDeadlineSeconds"] = 0.into();
+        let r = admit(&update(worse, flawed));
+        assert_eq!(
+            r.result.message,
+            "spec.runPolicy.activeDeadlineSeconds: must be at least 1 when set"
+        );
+
+        // A KernelDeployment with a flawed step can be paused.
+        let flawed = kd(serde_json::json!([{"trafficPercent": 20}]));
+        let mut paused = flawed.clone();
+        paused["spec"]["paused"] = true.into();
+        let r = admit(&update(paused, flawed.clone()));
+        assert!(r.allowed, "{:?}", r.result);
+
+        // A finalizer-only update passes even when the object no longer deserializes.
+        let mut unreadable = flawed;
+        unreadable["spec"]["rollout"]["steps"][0]["pause"] = "1".repeat(120).into();
+        let mut finalized = unreadable.clone();
+        finalized["metadata"]["finalizers"] = serde_json::json!([]);
+        let r = admit(&update(finalized, unreadable));
+        assert!(r.allowed, "{:?}", r.result);
     }
 
     #[test]
