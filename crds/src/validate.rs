@@ -354,19 +354,37 @@ fn artifact(e: &mut Errors, at: &str, a: &ArtifactRef) {
             format!("unsupported scheme in {:?}; {allowed}", a.url),
         ),
     }
-    if a.sha256.len() != 64
-        || !a
-            .sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if !is_sha256(&a.sha256) {
         e.push(format!("{at}.sha256"), "must be 64 lowercase hex digits");
     }
+}
+
+/// Whether `s` spells a sha256 digest as the API does: 64 lowercase hex digits.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Checks one conv2d on its own, naming fields under `at` (what `kernelflow-pack` packs).
+pub fn conv2d_alone(at: &str, c: &Conv2dSpec) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    conv2d(&mut e, at, c);
+    finish(e)
 }
 
 /// Checks one conv2d's own parameters; true when they are sound enough to compute shapes.
 fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
     let before = e.0.len();
+    // The schema's minimum, again for conv2ds that reach here without it.
+    for (name, channels) in [
+        ("inChannels", c.in_channels),
+        ("outChannels", c.out_channels),
+    ] {
+        if channels == 0 {
+            e.push(format!("{at}.{name}"), "must be at least 1");
+        }
+    }
     for (name, pair) in [
         ("kernelSize", c.kernel_size),
         ("stride", c.stride),

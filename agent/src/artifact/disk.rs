@@ -5,9 +5,11 @@
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
+
+use kernelflow_crds::validate::is_sha256;
 
 use super::format::sha256_hex;
 use super::metrics::{CacheMetrics, Tier};
@@ -40,11 +42,7 @@ impl DiskCache {
 
     fn path(&self, digest: &str) -> Option<PathBuf> {
         // Only well-formed digests name files: nothing else can reach the file system.
-        (digest.len() == 64
-            && digest
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| self.dir.join(digest))
+        is_sha256(digest).then(|| self.dir.join(digest))
     }
 
     /// The artifact's bytes if they are here, at most `max` long, and still match their digest.

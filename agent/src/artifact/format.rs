@@ -477,7 +477,10 @@ pub(crate) mod tests {
         for key in ["kernel_size", "padding"] {
             meta.insert(key.into(), pair([65536, 65536]));
         }
-        let weight = SafeTensors::deserialize(&good).unwrap().tensor("weight").unwrap();
+        let weight = SafeTensors::deserialize(&good)
+            .unwrap()
+            .tensor("weight")
+            .unwrap();
         let lying = safetensors::serialize([("weight", weight)], Some(meta)).unwrap();
         assert_eq!(refused(&lying, &huge, &limits), "TooManyParameters");
 

@@ -9,11 +9,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use kernelflow_agent::artifact::format::{Limits, f32s, pack, sha256_hex, verify};
 use kernelflow_agent::compute::ops::uniform;
-use kernelflow_crds::{Conv2dSpec, DType};
+use kernelflow_crds::{Conv2dSpec, DType, validate};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -87,6 +87,21 @@ fn read_f32(path: &PathBuf, expected: usize, what: &str) -> anyhow::Result<Vec<f
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let bytes = build(&a)?;
+    let digest = sha256_hex(&bytes);
+    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    let path = std::fs::canonicalize(&a.out)?;
+    println!(
+        "wrote {} ({} bytes)\nsha256: {digest}\n\nartifact:\n  url: file://{}\n  sha256: {digest}",
+        a.out.display(),
+        bytes.len(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// The artifact's bytes, for a conv2d that the API accepts and weights that validate.
+fn build(a: &Args) -> anyhow::Result<Vec<u8>> {
     let conv = Conv2dSpec {
         in_channels: a.in_channels,
         out_channels: a.out_channels,
@@ -98,26 +113,26 @@ fn main() -> anyhow::Result<()> {
         bias: !a.no_bias,
         dtype: DType::F32,
     };
-    if a.groups == 0
-        || !a.in_channels.is_multiple_of(a.groups)
-        || !a.out_channels.is_multiple_of(a.groups)
+    // The API's own rules: an artifact of a conv2d that no KernelDeployment may declare is
+    // of no use. They also bound the weights, so the lengths below cannot overflow.
+    validate::conv2d_alone("conv2d", &conv).map_err(|e| anyhow!(validate::describe(&e)))?;
+    if let Some(d) = a
+        .equivalent_to
+        .as_deref()
+        .filter(|d| !validate::is_sha256(d))
     {
-        bail!(
-            "--groups {} must divide --in-channels {} and --out-channels {}",
-            a.groups,
-            a.in_channels,
-            a.out_channels
-        );
+        bail!("--equivalent-to {d:?} must be a sha256 digest: 64 lowercase hex digits");
     }
-    let weight_len =
-        (a.out_channels * a.in_channels / a.groups * a.kernel_size[0] * a.kernel_size[1]) as usize;
+    let [kh, kw] = conv.kernel_size.map(|k| k as usize);
+    let per_output = (a.in_channels / a.groups) as usize * kh * kw;
+    let weight_len = a.out_channels as usize * per_output;
     let (mut weight, bias) = match (a.seed, &a.weights) {
         (Some(seed), _) => {
-            let scale = 1.0 / ((weight_len / a.out_channels as usize) as f32).sqrt();
+            let scale = 1.0 / (per_output as f32).sqrt();
             (
                 uniform(weight_len, seed, scale),
                 conv.bias
-                    .then(|| uniform(a.out_channels as usize, seed + 1, scale)),
+                    .then(|| uniform(a.out_channels as usize, seed.wrapping_add(1), scale)),
             )
         }
         (None, Some(path)) => {
@@ -136,10 +151,9 @@ fn main() -> anyhow::Result<()> {
         .iter_mut()
         .for_each(|w| *w = (f64::from(*w) * a.weight_scale) as f32);
     let bytes = pack(&conv, &weight, bias.as_deref(), a.equivalent_to.as_deref())?;
-    let digest = sha256_hex(&bytes);
     verify(
         &bytes,
-        &digest,
+        &sha256_hex(&bytes),
         &conv,
         &Limits {
             max_parameters: usize::MAX,
@@ -148,13 +162,45 @@ fn main() -> anyhow::Result<()> {
         },
     )
     .context("the packed artifact does not validate")?;
-    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
-    let path = std::fs::canonicalize(&a.out)?;
-    println!(
-        "wrote {} ({} bytes)\nsha256: {digest}\n\nartifact:\n  url: file://{}\n  sha256: {digest}",
-        a.out.display(),
-        bytes.len(),
-        path.display()
-    );
-    Ok(())
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_from(args: &str) -> anyhow::Result<Vec<u8>> {
+        let argv = ["kernelflow-pack", "--out", "unused"]
+            .into_iter()
+            .chain(args.split_whitespace());
+        build(&Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn conv2ds_the_api_refuses_are_not_packed() {
+        let base = "--in-channels 4 --out-channels 8 --kernel-size 3 --seed 1";
+        assert!(build_from(base).is_ok());
+        for (args, says) in [
+            (
+                "--in-channels 1 --out-channels 0 --kernel-size 1 --seed 1",
+                "outChannels",
+            ),
+            (
+                "--in-channels 0 --out-channels 1 --kernel-size 1 --seed 1",
+                "inChannels",
+            ),
+            (
+                "--in-channels 65536 --out-channels 65536 --kernel-size 3 --seed 1",
+                "weights",
+            ),
+            (&format!("{base} --stride 0,0"), "stride"),
+            (&format!("{base} --groups 3"), "groups"),
+            (&format!("{base} --equivalent-to ABC"), "sha256"),
+        ] {
+            let e = build_from(args).expect_err(args).to_string();
+            assert!(e.contains(says), "{args}: {e}");
+        }
+        let last = "--in-channels 1 --out-channels 1 --kernel-size 1 --seed 18446744073709551615";
+        assert!(build_from(last).is_ok());
+    }
 }
