@@ -17,6 +17,28 @@ pub fn action_patch(action: ManualAction, id: &str) -> serde_json::Value {
     serde_json::json!({"metadata": {"annotations": {ACTION_ANNOTATION: format!("{}:{id}", action.verb())}}})
 }
 
+/// [`action_patch`] for `kd` as read, unless an earlier action is still pending: the one
+/// annotation holds one action, and a second one before the operator took the first would
+/// replace it unseen (two users, an abort and a promote). The patch carries the
+/// resourceVersion read, so that a change in between makes it fail with a conflict.
+pub fn action_patch_for(
+    kd: &KernelDeployment,
+    action: ManualAction,
+    id: &str,
+) -> Result<serde_json::Value, String> {
+    let taken = kd.status.as_ref().and_then(|s| s.last_action.as_ref());
+    if let Some(pending) = kd.annotations().get(ACTION_ANNOTATION)
+        && Some(pending) != taken
+    {
+        return Err(format!(
+            "action {pending:?} is still pending: the operator has not taken it yet (`kubectl annotate --overwrite` replaces it)"
+        ));
+    }
+    let mut patch = action_patch(action, id);
+    patch["metadata"]["resourceVersion"] = kd.resource_version().into();
+    Ok(patch)
+}
+
 /// The merge patch that pauses or resumes a rollout.
 pub fn pause_patch(paused: bool) -> serde_json::Value {
     serde_json::json!({"spec": {"paused": paused}})
@@ -168,6 +190,32 @@ mod tests {
             text.contains("└── gpu-1  Warm  100% canary: canary 7 ops (1 failed)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_action_waits_for_the_one_pending() {
+        let mut kd: KernelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
+            "metadata": {"name": "k", "resourceVersion": "41"},
+            "spec": {
+                "kernel": {"artifact": {"url": "file:///k", "sha256": "a".repeat(64)},
+                           "conv2d": {"inChannels": 2, "outChannels": 2, "kernelSize": [1, 1]}},
+                "nodeSelector": {}, "rollout": {"steps": [{"trafficPercent": 100}]}
+            }
+        }))
+        .unwrap();
+        let patch = action_patch_for(&kd, ManualAction::Abort, "1").unwrap();
+        assert_eq!(patch["metadata"]["resourceVersion"], "41");
+        assert_eq!(
+            patch["metadata"]["annotations"]["kernelflow.dev/action"],
+            "abort:1"
+        );
+        kd.annotations_mut()
+            .insert(ACTION_ANNOTATION.into(), "abort:1".into());
+        let e = action_patch_for(&kd, ManualAction::Promote, "2").unwrap_err();
+        assert!(e.contains("\"abort:1\" is still pending"), "{e}");
+        kd.status.get_or_insert_default().last_action = Some("abort:1".into());
+        assert!(action_patch_for(&kd, ManualAction::Promote, "2").is_ok());
     }
 
     #[test]

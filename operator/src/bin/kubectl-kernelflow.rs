@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use kernelflow_crds::kernel_deployment::ManualAction;
 use kernelflow_crds::{KernelDeployment, NodeReport};
@@ -61,28 +61,47 @@ async fn main() -> anyhow::Result<()> {
         .namespace
         .unwrap_or_else(|| client.default_namespace().to_string());
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
-    let (name, patch) = match cli.command {
+    let (name, action) = match cli.command {
         Command::Get { name, watch } => return get(&kds, &Api::all(client), &name, watch).await,
-        Command::Promote { name, full } => {
-            let action = if full {
-                ManualAction::PromoteFull
-            } else {
-                ManualAction::Promote
-            };
-            (name, plugin::action_patch(action, &plugin::action_id()))
+        Command::Pause { name } => {
+            let patch = plugin::pause_patch(true);
+            return patch_kd(&kds, &ns, &name, &patch).await;
         }
-        Command::Abort { name } => (
-            name,
-            plugin::action_patch(ManualAction::Abort, &plugin::action_id()),
-        ),
-        Command::Retry { name } => (
-            name,
-            plugin::action_patch(ManualAction::Retry, &plugin::action_id()),
-        ),
-        Command::Pause { name } => (name, plugin::pause_patch(true)),
-        Command::Resume { name } => (name, plugin::pause_patch(false)),
+        Command::Resume { name } => {
+            let patch = plugin::pause_patch(false);
+            return patch_kd(&kds, &ns, &name, &patch).await;
+        }
+        Command::Promote { name, full: true } => (name, ManualAction::PromoteFull),
+        Command::Promote { name, full: false } => (name, ManualAction::Promote),
+        Command::Abort { name } => (name, ManualAction::Abort),
+        Command::Retry { name } => (name, ManualAction::Retry),
     };
-    kds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    let id = plugin::action_id();
+    // Read, check that no action is pending, write on that version; again on a conflict.
+    for _ in 0..5 {
+        let kd = kds
+            .get(&name)
+            .await
+            .with_context(|| format!("getting kerneldeployment {ns}/{name}"))?;
+        let patch = plugin::action_patch_for(&kd, action, &id)
+            .map_err(|e| anyhow!("kerneldeployment {ns}/{name}: {e}"))?;
+        match patch_kd(&kds, &ns, &name, &patch).await {
+            Err(e)
+                if e.downcast_ref::<kube::Error>()
+                    .is_some_and(|e| matches!(e, kube::Error::Api(s) if s.code == 409)) => {}
+            done => return done,
+        }
+    }
+    bail!("kerneldeployment {ns}/{name} kept changing; try again")
+}
+
+async fn patch_kd(
+    kds: &Api<KernelDeployment>,
+    ns: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> anyhow::Result<()> {
+    kds.patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .with_context(|| format!("patching kerneldeployment {ns}/{name}"))?;
     println!("kerneldeployment {ns}/{name} patched");
