@@ -75,7 +75,6 @@ impl KernelStore {
         artifact: &ArtifactRef,
         conv2d: &Conv2dSpec,
     ) -> Result<Arc<Kernel>, ArtifactError> {
-        let started = Instant::now();
         if let Some(k) = self
             .memory
             .get(&artifact.sha256)
@@ -93,15 +92,24 @@ impl KernelStore {
                 .or_insert_with(|| {
                     let (store, artifact, conv2d) =
                         (self.clone(), artifact.clone(), conv2d.clone());
-                    async move { store.load(&artifact, &conv2d).await.map(Arc::new) }
-                        .boxed()
-                        .shared()
+                    async move {
+                        let started = Instant::now();
+                        let result = store.load(&artifact, &conv2d).await.map(Arc::new);
+                        store.loaded(&key, &result, started);
+                        result
+                    }
+                    .boxed()
+                    .shared()
                 })
                 .clone()
         };
-        let result = pending.await;
-        self.inflight.lock().expect("inflight lock").remove(&key);
-        match &result {
+        pending.await
+    }
+
+    /// Books a load once, whoever awaits it: into memory before it leaves `inflight`, so that
+    /// no `get` in between starts it again; its figures counted once.
+    fn loaded(&self, key: &str, result: &Result<Arc<Kernel>, ArtifactError>, started: Instant) {
+        match result {
             Ok(k) => {
                 self.memory
                     .insert(k.sha256.clone(), k.clone(), footprint(k));
@@ -116,7 +124,7 @@ impl KernelStore {
                 .inc(),
             Err(_) => {}
         }
-        result
+        self.inflight.lock().expect("inflight lock").remove(key);
     }
 
     async fn load(

@@ -182,6 +182,18 @@ async fn bad_answers_are_typed_refusals() {
             .get(),
         1
     );
+    // A refusal that ten requests shared counts once, as the one load it was.
+    let wrong = reference(&server, "/wrong", &digest);
+    let c = conv();
+    let all = futures::future::join_all((0..10).map(|_| s.get(&wrong, &c))).await;
+    assert!(all.iter().all(Result::is_err));
+    assert_eq!(
+        s.metrics
+            .validation_failures
+            .with_label_values(&["DigestMismatch"])
+            .get(),
+        2
+    );
 }
 
 #[tokio::test]
