@@ -3,6 +3,7 @@
 //! requests for one digest share a single fetch.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -94,7 +95,15 @@ impl KernelStore {
                         (self.clone(), artifact.clone(), conv2d.clone());
                     async move {
                         let started = Instant::now();
-                        let result = store.load(&artifact, &conv2d).await.map(Arc::new);
+                        // A panic (a bug, found by some artifact) refuses that artifact: it
+                        // must not poison the shared load for every later request.
+                        let result = AssertUnwindSafe(store.load(&artifact, &conv2d))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ArtifactError::Malformed("loading it panicked".into()))
+                            })
+                            .map(Arc::new);
                         store.loaded(&key, &result, started);
                         result
                     }
