@@ -58,7 +58,7 @@ pub enum ManualAction {
     PromoteFull,
     /// Send all traffic back to the stable revision.
     Abort,
-    /// Start a rolled-back or degraded rollout again from its first step.
+    /// Start a rolled-back, degraded or failed rollout again from its first step.
     Retry,
 }
 
@@ -462,7 +462,8 @@ pub struct KernelDeploymentStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Standard conditions (Accepted, Ready, Progressing, ...).
+    /// Standard conditions: `Accepted` (the spec is valid), `KernelReady` (the kernel warm
+    /// on the selected nodes) and `Progressing` (the rollout's state).
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// A human-readable summary.

@@ -35,7 +35,7 @@ enum Command {
     },
     /// Send all traffic back to the stable revision.
     Abort { name: String },
-    /// Start a rolled-back or degraded rollout again from its first step.
+    /// Start a rolled-back, degraded or failed rollout again from its first step.
     Retry { name: String },
     /// Hold the rollout at its current step (`spec.paused: true`).
     Pause { name: String },
