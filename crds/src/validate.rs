@@ -145,6 +145,13 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
             "must be a finite number of at least 0",
         );
     }
+    // The schema's minima, again for objects older than them.
+    if a.min_samples == 0 {
+        e.push("spec.rollout.analysis.minSamples", "must be at least 1");
+    }
+    if a.failure_limit == 0 {
+        e.push("spec.rollout.analysis.failureLimit", "must be at least 1");
+    }
     finish(e)
 }
 
@@ -650,7 +657,7 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
     #[test]
     fn analysis_bounds() {
         let r = kernel_deployment(&kd(
-            "rollout: {analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1}}",
+            "rollout: {analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1, minSamples: 0, failureLimit: 0}}",
         ));
         assert_eq!(
             fields(r),
@@ -658,7 +665,9 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
                 "spec.rollout.analysis.interval",
                 "spec.rollout.analysis.minSuccessRate",
                 "spec.rollout.analysis.maxOverheadRatio",
-                "spec.rollout.analysis.maxNumericDiff"
+                "spec.rollout.analysis.maxNumericDiff",
+                "spec.rollout.analysis.minSamples",
+                "spec.rollout.analysis.failureLimit"
             ]
         );
     }

@@ -368,7 +368,8 @@ fn progressing(
     let message = notes
         .iter()
         .rev()
-        .find(|n| n.warning && ending)
+        // An ignored action says nothing about why the rollout ended.
+        .find(|n| n.warning && ending && n.reason != "ActionIgnored")
         .map(|n| n.message.clone())
         .or_else(|| {
             existing
@@ -557,6 +558,23 @@ mod tests {
         old.last_transition_time = Time(Timestamp::UNIX_EPOCH);
         let flipped = condition("Accepted", "False", "InvalidSpec", "bad", Some(3), &[old]);
         assert_ne!(flipped.last_transition_time, Time(Timestamp::UNIX_EPOCH));
+    }
+
+    #[test]
+    fn an_ignored_action_keeps_the_reason_the_rollout_ended() {
+        let status = KernelDeploymentStatus {
+            phase: RolloutPhase::RolledBack,
+            ..Default::default()
+        };
+        let why = "analysis failed 3 times at 10%: success rate 0.9 is under minSuccessRate 0.99";
+        let ended = condition("Progressing", "False", "RolledBack", why, Some(1), &[]);
+        let ignored = rollout::Note {
+            warning: true,
+            reason: "ActionIgnored",
+            message: "abort does nothing in phase RolledBack".into(),
+        };
+        let c = progressing(&status, &[ignored], Some(1), &[ended]);
+        assert_eq!(c.message, why);
     }
 
     #[test]

@@ -156,6 +156,13 @@ impl Machine<'_> {
         self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));
     }
 
+    /// Now, rounded up to the second that the API keeps of a time: an interval measured from
+    /// it is never cut short by the round trip (a pause, or a failure counted once a window).
+    fn stored_now(&self) -> Time {
+        let second = self.now.as_second() + i64::from(self.now.subsec_nanosecond() > 0);
+        Time(Timestamp::from_second(second).unwrap_or(self.now))
+    }
+
     fn since(&self, t: &Option<Time>) -> Duration {
         t.as_ref()
             .and_then(|t| Duration::try_from(self.now.duration_since(t.0)).ok())
@@ -232,7 +239,9 @@ impl Machine<'_> {
         use RolloutPhase::*;
         let rolling = self.s.canary_revision.is_some();
         match (action, self.s.phase) {
-            (ManualAction::Abort, Warming | Progressing | Paused | Degraded) if rolling => {
+            (ManualAction::Abort, Pending | Warming | Progressing | Paused | Degraded)
+                if rolling =>
+            {
                 self.roll_back(Outcome::Aborted, "Aborted", "aborted by a user".into());
             }
             (ManualAction::Retry, RolledBack | Degraded | Failed) if rolling => {
@@ -295,8 +304,13 @@ impl Machine<'_> {
                 "the stable revision keeps all traffic"
             } else {
                 // The stable revision has the same artifact, so it cannot serve either: the
-                // next revision rolls out as a first one, over its own baseline.
+                // next revision rolls out as a first one, over its own baseline. This one stays
+                // on record (as the canary, even a synchronous one) so that it is not started
+                // again on its own, and `retry` can.
                 self.s.stable_revision = None;
+                self.s
+                    .canary_revision
+                    .get_or_insert_with(|| Revision::of(self.spec));
                 "nothing serves until a servable artifact is set"
             };
             self.note(
@@ -340,9 +354,7 @@ impl Machine<'_> {
         self.s.current_step_index = Some(index as u32);
         self.s.traffic_percent = step.traffic_percent;
         self.s.step_epoch += 1;
-        // Rounded up to the second the API keeps, so that the pause is never cut short.
-        let start = self.now.as_second() + i64::from(self.now.subsec_nanosecond() > 0);
-        self.s.step_start_time = Some(Time(Timestamp::from_second(start).unwrap_or(self.now)));
+        self.s.step_start_time = Some(self.stored_now());
         self.s.analysis = None;
         self.note(
             false,
@@ -429,7 +441,7 @@ impl Machine<'_> {
                     || self.since(&recorded.last_failure_time) >= interval;
                 if due {
                     recorded.failures += 1;
-                    recorded.last_failure_time = Some(Time(self.now));
+                    recorded.last_failure_time = Some(self.stored_now());
                     self.note(
                         true,
                         "AnalysisFailed",
@@ -565,7 +577,8 @@ pub fn analyse(spec: &AnalysisSpec, f: &Figures) -> (Verdict, AnalysisFigures) {
         nodes: f.nodes,
         ..AnalysisFigures::default()
     };
-    if samples < spec.min_samples {
+    // No samples is never enough, whatever `minSamples` says (an object older than its minimum).
+    if samples == 0 || samples < spec.min_samples {
         let why = format!("{samples} of {} canary samples", spec.min_samples);
         return (Verdict::Inconclusive(why), figures);
     }

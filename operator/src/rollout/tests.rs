@@ -94,7 +94,16 @@ impl Run {
     }
 
     fn act(&mut self, secs: i64, summary: &Summary, action: Option<&str>) -> &Decision {
-        self.now += SignedDuration::from_secs(secs);
+        self.after(SignedDuration::from_secs(secs), summary, action)
+    }
+
+    fn after(
+        &mut self,
+        elapsed: SignedDuration,
+        summary: &Summary,
+        action: Option<&str>,
+    ) -> &Decision {
+        self.now += elapsed;
         // The nodes have caught up with the status's split.
         let summary = &Summary {
             epoch: self.status.step_epoch,
@@ -110,7 +119,8 @@ impl Run {
                 action,
             },
         );
-        self.status = d.status.clone();
+        // Through JSON, as the API keeps it: times to the second.
+        self.status = serde_json::from_value(serde_json::to_value(&d.status).unwrap()).unwrap();
         self.notes.extend(d.notes.clone());
         self.last.insert(d)
     }
@@ -324,6 +334,31 @@ fn failing_analysis_counts_once_per_interval_then_rolls_back_naming_the_figure()
     // Rolled back stays rolled back, whatever the figures say.
     run.at(100, &healthy(1000, 0.0));
     assert_eq!(run.phase(), RolloutPhase::RolledBack);
+}
+
+#[test]
+fn a_failure_late_in_a_second_counts_once_a_whole_interval() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    let mut bad = healthy(1000, 0.0);
+    bad.figures.canary.failures = 50;
+    let ms = SignedDuration::from_millis;
+    run.after(ms(900), &bad, None);
+    // 9.1 s later: a whole interval after the second the status kept, not after the failure.
+    run.after(ms(9100), &bad, None);
+    assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
+    run.after(ms(1000), &bad, None);
+    assert_eq!(run.status.analysis.as_ref().unwrap().failures, 2);
+}
+
+#[test]
+fn no_samples_never_pass_whatever_min_samples_says() {
+    let spec = AnalysisSpec {
+        min_samples: 0,
+        ..AnalysisSpec::default()
+    };
+    let (verdict, _) = analyse(&spec, &Figures::default());
+    assert_eq!(verdict.kind(), "Inconclusive");
 }
 
 #[test]
@@ -570,6 +605,39 @@ fn after_a_first_artifact_nothing_could_serve_the_next_rolls_out_over_its_own_ba
     assert_eq!(
         (run.phase(), run.step()),
         (RolloutPhase::Progressing, (Some(0), 1))
+    );
+}
+
+#[test]
+fn a_first_synchronous_revision_nothing_can_serve_waits_for_a_retry() {
+    let mut run = Run::new(spec(
+        A,
+        serde_json::json!({"flags": {"asyncEnabled": false}}),
+    ));
+    let mut broken = nodes(3, 0);
+    broken.unservable = true;
+    run.at(0, &broken);
+    assert_eq!(run.phase(), RolloutPhase::Failed);
+    let (status, notes) = (run.status.clone(), run.notes.len());
+    run.at(5, &broken);
+    assert_eq!((&run.status, run.notes.len()), (&status, notes));
+    run.act(1, &nodes(3, 0), Some("retry:1"));
+    assert_eq!(run.phase(), RolloutPhase::Warming);
+}
+
+#[test]
+fn abort_while_no_node_reports_rolls_back_for_good() {
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    walk_to_healthy(&mut run);
+    run.spec = spec(B, serde_json::json!({}));
+    run.at(1, &nodes(0, 0));
+    assert_eq!(run.phase(), RolloutPhase::Pending);
+    run.act(1, &nodes(0, 0), Some("abort:1"));
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+    run.at(1, &nodes(3, 3));
+    assert_eq!(
+        (run.phase(), run.status.traffic_percent),
+        (RolloutPhase::RolledBack, 0)
     );
 }
 
