@@ -360,6 +360,11 @@ pub struct WorkerStatus {
     /// Why the worker waits or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When the operator found this attempt failed. Its restart waits 10 s, doubled for each
+    /// restart the job has had, at most 6 min, as a Job's pods do: a passing outage must not
+    /// use up `backoffLimit` in a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_time: Option<Time>,
 }
 
 /// Observed state of an AsyncTrainingJob.

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use crate::rollout::Router;
 use futures::StreamExt;
 use kernelflow_crds::AsyncTrainingJob;
 use kernelflow_crds::node_report::WorkerReport;
-use kernelflow_crds::training_job::WorkerState;
+use kernelflow_crds::training_job::{WorkerState, WorkerStatus};
 use kube::api::Api;
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -66,6 +67,8 @@ pub struct Trainer {
     node: String,
     env: Arc<Env>,
     workers: Mutex<BTreeMap<Key, Entry>>,
+    /// Set by [`Trainer::shut_down`]: no worker starts any more.
+    closing: AtomicBool,
 }
 
 impl Trainer {
@@ -74,6 +77,7 @@ impl Trainer {
             node: node.into(),
             env: Arc::new(env),
             workers: Mutex::default(),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -82,6 +86,10 @@ impl Trainer {
     /// suspended, and stops those assigned elsewhere, under a new attempt, or whose job
     /// finished or is gone.
     pub fn sync(&self, jobs: &[Arc<AsyncTrainingJob>]) {
+        // The watch may tick on while the agent shuts down: the workers it stops stay stopped.
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
         let mut wanted = BTreeMap::new();
         for job in jobs {
             let (Some(uid), Some(status)) = (job.uid(), job.status.as_ref()) else {
@@ -90,7 +98,9 @@ impl Trainer {
             if job.metadata.deletion_timestamp.is_some() || status.phase.is_finished() {
                 continue;
             }
-            for w in status.workers.iter().filter(|w| w.node == self.node) {
+            // A succeeded worker's result is in; an agent that restarted does not run it again.
+            let here = |w: &&WorkerStatus| w.node == self.node && w.state != WorkerState::Succeeded;
+            for w in status.workers.iter().filter(here) {
                 let key = Key {
                     namespace: job.namespace().unwrap_or_default(),
                     name: job.name_any(),
@@ -167,6 +177,8 @@ impl Trainer {
     pub async fn shut_down(&self) {
         let tasks: Vec<JoinHandle<()>> = {
             let mut workers = self.workers.lock().expect("workers lock");
+            // Under the lock that `sync` takes: no sync starts a worker after this.
+            self.closing.store(true, Ordering::SeqCst);
             workers
                 .values_mut()
                 .filter_map(|e| {
@@ -355,6 +367,40 @@ mod tests {
         };
         assert_eq!(stopped.state, WorkerState::Suspended);
         assert_eq!(stopped.checkpoint_step, Some(stopped.step));
+    }
+
+    #[tokio::test]
+    async fn workers_stopped_by_shut_down_stay_stopped() {
+        let t = trainer();
+        let long = job("long", 1_000_000, "n", 0, false);
+        until(&t, std::slice::from_ref(&long), "long", |r| r.step > 0).await;
+        let closing = tokio::spawn({
+            let t = t.clone();
+            async move { t.shut_down().await }
+        });
+        tokio::task::yield_now().await;
+        // The job watch ticks on meanwhile.
+        for _ in 0..20 {
+            t.sync(std::slice::from_ref(&long));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        closing.await.unwrap();
+        t.sync(std::slice::from_ref(&long));
+        let step = t.report()[0].step;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let [r] = &t.report()[..] else {
+            panic!("one worker")
+        };
+        assert_eq!((r.state, r.step), (WorkerState::Suspended, step));
+    }
+
+    #[tokio::test]
+    async fn a_succeeded_worker_is_not_run_again() {
+        let t = trainer();
+        let mut done = (*job("done", 5, "n", 0, false)).clone();
+        done.status.as_mut().unwrap().workers[0].state = WorkerState::Succeeded;
+        t.sync(&[Arc::new(done)]);
+        assert!(t.report().is_empty());
     }
 
     #[tokio::test]

@@ -79,6 +79,13 @@ const MIN_REQUEUE: Duration = Duration::from_millis(100);
 /// Longest wait before looking for nodes again: new agents wake no job.
 const NODE_POLL: Duration = Duration::from_secs(5);
 
+/// How long a failed worker waits before its restart, after `restarts` restarts of its job:
+/// 10 s, doubled each time, at most 6 min (a Job's pod backoff).
+fn backoff(restarts: u32) -> Duration {
+    let doubled = 10u64 << restarts.min(6);
+    Duration::from_secs(doubled.min(360))
+}
+
 /// `s` seconds after `t`, or the end of time: a spec's limit of any size must not overflow.
 fn after(t: Timestamp, s: u64) -> Timestamp {
     let s = SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
@@ -100,6 +107,7 @@ pub fn decide(job: &AsyncTrainingJob, obs: &Observation<'_>, settings: &Settings
             ..old.clone()
         },
         notes: Vec::new(),
+        backing_off: None,
     };
     let verdict = validate::training_job(&job.spec);
     m.put(accepted_at(&verdict, generation, &old.conditions, obs.now));
@@ -136,6 +144,8 @@ struct Machine<'a> {
     generation: Option<i64>,
     status: AsyncTrainingJobStatus,
     notes: Vec<Note>,
+    /// The soonest a failed worker's backoff ends.
+    backing_off: Option<Duration>,
 }
 
 impl Machine<'_> {
@@ -224,7 +234,14 @@ impl Machine<'_> {
     /// Takes the reports of the current assignments; a worker without one keeps what was
     /// last known of it.
     fn fold_reports(&mut self) {
-        for w in &mut self.status.workers {
+        // A succeeded worker's result stands: a run of it started again (an agent that
+        // restarted) must not take it back.
+        for w in self
+            .status
+            .workers
+            .iter_mut()
+            .filter(|w| w.state != WorkerState::Succeeded)
+        {
             let Some((_, r)) = self.obs.reports.iter().find(|(node, r)| {
                 !w.node.is_empty()
                     && *node == w.node
@@ -294,6 +311,7 @@ impl Machine<'_> {
                 Some(_) => None,
             };
             let failed = w.state == WorkerState::Failed;
+            let is_lost = lost.is_some();
             let why = match (lost, failed) {
                 (Some(lost), _) => lost,
                 (None, true) => {
@@ -310,12 +328,24 @@ impl Machine<'_> {
                             format!("worker {i} on node {}: {message}", w.node),
                         ));
                     }
+                    let now = self.obs.now;
+                    let since = self.status.workers[i]
+                        .failed_time
+                        .get_or_insert(Time(now))
+                        .0;
+                    let wait = backoff(self.status.restarts);
+                    let left = Duration::try_from(after(since, wait.as_secs()).duration_since(now))
+                        .unwrap_or_default();
+                    if !left.is_zero() {
+                        self.backing_off = Some(self.backing_off.map_or(left, |b| b.min(left)));
+                        continue;
+                    }
                     format!("it failed: {message}")
                 }
                 (None, false) => continue,
             };
             let w = &mut self.status.workers[i];
-            if suspend && !failed {
+            if suspend && (!failed || is_lost) {
                 // Nothing runs while suspended: the worker waits for a node when resumed.
                 w.node.clear();
                 w.state = WorkerState::Pending;
@@ -332,12 +362,13 @@ impl Machine<'_> {
             }
             self.status.restarts += 1;
             // A failed worker restarts on its node; a lost one waits for another.
-            let from = if failed {
+            let from = if failed && !is_lost {
                 w.node.clone()
             } else {
                 std::mem::take(&mut w.node)
             };
             w.attempt += 1;
+            w.failed_time = None;
             w.state = WorkerState::Pending;
             w.samples_per_second = 0.0;
             w.pipeline = None;
@@ -459,7 +490,10 @@ impl Machine<'_> {
             TrainingPhase::Restarting
         } else if reported {
             TrainingPhase::Running
-        } else if self.status.phase == TrainingPhase::Created {
+        } else if self.status.phase == TrainingPhase::Created
+            || !self.status.conditions.iter().any(|c| c.type_ == "Running")
+        {
+            // Never ran (created suspended, say): nothing restarts.
             TrainingPhase::Created
         } else {
             TrainingPhase::Restarting
@@ -503,6 +537,9 @@ impl Machine<'_> {
         ) {
             let ends = after(start.0, limit);
             let left = Duration::try_from(ends.duration_since(now)).unwrap_or_default();
+            requeue = requeue.min(left);
+        }
+        if let Some(left) = self.backing_off {
             requeue = requeue.min(left);
         }
         self.done(Some(requeue.max(MIN_REQUEUE)))
@@ -841,9 +878,22 @@ mod tests {
         reports[0].1.state = WorkerState::Failed;
         reports[0].1.reason = Some("ComputeFailed".into());
         reports[0].1.message = Some("stream fault".into());
+        // It waits out its backoff first: 10 s after the operator saw it fail.
         let d = decide_at(&j, &nodes(), &reports, 2);
+        assert_eq!(
+            (assigned(&d), d.status.restarts, d.requeue),
+            (vec![("b", 0), ("a", 0)], 0, Some(Duration::from_secs(10)))
+        );
+        let waiting = then(j.clone(), &d);
+        let d = decide_at(&waiting, &nodes(), &reports, 11);
+        assert_eq!(
+            (assigned(&d), d.status.restarts),
+            (vec![("b", 0), ("a", 0)], 0)
+        );
+        let d = decide_at(&waiting, &nodes(), &reports, 12);
         assert_eq!(assigned(&d), [("b", 1), ("a", 0)]);
         assert_eq!(d.status.restarts, 1);
+        assert_eq!(d.status.workers[0].failed_time, None);
         assert!(
             d.notes[0]
                 .message
@@ -862,6 +912,58 @@ mod tests {
             message(&d, "Failed"),
             "worker 0 on node b: InvalidModel: stream fault"
         );
+    }
+
+    #[test]
+    fn backoff_doubles_with_each_restart_up_to_six_minutes() {
+        let waits: Vec<u64> = (0..9).map(|r| backoff(r).as_secs()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 360, 360, 360]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 360);
+    }
+
+    #[test]
+    fn a_worker_that_failed_on_a_node_since_gone_restarts_elsewhere_once() {
+        let (j, mut reports) = running(serde_json::json!({}), WorkerState::Running);
+        reports[0].1.state = WorkerState::Failed;
+        let j = then(j.clone(), &decide_at(&j, &nodes(), &reports, 2));
+        let gone: Vec<NodeView> = nodes().into_iter().filter(|n| n.name != "b").collect();
+        let d = decide_at(&j, &gone, &reports[1..], 3);
+        assert_eq!(
+            (assigned(&d)[0], d.status.restarts),
+            (("", 1), 1),
+            "not on the node that is gone"
+        );
+        let d = decide_at(&then(j, &d), &gone, &reports[1..], 4);
+        assert_eq!(d.status.restarts, 1, "one loss, one restart");
+    }
+
+    #[test]
+    fn a_succeeded_worker_keeps_its_result_when_a_new_run_of_it_reports() {
+        let (j, _) = running(serde_json::json!({}), WorkerState::Running);
+        let done = [
+            report("b", 0, 0, WorkerState::Succeeded, 100),
+            report("a", 1, 0, WorkerState::Running, 60),
+        ];
+        let j = then(j.clone(), &decide_at(&j, &nodes(), &done, 2));
+        let again = [
+            report("b", 0, 0, WorkerState::Running, 3),
+            report("a", 1, 0, WorkerState::Running, 61),
+        ];
+        let w = &decide_at(&j, &nodes(), &again, 3).status.workers[0];
+        assert_eq!((w.state, w.step), (WorkerState::Succeeded, 100));
+        assert!(w.final_weights_sha256.is_some());
+    }
+
+    #[test]
+    fn a_job_created_suspended_is_created_not_restarting_once_resumed() {
+        let mut j = job(2, serde_json::json!({"suspend": true}));
+        let d = decide_at(&j, &nodes(), &[], 0);
+        assert_eq!(d.status.phase, TrainingPhase::Suspended);
+        j = then(j, &d);
+        j.spec.run_policy.suspend = false;
+        let d = decide_at(&j, &nodes(), &[], 1);
+        assert_eq!(d.status.phase, TrainingPhase::Created);
+        assert_eq!(condition(&d, "Restarting"), None);
     }
 
     #[test]
