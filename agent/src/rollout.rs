@@ -28,6 +28,7 @@ use crate::compute::ops::uniform;
 use crate::compute::train::{KernelLayerRunner, Layer, SyncPath};
 use crate::warm::{Warmer, selects};
 use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
 
 /// Why a routed operation failed.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -96,8 +97,15 @@ impl Drop for Busy {
 /// One revision as this node runs it.
 struct Lane {
     kernel: Arc<Kernel>,
-    /// None: the synchronous path.
-    engine: Option<(Engine<DeviceBackend>, Weights)>,
+    path: Path,
+}
+
+/// How a revision's ops run; either way at most `maxConcurrentOps` at once.
+enum Path {
+    /// On the blocking pool, within the cap.
+    Sync(Arc<Semaphore>),
+    /// On the engine's stream pool, with the kernel's weights resident.
+    Async(Engine<DeviceBackend>, Weights),
 }
 
 impl Lane {
@@ -108,9 +116,16 @@ impl Lane {
         weights: &MemoryCache<Weights>,
     ) -> Self {
         let f = &revision.flags;
+        if !f.async_enabled {
+            let cap = Semaphore::new(f.max_concurrent_ops as usize);
+            return Self {
+                kernel,
+                path: Path::Sync(Arc::new(cap)),
+            };
+        }
         // On the CPU backend a stream is one core's worker, so the pool size is the
         // revision's parallelism, as streams are on a GPU.
-        let engine = f.async_enabled.then(|| {
+        let engine = {
             let backend = device.backend(f.stream_pool_size as usize, 1);
             // Per backend kind: a GPU node's backend may have fallen back to the CPU.
             let key = format!("{}/{}", backend.name(), kernel.sha256);
@@ -128,16 +143,20 @@ impl Lane {
                 }
                 up
             });
-            (
+            Path::Async(
                 Engine::new(Arc::new(backend), EngineConfig::from(f)),
                 resident,
             )
-        });
-        Self { kernel, engine }
+        };
+        Self {
+            kernel,
+            path: engine,
+        }
     }
 
-    /// Runs the op, holding `busy` until its work ends: on the synchronous path that is the
-    /// blocking task's end, which a timeout does not bring forward.
+    /// Runs the op in a task of its own, which holds `busy` and the op's place under the cap
+    /// until its work ends: a timeout drops only the wait for it, so neither the cap nor the
+    /// drain count is freed while the work still runs.
     async fn run(
         &self,
         p: Conv2dParams,
@@ -146,25 +165,37 @@ impl Lane {
     ) -> Result<Vec<f32>, ComputeError> {
         let (w, b) = (self.kernel.weight.clone(), self.kernel.bias.clone());
         let inputs: Vec<_> = [Some(x), Some(w), b].into_iter().flatten().collect();
-        match &self.engine {
-            Some((engine, resident)) => {
-                let out = engine.run_with(Op::Conv2d(p), inputs, resident).await;
-                Ok(out?.swap_remove(0))
+        let op = Op::Conv2d(p);
+        let stopped = |e: tokio::task::JoinError| ComputeError::Stopped(e.to_string());
+        let out = match &self.path {
+            Path::Async(engine, resident) => {
+                let (engine, resident) = (engine.clone(), resident.clone());
+                tokio::spawn(async move {
+                    let _busy = busy;
+                    engine.run_with(op, inputs, &resident).await
+                })
+                .await
+                .map_err(stopped)?
             }
-            None => tokio::task::spawn_blocking(move || {
-                let _busy = busy;
-                run_sync(Op::Conv2d(p), &inputs)
-            })
-            .await
-            .map_err(|e| ComputeError::Stopped(e.to_string()))?
-            .map(|mut out| out.swap_remove(0)),
-        }
+            Path::Sync(cap) => {
+                let permit = cap.clone().acquire_owned().await;
+                let permit = permit.map_err(|_| ComputeError::Stopped("closed".into()))?;
+                tokio::task::spawn_blocking(move || {
+                    let _held = (busy, permit);
+                    run_sync(op, &inputs)
+                })
+                .await
+                .map_err(stopped)?
+            }
+        };
+        out.map(|mut out| out.swap_remove(0))
     }
 
     fn fallbacks(&self) -> u64 {
-        self.engine
-            .as_ref()
-            .map_or(0, |(e, _)| e.stats.fallbacks.load(Ordering::Relaxed))
+        match &self.path {
+            Path::Async(e, _) => e.stats.fallbacks.load(Ordering::Relaxed),
+            Path::Sync(_) => 0,
+        }
     }
 }
 
@@ -227,6 +258,14 @@ impl Drop for Serving {
 pub fn to_canary(n: u64, percent: u8) -> bool {
     let p = u64::from(percent.min(100));
     (n + 1) * p / 100 > n * p / 100
+}
+
+/// Where a new split's operation count starts: anywhere in a block of 100, at random. From
+/// 0, every split would round the canary's share down (at 1%, a node that serves 99
+/// operations a step would send none) and line up with callers that alternate.
+fn split_start() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(0u8) % 100
 }
 
 impl Serving {
@@ -599,7 +638,7 @@ impl Router {
                     canary,
                     stable,
                     comparable,
-                    seq: AtomicU64::new(0),
+                    seq: AtomicU64::new(split_start()),
                     in_flight: Arc::default(),
                     started: Timestamp::now(),
                     window: Mutex::default(),
@@ -626,6 +665,8 @@ impl Router {
                 .iter()
                 .any(|d| d.namespace == s.namespace && d.name == s.name);
             if !served && !busy {
+                // Counted first, or the drop would bring the series back.
+                s.count_fallbacks();
                 self.metrics.forget(&s.namespace, &s.name);
             }
         }

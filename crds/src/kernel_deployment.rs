@@ -121,7 +121,8 @@ pub struct RolloutFlags {
     #[serde(default = "yes")]
     #[schemars(default = "yes")]
     pub fallback_on_error: bool,
-    /// Cap on conv2d operations in flight per node.
+    /// Cap on conv2d operations in flight per node, on either path; an operation that timed
+    /// out holds its place until its work ends.
     #[serde(default = "default_max_concurrent_ops")]
     #[schemars(range(min = 1, max = 4096), default = "default_max_concurrent_ops")]
     pub max_concurrent_ops: u32,

@@ -24,6 +24,18 @@ fn the_split_sends_exactly_the_step_share_to_the_canary() {
     }
 }
 
+#[test]
+fn splits_start_anywhere_so_a_short_one_gets_its_share_on_average() {
+    let starts: std::collections::HashSet<u64> = (0..200).map(|_| split_start()).collect();
+    assert!(starts.iter().all(|s| *s < 100));
+    assert!(starts.len() > 10, "{starts:?}");
+    // From a start uniform over 0..100, 50 operations at 1% send 0.5 to the canary on average.
+    let canary: usize = (0..100u64)
+        .map(|s| (s..s + 50).filter(|n| to_canary(*n, 1)).count())
+        .sum();
+    assert_eq!(canary, 50);
+}
+
 fn conv() -> Conv2dSpec {
     Conv2dSpec {
         padding: [1, 1],
@@ -207,6 +219,12 @@ async fn outputs_that_overflow_are_failures_and_new_weights_are_not_compared() {
     let kd = f.kd(&huge, true, &stable, 50, "Progressing");
     let router = router();
     f.serve(&router, &kd).await;
+    // Counted from 0, so that `to_canary(i)` says where operation i goes.
+    router
+        .get("ns", "k")
+        .unwrap()
+        .seq
+        .store(0, Ordering::Relaxed);
     for i in 0..100 {
         let r = router
             .conv2d("ns", "k", params(), Arc::new(uniform(2 * 8 * 8, i, 1.0)))
@@ -283,6 +301,51 @@ fn a_nan_anywhere_in_the_outputs_makes_the_difference_nan() {
     assert!(max_abs_diff(&[f32::NAN, 0.0], &[0.0, 1.0]).is_nan());
     assert!(max_abs_diff(&[0.0, f32::NAN], &[1.0, 0.0]).is_nan());
     assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+}
+
+/// A timed-out operation holds its place until its work ends: the split is not drained
+/// under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_operation_counts_as_in_flight_until_its_work_ends() {
+    let f = Fixture::new("timeout");
+    let a = f.artifact(1, 0.5, None);
+    let router = Router::new(
+        RouterConfig {
+            op_timeout: Duration::from_millis(50),
+            shadow_ops_per_second: 0.0,
+            shadow_concurrency: 4,
+            device: Device::Cpu,
+            device_cache_bytes: 1 << 30,
+        },
+        RolloutMetrics::new(&Registry::new()).unwrap(),
+        CacheMetrics::default(),
+    );
+    f.serve(&router, &f.kd(&a, true, &a, 100, "Progressing"))
+        .await;
+    let s = router.get("ns", "k").unwrap();
+    let Some(Lane {
+        path: Path::Async(engine, _),
+        ..
+    }) = &s.canary
+    else {
+        panic!("the canary runs async")
+    };
+    let gate = crate::compute::backend::Event::default();
+    for stream in 0..engine.backend().streams() {
+        engine.backend().wait(stream, &gate);
+    }
+    let x = Arc::new(uniform(2 * 8 * 8, 7, 1.0));
+    let err = router.conv2d("ns", "k", params(), x).await.unwrap_err();
+    assert!(matches!(err, OpError::Timeout(_)), "{err}");
+    assert_eq!(s.in_flight.load(Ordering::Relaxed), 1);
+    gate.fire();
+    for _ in 0..500 {
+        if s.in_flight.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the operation never ended");
 }
 
 /// A deployment gone from the node takes its series with it.

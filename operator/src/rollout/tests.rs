@@ -710,6 +710,10 @@ fn analysis_verdicts() {
     assert!(
         matches!(verdict(figures(2, 1.0, Some(0.0), true)), Verdict::Failed(m) if m.contains("success rate"))
     );
+    // Operations the synchronous path rescued were failures of the canary's own path.
+    let mut rescued = figures(0, 1.0, Some(0.0), true);
+    rescued.canary.fallbacks = 2;
+    assert!(matches!(verdict(rescued), Verdict::Failed(m) if m.contains("success rate 0.9980")));
     assert!(
         matches!(verdict(figures(0, 1.2, Some(0.0), true)), Verdict::Failed(m) if m.contains("overhead ratio 1.200"))
     );
