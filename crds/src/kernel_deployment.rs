@@ -100,7 +100,8 @@ pub struct KernelSpec {
     pub artifact: ArtifactRef,
     /// The conv2d this kernel implements; the artifact's tensors must agree with it.
     pub conv2d: Conv2dSpec,
-    /// Input height and width the agents use for shadow load and analysis.
+    /// Input height and width the agents use for shadow load and analysis. One sample's
+    /// input and output, like the weights, may hold at most 2^24 values each.
     #[serde(default = "default_input_size")]
     #[schemars(default = "default_input_size", inner(range(min = 1, max = 65536)))]
     pub input_size: [u32; 2],

@@ -45,12 +45,31 @@ fn values(dims: &[u32]) -> u64 {
         .fold(1u64, |n, &d| n.saturating_mul(u64::from(d)))
 }
 
-#[derive(Default)]
-struct Errors(Vec<FieldError>);
+struct Errors {
+    list: Vec<FieldError>,
+    /// Whether tensors are held to [`MAX_TENSOR_VALUES`] and [`MAX_BATCH_VALUES`].
+    sizes: bool,
+}
+
+impl Default for Errors {
+    fn default() -> Self {
+        Self {
+            list: Vec::new(),
+            sizes: true,
+        }
+    }
+}
 
 impl Errors {
+    fn stored() -> Self {
+        Self {
+            sizes: false,
+            ..Self::default()
+        }
+    }
+
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
+        self.list.push(FieldError {
             field: field.into(),
             message: message.into(),
         });
@@ -59,7 +78,7 @@ impl Errors {
     /// Refuses a tensor of `dims` larger than [`MAX_TENSOR_VALUES`]; returns its size.
     fn tensor(&mut self, field: impl Into<String>, what: &str, dims: &[u32]) -> u64 {
         let n = values(dims);
-        if n > MAX_TENSOR_VALUES {
+        if self.sizes && n > MAX_TENSOR_VALUES {
             self.push(
                 field,
                 format!("{what} would hold {n} values ({dims:?}); at most {MAX_TENSOR_VALUES}"),
@@ -69,9 +88,22 @@ impl Errors {
     }
 }
 
-/// Checks a KernelDeployment's spec.
+/// Checks a KernelDeployment's spec, as admission does.
 pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldError>> {
-    let mut e = Errors::default();
+    kernel_deployment_with(spec, Errors::default())
+}
+
+/// [`kernel_deployment`] for an object already stored: the tensor bounds are admission's
+/// alone, so that an object admitted before them goes on as it was (its spec's op cannot
+/// change), as Kubernetes ratchets new validation.
+pub fn stored_kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldError>> {
+    kernel_deployment_with(spec, Errors::stored())
+}
+
+fn kernel_deployment_with(
+    spec: &KernelDeploymentSpec,
+    mut e: Errors,
+) -> Result<(), Vec<FieldError>> {
     artifact(&mut e, "spec.kernel.artifact", &spec.kernel.artifact);
     let conv = &spec.kernel.conv2d;
     let input = spec.kernel.input_size;
@@ -187,9 +219,18 @@ pub fn action_annotation(
     finish(e)
 }
 
-/// Checks an AsyncTrainingJob's spec.
+/// Checks an AsyncTrainingJob's spec, as admission does.
 pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
-    let mut e = Errors::default();
+    training_job_with(spec, Errors::default())
+}
+
+/// [`training_job`] for a job already stored, without admission's tensor bounds (see
+/// [`stored_kernel_deployment`]).
+pub fn stored_training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
+    training_job_with(spec, Errors::stored())
+}
+
+fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), Vec<FieldError>> {
     let (samples, mut shape) = match (&spec.data.synthetic, &spec.data.artifact) {
         (Some(s), None) => {
             if s.shape.contains(&0) {
@@ -268,7 +309,7 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
         e.push("spec.training.momentum", "must be at least 0 and below 1");
     }
     let batch = largest.saturating_mul(u64::from(t.batch_size));
-    if batch > MAX_BATCH_VALUES {
+    if e.sizes && batch > MAX_BATCH_VALUES {
         e.push(
             "spec.training.batchSize",
             format!("a batch of {} would hold {batch} values in one layer's activations; at most {MAX_BATCH_VALUES}", t.batch_size),
@@ -331,7 +372,11 @@ pub fn training_job_update(
 }
 
 fn finish(e: Errors) -> Result<(), Vec<FieldError>> {
-    if e.0.is_empty() { Ok(()) } else { Err(e.0) }
+    if e.list.is_empty() {
+        Ok(())
+    } else {
+        Err(e.list)
+    }
 }
 
 fn artifact(e: &mut Errors, at: &str, a: &ArtifactRef) {
@@ -382,7 +427,7 @@ pub fn conv2d_alone(at: &str, c: &Conv2dSpec) -> Result<(), Vec<FieldError>> {
 
 /// Checks one conv2d's own parameters; true when they are sound enough to compute shapes.
 fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
-    let before = e.0.len();
+    let before = e.list.len();
     // The schema's minimum, again for conv2ds that reach here without it.
     for (name, channels) in [
         ("inChannels", c.in_channels),
@@ -422,7 +467,7 @@ fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
             &[c.out_channels, c.in_channels / c.groups, kh, kw],
         );
     }
-    e.0.len() == before
+    e.list.len() == before
 }
 
 fn check_output(e: &mut Errors, at: &str, c: &Conv2dSpec, input: [u32; 2]) -> Option<[u32; 2]> {
@@ -602,6 +647,12 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         ));
         assert_eq!(fields(r), ["spec.training.batchSize"]);
         assert_eq!(fields(training_job(&atj("{}"))), Vec::<String>::new());
+        // Stored objects are not held to them: one admitted before them goes on.
+        let big = "{data: {synthetic: {shape: [3, 1024, 1024], samples: 100000}}, training: {batchSize: 65536}}";
+        assert_eq!(stored_training_job(&atj(big)), Ok(()));
+        let big =
+            kd("kernel: {inputSize: [4096, 4096], conv2d: {inChannels: 64, outChannels: 64}}");
+        assert_eq!(stored_kernel_deployment(&big), Ok(()));
     }
 
     #[test]

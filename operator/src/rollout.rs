@@ -532,9 +532,12 @@ impl Machine<'_> {
             (RolledBack, Some(c)) => {
                 format!("{c} rolled back; the stable revision takes all traffic")
             }
-            (Failed, Some(c)) => {
-                format!("{c} cannot be served; the stable revision takes all traffic")
-            }
+            (Failed, Some(c)) => match self.s.stable_revision {
+                Some(_) => format!("{c} cannot be served; the stable revision takes all traffic"),
+                None => {
+                    format!("{c} cannot be served; nothing serves until a servable artifact is set")
+                }
+            },
             (Pending, _) => "waiting for a selected node with an agent reporting".into(),
             _ => match &self.s.stable_revision {
                 Some(s) => format!("{} takes all traffic", describe(s)),

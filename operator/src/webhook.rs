@@ -312,10 +312,12 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     {
         return response;
     }
+    // A stored object that no longer deserializes counts as absent: the update is judged
+    // as a create, so that the object can be mended.
     let verdict = match request.kind.kind.as_str() {
         "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| {
-            let old = request.old_object.as_ref().map(typed::<KernelDeployment>);
-            let old = old.transpose()?;
+            let old = request.old_object.as_ref();
+            let old = old.and_then(|o| typed::<KernelDeployment>(o).ok());
             if old.as_ref().is_none_or(|old| old.spec != kd.spec) {
                 ratchet(
                     validate::kernel_deployment(&kd.spec),
@@ -334,8 +336,8 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
             }
         }),
         "AsyncTrainingJob" => typed::<AsyncTrainingJob>(object).and_then(|j| {
-            let old = request.old_object.as_ref().map(typed::<AsyncTrainingJob>);
-            match old.transpose()? {
+            let old = request.old_object.as_ref();
+            match old.and_then(|o| typed::<AsyncTrainingJob>(o).ok()) {
                 Some(old) if old.spec == j.spec => Ok(()),
                 Some(old) => {
                     ratchet(
@@ -554,7 +556,11 @@ mod tests {
         unreadable["spec"]["rollout"]["steps"][0]["pause"] = "1".repeat(120).into();
         let mut finalized = unreadable.clone();
         finalized["metadata"]["finalizers"] = serde_json::json!([]);
-        let r = admit(&update(finalized, unreadable));
+        let r = admit(&update(finalized, unreadable.clone()));
+        assert!(r.allowed, "{:?}", r.result);
+        // Nor does it stop the object being mended.
+        let mended = kd(serde_json::json!([{"trafficPercent": 100}]));
+        let r = admit(&update(mended, unreadable));
         assert!(r.allowed, "{:?}", r.result);
     }
 

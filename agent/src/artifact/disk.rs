@@ -97,10 +97,15 @@ impl DiskCache {
                 Err(e) => return Err(e),
             }
         };
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, &path)?;
+        let written = file
+            .write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // A full disk must not fill up with partial files, each under a name of its own.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         File::open(&self.dir)?.sync_all()?;
         self.evict(digest)?;
         self.publish_size()

@@ -86,10 +86,6 @@ impl Trainer {
     /// suspended, and stops those assigned elsewhere, under a new attempt, or whose job
     /// finished or is gone.
     pub fn sync(&self, jobs: &[Arc<AsyncTrainingJob>]) {
-        // The watch may tick on while the agent shuts down: the workers it stops stay stopped.
-        if self.closing.load(Ordering::SeqCst) {
-            return;
-        }
         let mut wanted = BTreeMap::new();
         for job in jobs {
             let (Some(uid), Some(status)) = (job.uid(), job.status.as_ref()) else {
@@ -111,6 +107,11 @@ impl Trainer {
             }
         }
         let mut workers = self.workers.lock().expect("workers lock");
+        // The watch may tick on while the agent shuts down: the workers it stops stay
+        // stopped. Read under the lock that `shut_down` sets it under.
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
         let mut previous = BTreeMap::new();
         workers.retain(|key, e| {
             if wanted
@@ -303,6 +304,11 @@ mod tests {
     use kernelflow_crds::training_job::TrainingPhase;
 
     fn trainer() -> Arc<Trainer> {
+        trainer_in(None)
+    }
+
+    /// A trainer keeping checkpoints in `dir`, or in memory.
+    fn trainer_in(dir: Option<std::path::PathBuf>) -> Arc<Trainer> {
         let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
         Trainer::new(
             "n",
@@ -310,7 +316,7 @@ mod tests {
                 warmer: Warmer::new(store.clone()),
                 router: crate::rollout::tests::router(),
                 store,
-                checkpoints: Checkpoints::new(None),
+                checkpoints: Checkpoints::new(dir),
                 metrics: metrics::Counters::default(),
             },
         )
@@ -405,7 +411,9 @@ mod tests {
 
     #[tokio::test]
     async fn clean_up_deletes_only_the_checkpoints_of_jobs_that_are_gone() {
-        let t = trainer();
+        let dir = std::env::temp_dir().join(format!("kf-clean-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = trainer_in(Some(dir.clone()));
         let layers = [kernelflow_crds::Conv2dSpec::new(1, 1, [1, 1])];
         let model = crate::compute::train::Model::new(&layers, [1, 2, 2], 1).unwrap();
         let meta = checkpoint::Meta {
@@ -413,8 +421,12 @@ mod tests {
             first_loss: None,
             fingerprint: String::new(),
         };
+        // Both written long enough ago that a job gone is not one just created.
+        let long_ago = std::time::SystemTime::now() - KEEP_ORPHANS * 2;
         for uid in ["uid-kept", "uid-gone"] {
             t.env.checkpoints.save(uid, 0, &meta, &model).unwrap();
+            let job_dir = std::fs::File::open(dir.join(uid)).unwrap();
+            job_dir.set_modified(long_ago).unwrap();
         }
         t.clean_up(&[job("kept", 5, "m", 0, false)]).await.unwrap();
         assert!(t.env.checkpoints.load("uid-kept", 0).unwrap().is_some());

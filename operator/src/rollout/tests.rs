@@ -618,6 +618,11 @@ fn a_first_synchronous_revision_nothing_can_serve_waits_for_a_retry() {
     broken.unservable = true;
     run.at(0, &broken);
     assert_eq!(run.phase(), RolloutPhase::Failed);
+    let message = run.status.message.as_deref().unwrap_or_default();
+    assert!(
+        message.ends_with("nothing serves until a servable artifact is set"),
+        "{message}"
+    );
     let (status, notes) = (run.status.clone(), run.notes.len());
     run.at(5, &broken);
     assert_eq!((&run.status, run.notes.len()), (&status, notes));

@@ -109,7 +109,7 @@ pub fn decide(job: &AsyncTrainingJob, obs: &Observation<'_>, settings: &Settings
         notes: Vec::new(),
         backing_off: None,
     };
-    let verdict = validate::training_job(&job.spec);
+    let verdict = validate::stored_training_job(&job.spec);
     m.put(accepted_at(&verdict, generation, &old.conditions, obs.now));
     if verdict.is_err() {
         // Invalid specs wait for the user to change them.
@@ -250,6 +250,9 @@ impl Machine<'_> {
             }) else {
                 continue;
             };
+            if r.state != WorkerState::Failed {
+                w.failed_time = None;
+            }
             w.state = r.state;
             w.step = r.step;
             w.samples_per_second = r.samples_per_second;
@@ -295,6 +298,14 @@ impl Machine<'_> {
     fn restart_lost_and_failed(&mut self) -> Option<(&'static str, String)> {
         let suspend = self.spec.run_policy.suspend;
         let limit = self.spec.run_policy.backoff_limit;
+        let exceeded = |i: usize, node: &str, why: &str, restarts: u32| {
+            (restarts >= limit).then(|| {
+                let message = format!(
+                    "worker {i} on node {node}: {why}; the job has used its backoffLimit of {limit} restarts"
+                );
+                ("BackoffLimitExceeded", message)
+            })
+        };
         for i in 0..self.status.workers.len() {
             let w = &self.status.workers[i];
             // A finished worker's weights are in its report: losing its node loses nothing.
@@ -328,6 +339,11 @@ impl Machine<'_> {
                             format!("worker {i} on node {}: {message}", w.node),
                         ));
                     }
+                    let why = format!("it failed: {message}");
+                    // Past the limit, it fails the job now rather than after its backoff.
+                    if let Some(exceeded) = exceeded(i, &w.node, &why, self.status.restarts) {
+                        return Some(exceeded);
+                    }
                     let now = self.obs.now;
                     let since = self.status.workers[i]
                         .failed_time
@@ -336,11 +352,15 @@ impl Machine<'_> {
                     let wait = backoff(self.status.restarts);
                     let left = Duration::try_from(after(since, wait.as_secs()).duration_since(now))
                         .unwrap_or_default();
+                    // Nothing restarts while suspended: it restarts once resumed.
+                    if suspend {
+                        continue;
+                    }
                     if !left.is_zero() {
                         self.backing_off = Some(self.backing_off.map_or(left, |b| b.min(left)));
                         continue;
                     }
-                    format!("it failed: {message}")
+                    why
                 }
                 (None, false) => continue,
             };
@@ -351,14 +371,8 @@ impl Machine<'_> {
                 w.state = WorkerState::Pending;
                 continue;
             }
-            if self.status.restarts >= limit {
-                return Some((
-                    "BackoffLimitExceeded",
-                    format!(
-                        "worker {i} on node {}: {why}; the job has used its backoffLimit of {limit} restarts",
-                        w.node
-                    ),
-                ));
+            if let Some(exceeded) = exceeded(i, &w.node, &why, self.status.restarts) {
+                return Some(exceeded);
             }
             self.status.restarts += 1;
             // A failed worker restarts on its node; a lost one waits for another.
@@ -434,10 +448,14 @@ impl Machine<'_> {
                     WorkerState::Pending | WorkerState::Suspended | WorkerState::Succeeded
                 )
         };
-        let running = workers.iter().filter(|w| !stopped(w)).count();
-        let restarting = workers
+        let running = workers
             .iter()
-            .any(|w| w.attempt > 0 && w.state == WorkerState::Pending);
+            .filter(|w| !stopped(w) && w.state != WorkerState::Failed)
+            .count();
+        // Failed ones wait out their backoff.
+        let restarting = workers.iter().any(|w| {
+            (w.attempt > 0 && w.state == WorkerState::Pending) || w.state == WorkerState::Failed
+        });
         let reported = placed == all && workers.iter().all(|w| w.state != WorkerState::Pending);
 
         if self.status.start_time.is_none() && !suspend {
@@ -491,7 +509,8 @@ impl Machine<'_> {
         } else if reported {
             TrainingPhase::Running
         } else if self.status.phase == TrainingPhase::Created
-            || !self.status.conditions.iter().any(|c| c.type_ == "Running")
+            || (self.status.restarts == 0
+                && !self.status.conditions.iter().any(|c| c.type_ == "Running"))
         {
             // Never ran (created suspended, say): nothing restarts.
             TrainingPhase::Created
@@ -884,6 +903,7 @@ mod tests {
             (assigned(&d), d.status.restarts, d.requeue),
             (vec![("b", 0), ("a", 0)], 0, Some(Duration::from_secs(10)))
         );
+        assert_eq!(d.status.phase, TrainingPhase::Restarting, "not running");
         let waiting = then(j.clone(), &d);
         let d = decide_at(&waiting, &nodes(), &reports, 11);
         assert_eq!(
@@ -912,6 +932,44 @@ mod tests {
             message(&d, "Failed"),
             "worker 0 on node b: InvalidModel: stream fault"
         );
+    }
+
+    #[test]
+    fn a_failed_worker_past_the_limit_fails_the_job_at_once() {
+        let (j, mut reports) =
+            running(serde_json::json!({"backoffLimit": 0}), WorkerState::Running);
+        reports[0].1.state = WorkerState::Failed;
+        let d = decide_at(&j, &nodes(), &reports, 2);
+        assert!(is(&d, "Failed", "True", "BackoffLimitExceeded"));
+    }
+
+    #[test]
+    fn a_failed_worker_neither_holds_up_a_suspension_nor_restarts_during_it() {
+        let (mut j, mut reports) = running(serde_json::json!({}), WorkerState::Running);
+        j.spec.run_policy.suspend = true;
+        reports[0].1.state = WorkerState::Failed;
+        reports[1].1.state = WorkerState::Suspended;
+        let d = decide_at(&j, &nodes(), &reports, 100);
+        assert_eq!(
+            (d.status.phase, d.status.restarts),
+            (TrainingPhase::Suspended, 0)
+        );
+        // Resumed after its backoff ran out: it restarts at once.
+        let mut j = then(j, &d);
+        j.spec.run_policy.suspend = false;
+        let d = decide_at(&j, &nodes(), &reports, 200);
+        assert_eq!((assigned(&d)[0], d.status.restarts), (("b", 1), 1));
+    }
+
+    #[test]
+    fn a_worker_that_reports_again_after_failing_starts_its_next_backoff_afresh() {
+        let (j, mut reports) = running(serde_json::json!({}), WorkerState::Running);
+        reports[0].1.state = WorkerState::Failed;
+        let j = then(j.clone(), &decide_at(&j, &nodes(), &reports, 2));
+        assert!(j.status.as_ref().unwrap().workers[0].failed_time.is_some());
+        reports[0].1.state = WorkerState::Running;
+        let d = decide_at(&j, &nodes(), &reports, 3);
+        assert_eq!(d.status.workers[0].failed_time, None);
     }
 
     #[test]
