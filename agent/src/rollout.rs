@@ -97,13 +97,15 @@ impl Drop for Busy {
 /// One revision as this node runs it.
 struct Lane {
     kernel: Arc<Kernel>,
+    /// `maxConcurrentOps`, on either path.
+    cap: Arc<Semaphore>,
     path: Path,
 }
 
-/// How a revision's ops run; either way at most `maxConcurrentOps` at once.
+/// How a revision's ops run.
 enum Path {
-    /// On the blocking pool, within the cap.
-    Sync(Arc<Semaphore>),
+    /// On the blocking pool.
+    Sync,
     /// On the engine's stream pool, with the kernel's weights resident.
     Async(Engine<DeviceBackend>, Weights),
 }
@@ -116,11 +118,13 @@ impl Lane {
         weights: &MemoryCache<Weights>,
     ) -> Self {
         let f = &revision.flags;
+        // At least one, as the engine takes it: the schema's minimum, for any revision.
+        let cap = Arc::new(Semaphore::new((f.max_concurrent_ops as usize).max(1)));
         if !f.async_enabled {
-            let cap = Semaphore::new(f.max_concurrent_ops as usize);
             return Self {
                 kernel,
-                path: Path::Sync(Arc::new(cap)),
+                cap,
+                path: Path::Sync,
             };
         }
         // On the CPU backend a stream is one core's worker, so the pool size is the
@@ -150,51 +154,55 @@ impl Lane {
         };
         Self {
             kernel,
+            cap,
             path: engine,
         }
     }
 
-    /// Runs the op in a task of its own, which holds `busy` and the op's place under the cap
-    /// until its work ends: a timeout drops only the wait for it, so neither the cap nor the
-    /// drain count is freed while the work still runs.
+    /// Runs the op once it has a place under the cap, in a task of its own that holds the
+    /// place and `busy` until its work ends: a timeout while it waits drops the wait, one
+    /// while it runs drops only the wait for its end, so neither the cap nor the drain count
+    /// is freed while work still runs. Also says whether the synchronous fallback produced
+    /// the output.
     async fn run(
         &self,
         p: Conv2dParams,
         x: Arc<Vec<f32>>,
         busy: Busy,
-    ) -> Result<Vec<f32>, ComputeError> {
+    ) -> Result<(Vec<f32>, bool), ComputeError> {
         let (w, b) = (self.kernel.weight.clone(), self.kernel.bias.clone());
         let inputs: Vec<_> = [Some(x), Some(w), b].into_iter().flatten().collect();
         let op = Op::Conv2d(p);
+        let permit = self.cap.clone().acquire_owned().await;
+        let held = (
+            busy,
+            permit.map_err(|_| ComputeError::Stopped("closed".into()))?,
+        );
         let stopped = |e: tokio::task::JoinError| ComputeError::Stopped(e.to_string());
-        let out = match &self.path {
+        let (mut out, fell_back) = match &self.path {
             Path::Async(engine, resident) => {
                 let (engine, resident) = (engine.clone(), resident.clone());
                 tokio::spawn(async move {
-                    let _busy = busy;
+                    let _held = held;
                     engine.run_with(op, inputs, &resident).await
                 })
                 .await
-                .map_err(stopped)?
+                .map_err(stopped)??
             }
-            Path::Sync(cap) => {
-                let permit = cap.clone().acquire_owned().await;
-                let permit = permit.map_err(|_| ComputeError::Stopped("closed".into()))?;
-                tokio::task::spawn_blocking(move || {
-                    let _held = (busy, permit);
-                    run_sync(op, &inputs)
-                })
-                .await
-                .map_err(stopped)?
-            }
+            Path::Sync => tokio::task::spawn_blocking(move || {
+                let _held = held;
+                run_sync(op, &inputs).map(|out| (out, false))
+            })
+            .await
+            .map_err(stopped)??,
         };
-        out.map(|mut out| out.swap_remove(0))
+        Ok((out.swap_remove(0), fell_back))
     }
 
     fn fallbacks(&self) -> u64 {
         match &self.path {
             Path::Async(e, _) => e.stats.fallbacks.load(Ordering::Relaxed),
-            Path::Sync(_) => 0,
+            Path::Sync => 0,
         }
     }
 }
@@ -311,9 +319,9 @@ impl Serving {
         let result = match tokio::time::timeout(timeout, lane.run(p, x, busy)).await {
             Err(_) => Err(OpError::Timeout(timeout)),
             Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(y)) => match y.iter().position(|v| !v.is_finite()) {
+            Ok(Ok((y, fell_back))) => match y.iter().position(|v| !v.is_finite()) {
                 Some(i) => Err(OpError::NonFinite(i)),
-                None => Ok(y),
+                None => Ok((y, fell_back)),
             },
         };
         let took = start.elapsed();
@@ -325,12 +333,15 @@ impl Serving {
             f.ops += 1;
             f.traffic_ops += u64::from(traffic);
             match &result {
-                Ok(_) => f.latency_seconds_sum += took.as_secs_f64(),
+                Ok((_, fell_back)) => {
+                    f.latency_seconds_sum += took.as_secs_f64();
+                    f.fallbacks += u64::from(*fell_back);
+                }
                 Err(_) => f.failures += 1,
             }
         }
         match result {
-            Ok(y) => {
+            Ok((y, _)) => {
                 metrics
                     .duration
                     .with_label_values(&labels)
@@ -429,7 +440,6 @@ impl Serving {
         k.window_end = Some(Time(now));
         k.canary = w.canary.clone();
         k.stable = w.stable.clone();
-        (k.canary.fallbacks, k.stable.fallbacks) = self.fallbacks();
         k.shadow = ShadowFigures {
             comparable: self.comparable,
             ..w.shadow.clone()

@@ -96,8 +96,8 @@ pub struct RevisionFigures {
     pub ops: u64,
     /// Operations that errored, timed out or produced a non-finite output.
     pub failures: u64,
-    /// Failed asynchronous operations re-run on the synchronous path (counted in `ops`, not in
-    /// `failures`; analysis counts them as failures of the canary).
+    /// Operations whose asynchronous run failed and whose synchronous re-run served them
+    /// (counted in `ops`, not in `failures`; analysis counts them as failures of the canary).
     pub fallbacks: u64,
     /// Total latency of the successful operations, in seconds.
     pub latency_seconds_sum: f64,

@@ -312,12 +312,13 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     {
         return response;
     }
-    // A stored object that no longer deserializes counts as absent: the update is judged
-    // as a create, so that the object can be mended.
+    // A stored object that no longer deserializes is judged as a create, so that it can be
+    // mended, but what no update may change is compared raw.
     let verdict = match request.kind.kind.as_str() {
         "KernelDeployment" => typed::<KernelDeployment>(object).and_then(|kd| {
             let old = request.old_object.as_ref();
-            let old = old.and_then(|o| typed::<KernelDeployment>(o).ok());
+            let conv2d = |spec: &serde_json::Value| spec.pointer("/kernel/conv2d").cloned();
+            let old = readable::<KernelDeployment>(old, object, "spec.kernel.conv2d", conv2d)?;
             if old.as_ref().is_none_or(|old| old.spec != kd.spec) {
                 ratchet(
                     validate::kernel_deployment(&kd.spec),
@@ -337,7 +338,12 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         }),
         "AsyncTrainingJob" => typed::<AsyncTrainingJob>(object).and_then(|j| {
             let old = request.old_object.as_ref();
-            match old.and_then(|o| typed::<AsyncTrainingJob>(o).ok()) {
+            let fixed = |spec: &serde_json::Value| {
+                let mut spec = spec.clone();
+                spec.as_object_mut()?.remove("runPolicy");
+                Some(spec)
+            };
+            match readable::<AsyncTrainingJob>(old, object, "spec", fixed)? {
                 Some(old) if old.spec == j.spec => Ok(()),
                 Some(old) => {
                     ratchet(
@@ -354,6 +360,29 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     match verdict {
         Ok(()) => response,
         Err(errors) => response.deny(validate::describe(&errors)),
+    }
+}
+
+/// The stored object, typed; `None` when there is none, or when it no longer deserializes
+/// and the update leaves `fixed` (the part of the spec no update may change) as it was.
+fn readable<K: DeserializeOwned>(
+    old: Option<&DynamicObject>,
+    new: &DynamicObject,
+    field: &str,
+    fixed: impl Fn(&serde_json::Value) -> Option<serde_json::Value>,
+) -> Result<Option<K>, Vec<FieldError>> {
+    let Some(old) = old else { return Ok(None) };
+    if let Ok(old) = typed(old) {
+        return Ok(Some(old));
+    }
+    let part = |o: &DynamicObject| o.data.get("spec").and_then(&fixed);
+    if part(old) == part(new) {
+        Ok(None)
+    } else {
+        Err(vec![FieldError {
+            field: field.into(),
+            message: "cannot change once the object exists".into(),
+        }])
     }
 }
 
@@ -558,10 +587,17 @@ mod tests {
         finalized["metadata"]["finalizers"] = serde_json::json!([]);
         let r = admit(&update(finalized, unreadable.clone()));
         assert!(r.allowed, "{:?}", r.result);
-        // Nor does it stop the object being mended.
+        // Nor does it stop the object being mended, but what may not change stays.
         let mended = kd(serde_json::json!([{"trafficPercent": 100}]));
-        let r = admit(&update(mended, unreadable));
+        let r = admit(&update(mended.clone(), unreadable.clone()));
         assert!(r.allowed, "{:?}", r.result);
+        let mut reshaped = mended;
+        reshaped["spec"]["kernel"]["conv2d"]["outChannels"] = 4.into();
+        let r = admit(&update(reshaped, unreadable));
+        assert_eq!(
+            r.result.message,
+            "spec.kernel.conv2d: cannot change once the object exists"
+        );
     }
 
     #[test]

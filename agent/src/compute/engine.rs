@@ -112,18 +112,19 @@ impl<B: Backend> Engine<B> {
         op: Op,
         inputs: Vec<Arc<Vec<f32>>>,
     ) -> Result<Vec<Vec<f32>>, ComputeError> {
-        self.run_with(op, inputs, &[]).await
+        Ok(self.run_with(op, inputs, &[]).await?.0)
     }
 
     /// Like [`Engine::run`], with the last inputs already on the device as `resident` (a
     /// kernel's weights, uploaded once): only the others are uploaded. The synchronous
-    /// fallback still reads all of `inputs`.
+    /// fallback still reads all of `inputs`. Also says whether the fallback produced the
+    /// outputs.
     pub async fn run_with(
         &self,
         op: Op,
         inputs: Vec<Arc<Vec<f32>>>,
         resident: &[B::Buffer],
-    ) -> Result<Vec<Vec<f32>>, ComputeError> {
+    ) -> Result<(Vec<Vec<f32>>, bool), ComputeError> {
         if resident.len() > inputs.len() {
             return Err(ComputeError::Shape(format!(
                 "{} resident buffers for {} inputs",
@@ -150,12 +151,13 @@ impl<B: Backend> Engine<B> {
                     .inspect_err(|_| {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     })
+                    .map(|out| (out, true))
             }
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
-            ok => ok,
+            Ok(out) => Ok((out, false)),
         }
     }
 
@@ -360,7 +362,8 @@ mod tests {
         let resident = [e.backend().resident(w.clone())];
         let inputs = vec![x.clone(), w.clone()];
         let y = e.run_with(Op::Conv2d(p), inputs, &resident).await.unwrap();
-        assert_eq!(y, run_sync(Op::Conv2d(p), &[x.clone(), w]).unwrap());
+        let sync = run_sync(Op::Conv2d(p), &[x.clone(), w]).unwrap();
+        assert_eq!(y, (sync, false));
         let two = [resident[0].clone(), resident[0].clone()];
         let err = e.run_with(Op::Relu, vec![x], &two).await.unwrap_err();
         assert!(matches!(err, ComputeError::Shape(_)), "{err}");

@@ -269,12 +269,14 @@ async fn a_new_epoch_starts_new_figures_and_a_removed_deployment_stops_serving()
         .conv2d("ns", "k", params(), Arc::new(uniform(128, 0, 1.0)))
         .await
         .unwrap();
-    assert_eq!(report(&router).stable.ops, 1);
+    let k = report(&router);
+    assert_eq!(k.canary.ops + k.stable.ops, 1);
 
     let next = f.kd(&a, true, &a, 50, "Progressing");
     f.serve(&router, &next).await;
+    let k = report(&router);
     assert_eq!(
-        report(&router).stable.ops,
+        k.canary.ops + k.stable.ops,
         0,
         "a changed split starts from zero"
     );
@@ -301,6 +303,38 @@ fn a_nan_anywhere_in_the_outputs_makes_the_difference_nan() {
     assert!(max_abs_diff(&[f32::NAN, 0.0], &[0.0, 1.0]).is_nan());
     assert!(max_abs_diff(&[0.0, f32::NAN], &[1.0, 0.0]).is_nan());
     assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+}
+
+/// Operations the synchronous path rescued serve their callers and are counted once, as
+/// rescued, not as failures too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescued_operations_serve_and_are_counted_as_fallbacks() {
+    let f = Fixture::new("rescued");
+    let a = f.artifact(1, 0.5, None);
+    let router = router();
+    f.serve(&router, &f.kd(&a, true, &a, 100, "Progressing"))
+        .await;
+    let s = router.get("ns", "k").unwrap();
+    let Some(Lane {
+        path: Path::Async(engine, _),
+        ..
+    }) = &s.canary
+    else {
+        panic!("the canary runs async")
+    };
+    let crate::compute::device::DeviceBackend::Cpu(cpu) = &**engine.backend() else {
+        panic!("the CPU backend")
+    };
+    cpu.faults.fail_every(2);
+    for i in 0..10 {
+        let x = Arc::new(uniform(2 * 8 * 8, i, 1.0));
+        assert!(router.conv2d("ns", "k", params(), x).await.is_ok());
+    }
+    let k = report(&router);
+    assert_eq!(
+        (k.canary.ops, k.canary.failures, k.canary.fallbacks),
+        (10, 0, 5)
+    );
 }
 
 /// A timed-out operation holds its place until its work ends: the split is not drained

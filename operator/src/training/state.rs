@@ -454,7 +454,8 @@ impl Machine<'_> {
             .count();
         // Failed ones wait out their backoff.
         let restarting = workers.iter().any(|w| {
-            (w.attempt > 0 && w.state == WorkerState::Pending) || w.state == WorkerState::Failed
+            (w.attempt > 0 && w.state == WorkerState::Pending)
+                || (!suspend && w.state == WorkerState::Failed)
         });
         let reported = placed == all && workers.iter().all(|w| w.state != WorkerState::Pending);
 
