@@ -611,8 +611,29 @@ mod tests {
         .dns_names();
         assert!(svc.contains(&"kf.sys.svc".to_string()), "{svc:?}");
         let cert = generate(&svc).unwrap();
-        assert!(cert.ca.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(cert.key.contains("PRIVATE KEY"));
+        // The certificate, as a client trusting only the CA checks it: valid for the names
+        // the API server dials, and for no other.
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(cert.ca.as_bytes()).unwrap())
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let leaf = CertificateDer::from_pem_slice(cert.cert.as_bytes()).unwrap();
+        let valid_for = |name: &str| {
+            let name = ServerName::try_from(name.to_string()).unwrap();
+            verifier
+                .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+                .is_ok()
+        };
+        assert!(valid_for("kf.sys.svc") && valid_for("kf.sys.svc.cluster.local"));
+        assert!(!valid_for("other.sys.svc"));
     }
 
     /// Completes a TLS handshake with `addr` as `localhost`, trusting only `ca_pem`.

@@ -836,6 +836,7 @@ pub(crate) mod tests {
     /// Largest absolute difference, relative to the output's magnitude; NaN if any
     /// difference is (`f32::max` would drop it).
     fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "outputs of different lengths");
         let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         a.iter()
             .zip(b)

@@ -503,7 +503,11 @@ mod tests {
         let whole = gradients(&engine(1), &model, &x, &t, 10, 1).await.unwrap();
         let split = gradients(&engine(3), &model, &x, &t, 10, 4).await.unwrap();
         assert!((whole.loss - split.loss).abs() <= 1e-5 * whole.loss.abs().max(1.0));
+        assert_eq!(whole.grads.len(), specs().len());
+        assert_eq!(whole.grads.len(), split.grads.len());
         for ((w1, b1), (w2, b2)) in whole.grads.iter().zip(&split.grads) {
+            assert_eq!((w1.len(), b1.len()), (w2.len(), b2.len()));
+            assert!(!w1.is_empty());
             for (a, b) in w1.iter().chain(b1).zip(w2.iter().chain(b2)) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
             }
@@ -570,6 +574,8 @@ mod tests {
             frozen.grads[0].0.iter().all(|g| *g == 0.0),
             "no gradient for a frozen layer"
         );
+        assert_eq!(frozen.grads[1].0.len(), on_stream.grads[1].0.len());
+        assert!(!frozen.grads[1].0.is_empty());
         for (a, b) in frozen.grads[1].0.iter().zip(&on_stream.grads[1].0) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
         }

@@ -629,6 +629,7 @@ async fn the_chart_installs_and_its_service_accounts_run_the_operator_and_agent(
             })
             .collect()
     };
+    assert!(!fields(&operators).is_empty());
     assert_eq!(fields(&charts), fields(&operators));
 
     // The operator, as its ServiceAccount, leads, reconciles and records events.
