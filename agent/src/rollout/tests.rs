@@ -114,13 +114,13 @@ impl Fixture {
 
 /// A router with no shadow load, for tests here and in training.
 pub(crate) fn router() -> Arc<Router> {
-    router_with(CacheMetrics::default())
+    router_with(CacheMetrics::default(), Duration::from_secs(10))
 }
 
-fn router_with(cache: CacheMetrics) -> Arc<Router> {
+fn router_with(cache: CacheMetrics, op_timeout: Duration) -> Arc<Router> {
     Router::new(
         RouterConfig {
-            op_timeout: Duration::from_secs(10),
+            op_timeout,
             shadow_ops_per_second: 0.0,
             shadow_concurrency: 4,
             device: Device::Cpu,
@@ -129,6 +129,17 @@ fn router_with(cache: CacheMetrics) -> Arc<Router> {
         RolloutMetrics::new(&Registry::new()).unwrap(),
         cache,
     )
+}
+
+/// The engine of a split's async canary.
+fn canary_engine(s: &Serving) -> &Engine<DeviceBackend> {
+    match &s.canary {
+        Some(Lane {
+            path: Path::Async(engine, _),
+            ..
+        }) => engine,
+        _ => panic!("the canary runs async"),
+    }
 }
 
 /// The fixture deployment's op on one 8x8 input.
@@ -193,7 +204,7 @@ async fn weights_go_to_the_device_once_per_kernel() {
     let f = Fixture::new("device");
     let a = f.artifact(1, 0.5, None);
     let cache = CacheMetrics::default();
-    let router = router_with(cache.clone());
+    let router = router_with(cache.clone(), Duration::from_secs(10));
     f.serve(&router, &f.kd(&a, true, &a, 10, "Progressing"))
         .await;
     let mut next = (*f.kd(&a, true, &a, 50, "Progressing")).clone();
@@ -315,14 +326,7 @@ async fn rescued_operations_serve_and_are_counted_as_fallbacks() {
     f.serve(&router, &f.kd(&a, true, &a, 100, "Progressing"))
         .await;
     let s = router.get("ns", "k").unwrap();
-    let Some(Lane {
-        path: Path::Async(engine, _),
-        ..
-    }) = &s.canary
-    else {
-        panic!("the canary runs async")
-    };
-    let crate::compute::device::DeviceBackend::Cpu(cpu) = &**engine.backend() else {
+    let crate::compute::device::DeviceBackend::Cpu(cpu) = &**canary_engine(&s).backend() else {
         panic!("the CPU backend")
     };
     cpu.faults.fail_every(2);
@@ -343,27 +347,11 @@ async fn rescued_operations_serve_and_are_counted_as_fallbacks() {
 async fn a_timed_out_operation_counts_as_in_flight_until_its_work_ends() {
     let f = Fixture::new("timeout");
     let a = f.artifact(1, 0.5, None);
-    let router = Router::new(
-        RouterConfig {
-            op_timeout: Duration::from_millis(50),
-            shadow_ops_per_second: 0.0,
-            shadow_concurrency: 4,
-            device: Device::Cpu,
-            device_cache_bytes: 1 << 30,
-        },
-        RolloutMetrics::new(&Registry::new()).unwrap(),
-        CacheMetrics::default(),
-    );
+    let router = router_with(CacheMetrics::default(), Duration::from_millis(50));
     f.serve(&router, &f.kd(&a, true, &a, 100, "Progressing"))
         .await;
     let s = router.get("ns", "k").unwrap();
-    let Some(Lane {
-        path: Path::Async(engine, _),
-        ..
-    }) = &s.canary
-    else {
-        panic!("the canary runs async")
-    };
+    let engine = canary_engine(&s);
     let gate = crate::compute::backend::Event::default();
     for stream in 0..engine.backend().streams() {
         engine.backend().wait(stream, &gate);

@@ -69,6 +69,13 @@ fn healthy(samples: u64, diff: f64) -> Summary {
     s
 }
 
+/// Figures that fail analysis: 5% of 1000 canary operations failed.
+fn failing() -> Summary {
+    let mut s = healthy(1000, 0.0);
+    s.figures.canary.failures = 50;
+    s
+}
+
 /// Drives the machine through time, keeping the status between calls as the API would.
 struct Run {
     spec: KernelDeploymentSpec,
@@ -299,8 +306,7 @@ fn too_few_samples_or_no_stable_latency_never_pass() {
 fn failing_analysis_counts_once_per_interval_then_rolls_back_naming_the_figure() {
     let mut run = Run::new(spec(B, serde_json::json!({})));
     run.at(0, &nodes(3, 3));
-    let mut bad = healthy(1000, 0.0);
-    bad.figures.canary.failures = 50;
+    let bad = failing();
     for _ in 0..5 {
         run.at(1, &bad);
     }
@@ -340,8 +346,7 @@ fn failing_analysis_counts_once_per_interval_then_rolls_back_naming_the_figure()
 fn a_failure_late_in_a_second_counts_once_a_whole_interval() {
     let mut run = Run::new(spec(B, serde_json::json!({})));
     run.at(0, &nodes(3, 3));
-    let mut bad = healthy(1000, 0.0);
-    bad.figures.canary.failures = 50;
+    let bad = failing();
     let ms = SignedDuration::from_millis;
     run.after(ms(900), &bad, None);
     // 9.1 s later: a whole interval after the second the status kept, not after the failure.
