@@ -129,7 +129,7 @@ impl Lane {
         }
         // On the CPU backend a stream is one core's worker, so the pool size is the
         // revision's parallelism, as streams are on a GPU.
-        let engine = {
+        let path = {
             let backend = device.backend(f.stream_pool_size as usize, 1);
             // Per backend kind: a GPU node's backend may have fallen back to the CPU.
             let key = format!("{}/{}", backend.name(), kernel.sha256);
@@ -152,11 +152,7 @@ impl Lane {
                 resident,
             )
         };
-        Self {
-            kernel,
-            cap,
-            path: engine,
-        }
+        Self { kernel, cap, path }
     }
 
     /// Runs the op once it has a place under the cap, in a task of its own that holds the
