@@ -974,6 +974,21 @@ mod tests {
     }
 
     #[test]
+    fn a_job_that_restarted_a_worker_never_goes_back_to_created() {
+        // Two workers, one node: worker 1 never finds one.
+        let one = [node("b", true, true, 0)];
+        let j = job(2, serde_json::json!({}));
+        let j = then(j.clone(), &decide_at(&j, &one, &[], 0));
+        let failed = [report("b", 0, 0, WorkerState::Failed, 5)];
+        let j = then(j.clone(), &decide_at(&j, &one, &failed, 1));
+        let d = decide_at(&j, &one, &failed, 20);
+        assert_eq!((assigned(&d)[0], d.status.restarts), (("b", 1), 1));
+        let back = [report("b", 0, 1, WorkerState::Running, 5)];
+        let d = decide_at(&then(j, &d), &one, &back, 21);
+        assert_eq!(d.status.phase, TrainingPhase::Restarting);
+    }
+
+    #[test]
     fn backoff_doubles_with_each_restart_up_to_six_minutes() {
         let waits: Vec<u64> = (0..9).map(|r| backoff(r).as_secs()).collect();
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 360, 360, 360]);
