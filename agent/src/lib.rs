@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod compute;
+mod files;
 pub mod report;
 pub mod rollout;
 pub mod training;

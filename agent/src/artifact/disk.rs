@@ -4,9 +4,8 @@
 //! name is deleted. Survives agent restarts: a restarted agent is warm at once.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use kernelflow_crds::validate::is_sha256;
@@ -83,30 +82,8 @@ impl DiskCache {
         if bytes.len() as u64 > self.capacity {
             return Ok(());
         }
-        // A name of its own: another put of this digest (another URL of the same bytes), or
-        // another agent sharing the directory (PID 1 too), must not write into it.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let (tmp, mut file) = loop {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let tmp = self
-                .dir
-                .join(format!(".tmp-{digest}-{}-{n}", std::process::id()));
-            match File::options().write(true).create_new(true).open(&tmp) {
-                Ok(file) => break (tmp, file),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        let written = file
-            .write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .and_then(|()| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            // A full disk must not fill up with partial files, each under a name of its own.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        File::open(&self.dir)?.sync_all()?;
+        // Another URL of the same bytes may be putting it at the same time.
+        crate::files::replace(&path, digest, bytes)?;
         self.evict(digest)?;
         self.publish_size()
     }

@@ -9,11 +9,9 @@
 //! a file damaged on disk is refused instead of trained on.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -107,27 +105,9 @@ impl Checkpoints {
         let path = dir.join(path);
         let parent = path.parent().expect("a job directory");
         fs::create_dir_all(parent)?;
-        // A name of its own: another writer of this worker (a run being replaced, or the
-        // agent of another node, PID 1 too, sharing the directory) must not write into it.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let (tmp, mut file) = loop {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let tmp = parent.join(format!(".tmp-worker-{index}-{}-{n}", std::process::id()));
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-            {
-                Ok(file) => break (tmp, file),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, &path)?;
-        File::open(parent)?.sync_all()?;
+        // Another writer of this worker (a run being replaced, or the agent of another node
+        // sharing the directory) may be writing it at the same time.
+        crate::files::replace(&path, &format!("worker-{index}"), &bytes)?;
         Ok(())
     }
 
