@@ -319,18 +319,15 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
             let old = request.old_object.as_ref();
             let conv2d = |spec: &serde_json::Value| spec.pointer("/kernel/conv2d").cloned();
             let old = readable::<KernelDeployment>(old, object, "spec.kernel.conv2d", conv2d)?;
-            if old.as_ref().is_none_or(|old| old.spec != kd.spec) {
-                ratchet(
-                    validate::kernel_deployment(&kd.spec),
-                    old.as_ref().map(|o| validate::kernel_deployment(&o.spec)),
-                )?;
-            }
-            if old
-                .as_ref()
-                .is_none_or(|old| old.annotations() != kd.annotations())
-            {
-                validate::action_annotation(kd.annotations())?;
-            }
+            ratchet(
+                validate::kernel_deployment(&kd.spec),
+                old.as_ref().map(|o| validate::kernel_deployment(&o.spec)),
+            )?;
+            ratchet(
+                validate::action_annotation(kd.annotations()),
+                old.as_ref()
+                    .map(|o| validate::action_annotation(o.annotations())),
+            )?;
             match old {
                 Some(old) => validate::kernel_deployment_update(&old.spec, &kd.spec),
                 None => Ok(()),
@@ -343,16 +340,14 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
                 spec.as_object_mut()?.remove("runPolicy");
                 Some(spec)
             };
-            match readable::<AsyncTrainingJob>(old, object, "spec", fixed)? {
-                Some(old) if old.spec == j.spec => Ok(()),
-                Some(old) => {
-                    ratchet(
-                        validate::training_job(&j.spec),
-                        Some(validate::training_job(&old.spec)),
-                    )?;
-                    validate::training_job_update(&old.spec, &j.spec)
-                }
-                None => validate::training_job(&j.spec),
+            let old = readable::<AsyncTrainingJob>(old, object, "spec", fixed)?;
+            ratchet(
+                validate::training_job(&j.spec),
+                old.as_ref().map(|o| validate::training_job(&o.spec)),
+            )?;
+            match old {
+                Some(old) => validate::training_job_update(&old.spec, &j.spec),
+                None => Ok(()),
             }
         }),
         _ => Ok(()),
@@ -386,21 +381,17 @@ fn readable<K: DeserializeOwned>(
     }
 }
 
-/// The errors of an object's new spec that its old one (if any) did not have already. A flaw
-/// left where it stands passes, as Kubernetes ratchets CRD schema validation: else an object
-/// that today's rules refuse could not be paused, suspended or mended one field at a time.
+/// The errors of the new object that the old one (if any) did not have already. A flaw left
+/// where it stands passes, as Kubernetes ratchets CRD schema validation: else an object that
+/// today's rules refuse could not be paused, suspended or mended one field at a time.
 fn ratchet(
     new: Result<(), Vec<FieldError>>,
     old: Option<Result<(), Vec<FieldError>>>,
 ) -> Result<(), Vec<FieldError>> {
     let old = old.and_then(Result::err).unwrap_or_default();
-    match new {
-        Err(errors) => {
-            let fresh: Vec<_> = errors.into_iter().filter(|e| !old.contains(e)).collect();
-            if fresh.is_empty() { Ok(()) } else { Err(fresh) }
-        }
-        Ok(()) => Ok(()),
-    }
+    let errors = new.err().unwrap_or_default();
+    let fresh: Vec<_> = errors.into_iter().filter(|e| !old.contains(e)).collect();
+    if fresh.is_empty() { Ok(()) } else { Err(fresh) }
 }
 
 fn typed<K: DeserializeOwned>(object: &DynamicObject) -> Result<K, Vec<FieldError>> {

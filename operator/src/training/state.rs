@@ -86,6 +86,11 @@ fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(doubled.min(360))
 }
 
+/// How long from `now` until `t`; zero once it has passed.
+fn until(now: Timestamp, t: Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(now)).unwrap_or_default()
+}
+
 /// `s` seconds after `t`, or the end of time: a spec's limit of any size must not overflow.
 fn after(t: Timestamp, s: u64) -> Timestamp {
     let s = SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
@@ -198,10 +203,8 @@ impl Machine<'_> {
         let Some((ttl, done)) = ttl.zip(self.status.completion_time.clone()) else {
             return self.done(None);
         };
-        let expires = after(done.0, ttl);
-        let left = expires.duration_since(self.obs.now);
-        if left.is_positive() {
-            let left = Duration::try_from(left).unwrap_or(Duration::MAX);
+        let left = until(self.obs.now, after(done.0, ttl));
+        if !left.is_zero() {
             return self.done(Some(left));
         }
         self.notes.push(Note {
@@ -349,13 +352,12 @@ impl Machine<'_> {
                         .failed_time
                         .get_or_insert(Time(now))
                         .0;
-                    let wait = backoff(self.status.restarts);
-                    let left = Duration::try_from(after(since, wait.as_secs()).duration_since(now))
-                        .unwrap_or_default();
                     // Nothing restarts while suspended: it restarts once resumed.
                     if suspend {
                         continue;
                     }
+                    let wait = backoff(self.status.restarts);
+                    let left = until(now, after(since, wait.as_secs()));
                     if !left.is_zero() {
                         self.backing_off = Some(self.backing_off.map_or(left, |b| b.min(left)));
                         continue;
@@ -555,9 +557,7 @@ impl Machine<'_> {
             self.spec.run_policy.active_deadline_seconds,
             &self.status.start_time,
         ) {
-            let ends = after(start.0, limit);
-            let left = Duration::try_from(ends.duration_since(now)).unwrap_or_default();
-            requeue = requeue.min(left);
+            requeue = requeue.min(until(now, after(start.0, limit)));
         }
         if let Some(left) = self.backing_off {
             requeue = requeue.min(left);
