@@ -33,3 +33,29 @@ pub fn replace(dest: &Path, tag: &str, bytes: &[u8]) -> std::io::Result<()> {
     }
     File::open(dir)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_replacement_leaves_the_old_file_and_no_part() {
+        let dir = std::env::temp_dir().join(format!("kf-files-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join("f");
+        replace(&dest, "t", b"old").unwrap();
+        replace(&dest, "t", b"new").unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        // A directory in the way: the rename fails.
+        let blocked = dir.join("d");
+        fs::create_dir_all(blocked.join("inside")).unwrap();
+        assert!(replace(&blocked, "t", b"x").is_err());
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with(".tmp")), "{names:?}");
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+    }
+}
