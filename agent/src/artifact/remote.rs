@@ -102,6 +102,23 @@ impl Breaker {
             self.probing = false;
         }
     }
+
+    /// A probe that ended without an answer (its fetch was dropped): the next request after
+    /// the cool-down probes again, instead of the breaker staying half-open for good.
+    pub fn abandon(&mut self) {
+        self.probing = false;
+    }
+}
+
+/// Gives a half-open breaker's probe back if its fetch is dropped before the store answers.
+struct Probe<'a>(Option<&'a Mutex<Breaker>>);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.lock().expect("breaker lock").abandon();
+        }
+    }
 }
 
 struct Store {
@@ -202,18 +219,20 @@ impl Remote {
             if attempt > 0 {
                 tokio::time::sleep(backoff(self.policy.backoff, attempt)).await;
             }
-            if !store
-                .breaker
-                .lock()
-                .expect("breaker lock")
-                .allow(Instant::now())
-            {
+            let probing = {
+                let mut breaker = store.breaker.lock().expect("breaker lock");
+                breaker
+                    .allow(Instant::now())
+                    .then(|| breaker.state() == BreakerState::HalfOpen)
+            };
+            let Some(probing) = probing else {
                 self.publish(&key, &store);
                 return Err(ArtifactError::StoreUnavailable(format!(
                     "{key}: {}",
                     last.map_or("too many failures".into(), |e: ArtifactError| e.to_string())
                 )));
-            }
+            };
+            let mut probe = Probe(probing.then_some(&store.breaker));
             let result = match tokio::time::timeout(
                 self.policy.attempt_timeout,
                 get(store.client.as_ref(), &location, max_bytes),
@@ -226,6 +245,8 @@ impl Remote {
                     self.policy.attempt_timeout
                 ))),
             };
+            // Answered: the outcome below settles the probe.
+            probe.0 = None;
             match result {
                 Ok(bytes) => {
                     store.breaker.lock().expect("breaker lock").success();
@@ -359,6 +380,18 @@ mod tests {
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.allow(t0 + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_one_through() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, Duration::from_secs(30));
+        b.failure(t0);
+        assert!(b.allow(t0 + Duration::from_secs(30)));
+        b.abandon();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.allow(t0 + Duration::from_secs(30)), "a new probe");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use super::format::tests::{artifact, conv};
 use super::format::{ArtifactError, sha256_hex};
 use super::metrics::CacheMetrics;
-use super::remote::{BreakerState, RetryPolicy};
+use super::remote::{BreakerState, Remote, RetryPolicy};
 use super::store::{KernelStore, StoreConfig};
 
 /// A loopback HTTP/1.1 server; the path picks the behaviour. Counts requests.
@@ -245,4 +245,27 @@ async fn the_breaker_opens_and_cached_kernels_keep_serving() {
     );
     // The cached kernel still serves.
     assert!(s.get(&good, &conv()).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_dropped_probe_does_not_keep_the_breaker_half_open() {
+    let server = serve(Vec::new()).await;
+    let url = |path: &str| format!("http://{}{path}", server.addr);
+    let once = RetryPolicy {
+        attempts: 1,
+        breaker_threshold: 1,
+        breaker_cooldown: Duration::ZERO,
+        ..policy()
+    };
+    let remote = Remote::new(once, CacheMetrics::default());
+    remote.fetch(&url("/fail"), 1024).await.unwrap_err();
+    assert_eq!(remote.breaker(&url("/ok")), Some(BreakerState::Open));
+    // The probe hangs, and its caller gives up on it.
+    let hang = url("/hang");
+    tokio::time::timeout(Duration::from_millis(100), remote.fetch(&hang, 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(remote.breaker(&url("/ok")), Some(BreakerState::Open));
+    remote.fetch(&url("/ok"), 1024).await.unwrap();
+    assert_eq!(remote.breaker(&url("/ok")), Some(BreakerState::Closed));
 }
