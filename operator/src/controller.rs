@@ -1,7 +1,7 @@
 //! The controllers of KernelDeployments and AsyncTrainingJobs.
 //!
 //! Each reconcile is a pipeline: read the object, validate it (client-free), build the
-//! status, and apply it by server-side apply under the operator's field manager. Invalid
+//! status, and write it under the operator's field manager, on the version read. Invalid
 //! objects get a condition and wait for a change instead of being retried.
 
 use std::sync::Arc;
@@ -280,17 +280,12 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
         (status, Vec::new(), Action::await_change(), (None, None))
     };
     status.observed_generation = generation;
+    let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    if status != old && !write_status(&api, kd, &old, &status).await? {
+        return Ok(Action::requeue(STALE_RETRY));
+    }
     ctx.metrics.rollout(&namespace, &name, &status);
     if status != old {
-        // A merge patch that names removed fields as null: server-side apply on the 1.20
-        // API server leaves an emptied parent behind when a required field goes, and the
-        // status loses fields as a rollout moves (the canary once it is promoted).
-        let patch = serde_json::json!({
-            "status": merge_patch(&serde_json::to_value(&old)?, &serde_json::to_value(&status)?)
-        });
-        let api: Api<KernelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
         let (verdict, finished) = tally;
         if let Some(label) = verdict {
             ctx.metrics.analysis(&namespace, &name, label);
@@ -322,10 +317,50 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
     Ok(wait)
 }
 
+/// How soon a reconcile whose status write met a newer object runs again, if the watch
+/// has not brought that object sooner.
+pub(crate) const STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// Writes `new` as `obj`'s status where it was `old`, on the version `obj` was read at: a
+/// reconcile that ran on a cache behind the API server (an earlier reconcile's write not yet
+/// seen) is refused with a conflict instead of overwriting what it did not see and counting
+/// again what it records. `Ok(false)` on that conflict.
+///
+/// A merge patch that names removed fields as null: server-side apply on the 1.20 API
+/// server mangles some values (an empty string became null) and leaves an emptied parent
+/// behind when a required field goes, and a status loses fields as it moves on (the canary
+/// once it is promoted).
+pub async fn write_status<K>(
+    api: &Api<K>,
+    obj: &K,
+    old: &impl serde::Serialize,
+    new: &impl serde::Serialize,
+) -> Result<bool>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": obj.resource_version()},
+        "status": merge_patch(&serde_json::to_value(old)?, &serde_json::to_value(new)?),
+    });
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    match api
+        .patch_status(&obj.name_any(), &pp, &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A JSON merge patch (RFC 7386) that turns `old` into `new`: all of `new`, and null for
 /// every field of `old` that `new` lacks. (All of `new`, because `old` is the typed status
 /// with defaults filled in, not necessarily what is stored.)
-pub(crate) fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {

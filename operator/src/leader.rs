@@ -118,12 +118,18 @@ impl Hold<'_> {
     }
 
     /// Until when this replica may act, if the stored Lease shows it holding.
+    /// A read that hangs counts as none after a grace period, so that the campaign goes on.
     async fn confirmed(&self) -> Option<Timestamp> {
-        match self.api.get(self.name).await {
-            Ok(stored) => acts_until(&stored, self.identity, self.grace)
+        let read = self.api.get(self.name);
+        match tokio::time::timeout(Duration::from_secs(self.grace), read).await {
+            Ok(Ok(stored)) => acts_until(&stored, self.identity, self.grace)
                 .filter(|until| *until > Timestamp::now()),
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(error = %e, "reading the lease failed");
+                None
+            }
+            Err(_) => {
+                warn!("reading the lease timed out");
                 None
             }
         }
@@ -132,19 +138,25 @@ impl Hold<'_> {
     /// Returns once the hold is not seen renewed before its deadline (`until` at first): the
     /// lease manager keeps its flag up while renewals fail (the API server unreachable, say),
     /// while a standby takes over once the Lease expires. client-go's leaders stop at their
-    /// renew deadline likewise.
+    /// renew deadline likewise. The deadline holds while a read hangs: the client sets no
+    /// read timeout, and a dead connection would otherwise keep this replica acting for as
+    /// long as TCP takes to notice.
     async fn lapses(&self, mut until: Timestamp) {
         loop {
-            tokio::time::sleep(self.poll()).await;
-            match self.api.get(self.name).await {
-                Ok(stored) => match acts_until(&stored, self.identity, self.grace) {
+            let Ok(left) = Duration::try_from(until.duration_since(Timestamp::now())) else {
+                return;
+            };
+            let read = async {
+                tokio::time::sleep(self.poll()).await;
+                self.api.get(self.name).await
+            };
+            match tokio::time::timeout(left, read).await {
+                Err(_) => return,
+                Ok(Ok(stored)) => match acts_until(&stored, self.identity, self.grace) {
                     Some(t) => until = t,
                     None => return,
                 },
-                Err(e) => warn!(error = %e, "reading the lease failed"),
-            }
-            if Timestamp::now() >= until {
-                return;
+                Ok(Err(e)) => warn!(error = %e, "reading the lease failed"),
             }
         }
     }
@@ -201,5 +213,31 @@ mod tests {
         let acquired = lease(Some("a"), None, Some(900));
         assert_eq!(acts_until(&acquired, "a", 5), Some(t(912, 500)));
         assert_eq!(acts_until(&lease(None, Some(1_000), None), "a", 5), None);
+    }
+
+    #[tokio::test]
+    async fn a_leader_stops_at_its_deadline_while_reading_the_lease_hangs() {
+        // An API server that takes connections and never answers, as over a dead one.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let api = Api::<Lease>::namespaced(client, "default");
+        let hold = Hold {
+            api: &api,
+            name: "lease",
+            identity: "a",
+            grace: 1,
+        };
+        let until = Timestamp::now() + SignedDuration::from_secs(1);
+        tokio::time::timeout(Duration::from_secs(30), hold.lapses(until))
+            .await
+            .expect("stopped at the deadline, not when the read gave up");
+        assert!(Timestamp::now() >= until);
     }
 }

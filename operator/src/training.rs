@@ -17,7 +17,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kernelflow_crds::{AsyncTrainingJob, NodeReport};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -26,8 +26,9 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tracing::{instrument, warn};
 
-use crate::FIELD_MANAGER;
-use crate::controller::{Context, error_policy, measured, merge_patch, publish_transitions};
+use crate::controller::{
+    Context, STALE_RETRY, error_policy, measured, publish_transitions, write_status,
+};
 use crate::error::Result;
 pub use state::Settings;
 
@@ -143,18 +144,9 @@ async fn apply(ctx: &Context, job: &AsyncTrainingJob, d: state::Decision) -> Res
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let old = job.status.clone().unwrap_or_default();
     if d.status != old {
-        // A merge patch, as for KernelDeployments: the 1.20 API server's server-side apply
-        // mangles some values (an empty string became null) and leaves emptied parents
-        // behind.
-        let patch = serde_json::json!({
-            "status": merge_patch(&serde_json::to_value(&old)?, &serde_json::to_value(&d.status)?)
-        });
-        let pp = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
-        api.patch_status(&job.name_any(), &pp, &Patch::Merge(patch))
-            .await?;
+        if !write_status(&api, job, &old, &d.status).await? {
+            return Ok(Action::requeue(STALE_RETRY));
+        }
         publish_transitions(ctx, job, &old.conditions, &d.status.conditions).await;
     }
     for note in &d.notes {

@@ -123,3 +123,35 @@ async fn valid_objects_are_accepted_and_observed() {
         "{metrics}"
     );
 }
+
+/// The controllers write a status on the version they read it at: one built from a read that
+/// another write has since overtaken (a reconcile on a cache behind the API server) is
+/// refused, not written over what it did not see.
+#[tokio::test]
+async fn a_status_built_on_a_stale_read_is_refused() {
+    use kernelflow_crds::kernel_deployment::{KernelDeploymentStatus, RolloutPhase};
+    use kernelflow_operator::controller::write_status;
+
+    let (_, client, ns) = setup("stale-status").await;
+    let kds: Api<KernelDeployment> = Api::namespaced(client, &ns);
+    let kd: KernelDeployment = serde_json::from_value(kernel_deployment("conv")).unwrap();
+    kds.create(&PostParams::default(), &kd).await.unwrap();
+    let read = kds.get("conv").await.unwrap();
+    let none = KernelDeploymentStatus::default();
+    let status = |phase, step| KernelDeploymentStatus {
+        phase,
+        current_step_index: Some(step),
+        ..KernelDeploymentStatus::default()
+    };
+    let first = status(RolloutPhase::Warming, 0);
+    assert!(write_status(&kds, &read, &none, &first).await.unwrap());
+    let second = status(RolloutPhase::Progressing, 1);
+    assert!(
+        !write_status(&kds, &read, &none, &second).await.unwrap(),
+        "written on a version since overtaken"
+    );
+    let fresh = kds.get("conv").await.unwrap();
+    assert_eq!(fresh.status.as_ref(), Some(&first));
+    assert!(write_status(&kds, &fresh, &first, &second).await.unwrap());
+    assert_eq!(kds.get("conv").await.unwrap().status, Some(second));
+}
