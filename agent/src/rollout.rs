@@ -86,6 +86,35 @@ impl Busy {
         count.fetch_add(1, Ordering::Relaxed);
         Self(count.clone())
     }
+
+    /// Another operation on the same count, which this one keeps above zero meanwhile.
+    fn another(&self) -> Self {
+        Self::new(&self.0)
+    }
+}
+
+/// A split looked up for work, and counted in flight from the lookup on: taken under the
+/// lock that [`Router::sync`] retires splits under, the count keeps a split retired
+/// meanwhile from having its series removed while this work is still to record into them.
+struct Held {
+    serving: Arc<Serving>,
+    busy: Busy,
+}
+
+impl Held {
+    fn of(serving: &Arc<Serving>) -> Self {
+        Self {
+            busy: Busy::new(&serving.in_flight),
+            serving: serving.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = Serving;
+    fn deref(&self) -> &Serving {
+        &self.serving
+    }
 }
 
 impl Drop for Busy {
@@ -297,20 +326,20 @@ impl Serving {
         }
     }
 
-    /// Runs one operation over `p` on `side` and records it; returns the output and its
-    /// latency.
+    /// Runs one operation over `p` on `side`, counted by `busy`, and records it; returns
+    /// the output and its latency.
     async fn run(
         &self,
         side: Side,
         p: Conv2dParams,
         x: Arc<Vec<f32>>,
         traffic: bool,
+        busy: Busy,
     ) -> Result<(Vec<f32>, Duration), OpError> {
         let (timeout, metrics) = (self.timeout, &self.metrics);
         let lane = self
             .lane(side)
             .ok_or_else(|| OpError::NotServing(format!("{}/{}", self.namespace, self.name)))?;
-        let busy = Busy::new(&self.in_flight);
         let start = Instant::now();
         let result = match tokio::time::timeout(timeout, lane.run(p, x, busy)).await {
             Err(_) => Err(OpError::Timeout(timeout)),
@@ -354,7 +383,12 @@ impl Serving {
 
     /// A traffic operation over `p` (this deployment's op on any batch and input size):
     /// canary or stable as the split says.
-    async fn route(&self, p: Conv2dParams, x: Arc<Vec<f32>>) -> Result<Vec<f32>, OpError> {
+    async fn route(
+        &self,
+        p: Conv2dParams,
+        x: Arc<Vec<f32>>,
+        busy: Busy,
+    ) -> Result<Vec<f32>, OpError> {
         let q = &self.params;
         let op = |c: &Conv2dParams| {
             (
@@ -377,9 +411,11 @@ impl Serving {
         } else {
             Side::Stable
         };
-        Ok(self.run(side, p, x, true).await?.0)
+        Ok(self.run(side, p, x, true, busy).await?.0)
     }
+}
 
+impl Held {
     /// One burst of shadow load: `n` inputs through both revisions, one revision's burst
     /// after the other's so that they do not compete, alternating which goes first.
     async fn shadow_burst(&self, n: usize, round: u64) {
@@ -390,7 +426,7 @@ impl Serving {
             futures::future::join_all(
                 inputs
                     .iter()
-                    .map(|x| self.run(side, self.params, x.clone(), false)),
+                    .map(|x| self.run(side, self.params, x.clone(), false, self.busy.another())),
             )
         };
         let (canary, stable) = if round.is_multiple_of(2) {
@@ -422,7 +458,9 @@ impl Serving {
                 .set(d);
         }
     }
+}
 
+impl Serving {
     /// Fills `k`'s figures.
     fn fill(&self, k: &mut KernelReport, now: Timestamp) {
         let w = self.window.lock().expect("window lock");
@@ -679,12 +717,12 @@ impl Router {
         *serving = keep;
     }
 
-    fn get(&self, namespace: &str, name: &str) -> Option<Arc<Serving>> {
+    fn get(&self, namespace: &str, name: &str) -> Option<Held> {
         self.serving
             .lock()
             .expect("serving lock")
             .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+            .map(Held::of)
     }
 
     /// Runs one conv2d of a deployment's traffic over `p` (its op on any batch and input
@@ -696,10 +734,10 @@ impl Router {
         p: Conv2dParams,
         x: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, OpError> {
-        let serving = self
+        let Held { serving, busy } = self
             .get(namespace, name)
             .ok_or_else(|| OpError::NotServing(format!("{namespace}/{name}")))?;
-        serving.route(p, x).await
+        serving.route(p, x, busy).await
     }
 
     /// Runs shadow bursts for every rollout in progress, at the configured rate, forever.
@@ -721,7 +759,7 @@ impl Router {
                 .expect("serving lock")
                 .values()
                 .filter(|s| s.plan.shadow && s.canary.is_some() && s.stable.is_some())
-                .cloned()
+                .map(Held::of)
                 .collect();
             for s in active {
                 s.shadow_burst(n, round).await;
@@ -744,16 +782,16 @@ impl Router {
                 .lock()
                 .expect("serving lock")
                 .values()
-                .cloned()
+                .map(Held::of)
                 .collect();
-            for s in all {
+            for Held { serving, busy } in all {
                 // Bounded: a slow revision backs traffic up, it does not pile up tasks.
-                if s.in_flight.load(Ordering::Relaxed) >= 64 {
+                if serving.in_flight.load(Ordering::Relaxed) > 64 {
                     continue;
                 }
-                let x = Arc::new(uniform(s.params.input_len(), round, 1.0));
+                let x = Arc::new(uniform(serving.params.input_len(), round, 1.0));
                 tokio::spawn(async move {
-                    let _ = s.route(s.params, x).await;
+                    let _ = serving.route(serving.params, x, busy).await;
                 });
             }
         }

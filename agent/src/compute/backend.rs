@@ -104,16 +104,17 @@ impl Event {
         lock(&self.0.state)
     }
 
-    /// Fires the event, waking every waiter and running the work left with it.
+    /// Fires the event: runs the work left with it, then wakes every waiter, which thus finds
+    /// that work done (an op's place under the cap given back, say).
     pub fn fire(&self) {
         let then = {
             let mut state = self.state();
             state.done = true;
             std::mem::take(&mut state.then)
         };
+        then.into_iter().for_each(|f| f());
         self.0.cv.notify_all();
         self.0.notify.notify_waiters();
-        then.into_iter().for_each(|f| f());
     }
 
     /// Whether `other` is this event or a clone of it.

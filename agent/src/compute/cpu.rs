@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -118,12 +118,13 @@ impl Stream {
     }
 }
 
-/// Test hook: makes every `n`-th launched op fail. Off unless a test sets it; nothing a
-/// KernelDeployment says can reach it.
+/// Test hook: makes every `n`-th launched op fail, or panic. Off unless a test sets it;
+/// nothing a KernelDeployment says can reach it.
 #[derive(Default)]
 pub struct FaultInjection {
     every: AtomicUsize,
     count: AtomicUsize,
+    panics: AtomicBool,
 }
 
 impl FaultInjection {
@@ -131,9 +132,18 @@ impl FaultInjection {
         self.every.store(n, Ordering::Relaxed);
     }
 
-    fn trips(&self) -> bool {
+    /// The ops that fail panic instead.
+    pub fn panic_instead(&self) {
+        self.panics.store(true, Ordering::Relaxed);
+    }
+
+    fn trip(&self) -> Result<(), ComputeError> {
         let every = self.every.load(Ordering::Relaxed);
-        every > 0 && self.count.fetch_add(1, Ordering::Relaxed) % every == every - 1
+        if every == 0 || self.count.fetch_add(1, Ordering::Relaxed) % every != every - 1 {
+            return Ok(());
+        }
+        assert!(!self.panics.load(Ordering::Relaxed), "injected panic");
+        Err(ComputeError::Injected)
     }
 }
 
@@ -252,11 +262,13 @@ fn execute(
         .map(CpuBuffer::read)
         .collect::<Result<Vec<_>, _>>()
         .and_then(|data| {
-            if faults.is_some_and(FaultInjection::trips) {
-                return Err(ComputeError::Injected);
-            }
             let views: Vec<&[f32]> = data.iter().map(|d| d.as_slice()).collect();
-            run_op(op, &views, par)
+            // Caught here, a panic becomes the outputs' error, which names the op.
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                faults.map_or(Ok(()), FaultInjection::trip)?;
+                run_op(op, &views, par)
+            }))
+            .unwrap_or_else(|_| Err(ComputeError::Device(format!("{op:?} panicked"))))
         });
     match result {
         Ok(values) => outputs

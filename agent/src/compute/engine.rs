@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use faer::Par;
 use kernelflow_crds::kernel_deployment::RolloutFlags;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ComputeError;
 use super::backend::{Backend, Op, take_download};
@@ -132,22 +132,22 @@ impl<B: Backend> Engine<B> {
                 inputs.len()
             )));
         }
-        let _permit = self
-            .limit
-            .acquire()
-            .await
-            .map_err(|_| ComputeError::Stopped("the engine is closed".into()))?;
+        // Held by this future and by the op on its stream, whichever ends last: an op whose
+        // caller gave up keeps its place under the cap until the device is done with it.
+        let permit = Arc::new(
+            self.limit
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ComputeError::Stopped("the engine is closed".into()))?,
+        );
         self.stats.ops.fetch_add(1, Ordering::Relaxed);
-        let result = {
-            let lease = self.lease();
-            self.on_stream(lease.stream, op, &inputs, resident).await
-        };
-        match result {
-            Err(e) if self.config.fallback_on_error => {
+        match self.on_stream(op, &inputs, resident, permit.clone()).await {
+            Err(e) if self.config.fallback_on_error && e.may_fall_back() => {
                 tracing::debug!(error = %e, ?op, "async op failed; re-running synchronously");
                 self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                 let sync = tokio::task::spawn_blocking(move || run_sync(op, &inputs)).await;
-                sync.map_err(|e| ComputeError::Stopped(e.to_string()))?
+                sync.unwrap_or_else(|e| Err(ComputeError::Stopped(e.to_string())))
                     .inspect_err(|_| {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     })
@@ -173,13 +173,17 @@ impl<B: Backend> Engine<B> {
         Ok(self.run(Op::Conv2d(p), inputs).await?.swap_remove(0))
     }
 
+    /// Runs `op` on the least-loaded stream, which it holds, with `permit`, until its last
+    /// download lands, even if this future is dropped before.
     async fn on_stream(
         &self,
-        stream: usize,
         op: Op,
         inputs: &[Arc<Vec<f32>>],
         resident: &[B::Buffer],
+        permit: Arc<OwnedSemaphorePermit>,
     ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        let lease = self.lease();
+        let stream = lease.stream;
         let buffers: Vec<B::Buffer> = inputs[..inputs.len() - resident.len()]
             .iter()
             .map(|d| self.backend.upload(stream, d.clone()))
@@ -193,6 +197,7 @@ impl<B: Backend> Engine<B> {
             .collect();
         // Streams run in order: the last download's event covers the others.
         if let Some((event, _)) = downloads.last() {
+            event.then(move || drop((lease, permit)));
             event.fired().await;
         }
         // Ours dropped, the downloads hold the only references: no copies.
@@ -333,19 +338,43 @@ mod tests {
         assert_eq!(without.stats.errors.load(Ordering::Relaxed), 1);
     }
 
+    /// A CPU op that panics fails as the device, naming the op; the synchronous path may
+    /// still serve it, and counts it as a fallback, not an error.
+    #[tokio::test]
+    async fn a_panicking_op_is_a_device_error() {
+        let (p, (x, w)) = (params(1), inputs(1));
+        let panicking = |fallback| {
+            let e = engine(1, fallback);
+            e.backend().faults.fail_every(1);
+            e.backend().faults.panic_instead();
+            e
+        };
+        let without = panicking(false);
+        let err = without.conv2d(p, x.clone(), w.clone(), None).await;
+        assert!(
+            matches!(&err, Err(ComputeError::Device(m)) if m.contains("Conv2d")),
+            "{err:?}"
+        );
+        assert_eq!(without.stats.errors.load(Ordering::Relaxed), 1);
+        let with = panicking(true);
+        let y = with.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
+        assert_eq!(y, run_sync(Op::Conv2d(p), &[x, w]).unwrap()[0]);
+        assert_eq!(with.stats.fallbacks.load(Ordering::Relaxed), 1);
+        assert_eq!(with.stats.errors.load(Ordering::Relaxed), 0);
+    }
+
+    /// Inputs that do not fit fail as such, and are not re-run synchronously: that would
+    /// fail alike and count a fallback for the caller's mistake.
     #[tokio::test]
     async fn shape_errors_are_typed() {
-        let e = engine(1, false);
-        let err = e
-            .conv2d(
-                params(1),
-                Arc::new(vec![0.0; 3]),
-                Arc::new(vec![0.0; 3]),
-                None,
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(err, ComputeError::Shape(_)), "{err}");
+        for fallback in [false, true] {
+            let e = engine(1, fallback);
+            let (x, w) = (Arc::new(vec![0.0; 3]), Arc::new(vec![0.0; 3]));
+            let err = e.conv2d(params(1), x, w, None).await.unwrap_err();
+            assert!(matches!(err, ComputeError::Shape(_)), "{err}");
+            assert_eq!(e.stats.fallbacks.load(Ordering::Relaxed), 0);
+            assert_eq!(e.stats.errors.load(Ordering::Relaxed), 1);
+        }
     }
 
     /// Weights already on the device take the place of the last inputs: the same result,
@@ -370,24 +399,32 @@ mod tests {
     }
 
     /// A future dropped while its op waits in the stream: the op still runs later on buffers
-    /// kept alive by the queue, and the engine stays usable.
+    /// kept alive by the queue, and keeps its place under the cap until it has, so that
+    /// callers who give up cannot pile work onto the device.
     #[tokio::test]
     async fn dropping_a_future_is_safe() {
-        let e = engine(1, false);
+        let e = capped(1, 1, false);
         let (p, (x, w)) = (params(2), inputs(2));
         let gate = hold_stream_0(&e);
-        let abandoned = tokio::time::timeout(
-            Duration::from_millis(20),
-            e.conv2d(p, x.clone(), w.clone(), None),
-        )
-        .await;
+        let give_up = |e: Engine<CpuBackend>, x: Arc<Vec<f32>>, w: Arc<Vec<f32>>| async move {
+            tokio::time::timeout(Duration::from_millis(50), e.conv2d(p, x, w, None)).await
+        };
         assert!(
-            abandoned.is_err(),
+            give_up(e.clone(), x.clone(), w.clone()).await.is_err(),
             "the op cannot finish while the stream waits on the gate"
         );
+        assert!(give_up(e.clone(), x.clone(), w.clone()).await.is_err());
+        assert_eq!(
+            e.stats.ops.load(Ordering::Relaxed),
+            1,
+            "the abandoned op still holds the only place"
+        );
         gate.fire();
+        // Admitted once the abandoned op has run on the stream.
         let y = e.conv2d(p, x.clone(), w.clone(), None).await.unwrap();
         assert_eq!(y, run_sync(Op::Conv2d(p), &[x, w]).unwrap()[0]);
+        assert_eq!(e.stats.ops.load(Ordering::Relaxed), 2);
+        assert_eq!(e.in_flight[0].load(Ordering::Relaxed), 0, "stream freed");
     }
 
     /// `maxConcurrentOps` admits that many ops at a time; the others wait for a slot before

@@ -40,12 +40,19 @@ pub enum ComputeError {
     /// output).
     #[error("kernel: {0}")]
     Kernel(String),
-    /// The GPU, its driver or a CUDA library failed.
+    /// The device failed the op: the GPU, its driver or a CUDA library, or a CPU op that
+    /// panicked.
     #[error("device: {0}")]
     Device(String),
 }
 
 impl ComputeError {
+    /// Whether the synchronous path may succeed where this failed: not for inputs that do not
+    /// fit the op, which it would refuse alike.
+    pub fn may_fall_back(&self) -> bool {
+        !matches!(self, ComputeError::Shape(_))
+    }
+
     /// A short, stable label for metrics.
     pub fn label(&self) -> &'static str {
         match self {

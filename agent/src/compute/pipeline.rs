@@ -80,7 +80,7 @@ impl PipelineReport {
 }
 
 /// Runs every batch from `source` through `stages` and hands the results to `sink`, with up
-/// to `prefetch` batches queued between lanes. Blocks until done; call it from a blocking
+/// to `prefetch` batches done with one lane and not yet taken by the next. Blocks until done; call it from a blocking
 /// thread, never an async runtime thread.
 pub fn run<T: Send>(
     mode: PipelineMode,
@@ -102,7 +102,8 @@ pub fn run<T: Send>(
             let (tx, rx): (Option<SyncSender<T>>, Option<Receiver<T>>) = if last {
                 (None, None)
             } else {
-                let (tx, rx) = sync_channel(prefetch.max(1));
+                // A lane blocked on a full queue holds one more batch, done with its stages.
+                let (tx, rx) = sync_channel(prefetch.max(1) - 1);
                 (Some(tx), Some(rx))
             };
             let mut own: Vec<Stage<'_, T>> = range
@@ -173,6 +174,8 @@ pub fn theoretical_speedup(mode: PipelineMode, stage_seconds: [f64; 4]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     fn sleeper<'a>(ms: u64, tag: u32) -> Stage<'a, Vec<u32>> {
@@ -205,6 +208,38 @@ mod tests {
                 (0..5).map(|i| vec![i, 1, 2, 3, 4]).collect::<Vec<_>>(),
                 "{mode:?}"
             );
+        }
+    }
+
+    #[test]
+    fn no_more_than_prefetch_batches_wait_ahead_of_compute() {
+        for prefetch in [1, 3] {
+            let loaded = AtomicUsize::new(0);
+            let (open, gate) = std::sync::mpsc::channel::<()>();
+            let gate = std::sync::Mutex::new(gate);
+            let load: Stage<'_, u32> = Box::new(|v| {
+                loaded.fetch_add(1, Ordering::SeqCst);
+                Ok(v)
+            });
+            let compute: Stage<'_, u32> = Box::new(|v| {
+                gate.lock().unwrap().recv().unwrap();
+                Ok(v)
+            });
+            let id = || -> Stage<'_, u32> { Box::new(Ok) };
+            std::thread::scope(|s| {
+                let stages = [load, id(), compute, id()];
+                let running = s.spawn(|| run(PipelineMode::Double, prefetch, 0..20, stages, drop));
+                // The first batch is held in compute while the lane before it fills up.
+                let start = std::time::Instant::now();
+                while loaded.load(Ordering::SeqCst) <= prefetch && start.elapsed().as_secs() < 10 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                let ahead = loaded.load(Ordering::SeqCst) - 1;
+                (0..20).for_each(|_| open.send(()).unwrap());
+                assert_eq!(running.join().unwrap().unwrap().batches, 20);
+                assert_eq!(ahead, prefetch, "batches ahead of compute");
+            });
         }
     }
 

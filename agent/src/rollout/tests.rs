@@ -350,7 +350,7 @@ async fn a_timed_out_operation_counts_as_in_flight_until_its_work_ends() {
     let router = router_with(CacheMetrics::default(), Duration::from_millis(50));
     f.serve(&router, &f.kd(&a, true, &a, 100, "Progressing"))
         .await;
-    let s = router.get("ns", "k").unwrap();
+    let s = router.get("ns", "k").unwrap().serving;
     let engine = canary_engine(&s);
     let gate = crate::compute::backend::Event::default();
     for stream in 0..engine.backend().streams() {
@@ -361,6 +361,11 @@ async fn a_timed_out_operation_counts_as_in_flight_until_its_work_ends() {
     assert!(matches!(err, OpError::Timeout(_)), "{err}");
     assert_eq!(s.in_flight.load(Ordering::Relaxed), 1);
     gate.fire();
+    drained(&s).await;
+}
+
+/// Waits until no operation of `s` is in flight.
+async fn drained(s: &Serving) {
     for _ in 0..500 {
         if s.in_flight.load(Ordering::Relaxed) == 0 {
             return;
@@ -388,4 +393,28 @@ async fn a_deployment_no_longer_served_takes_its_series_with_it() {
     assert_eq!(series(&router), 1);
     router.sync(&[], &f.labels, &f.warmer);
     assert_eq!(series(&router), 0);
+}
+
+/// Work that looked its split up before the deployment went still records into the series,
+/// which go once that work has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_under_way_when_a_deployment_goes_keeps_its_series_until_it_ends() {
+    let f = Fixture::new("forget-later");
+    let a = f.artifact(1, 0.5, None);
+    let router = router();
+    f.serve(&router, &f.kd(&a, true, &a, 10, "Progressing"))
+        .await;
+    let series = |router: &Router| {
+        prometheus::core::Collector::collect(&router.metrics.ops)[0]
+            .get_metric()
+            .len()
+    };
+    let Held { serving, busy } = router.get("ns", "k").unwrap();
+    router.sync(&[], &f.labels, &f.warmer);
+    let x = Arc::new(uniform(2 * 8 * 8, 7, 1.0));
+    assert!(serving.route(params(), x, busy).await.is_ok());
+    assert_eq!(series(&router), 1, "recorded");
+    drained(&serving).await;
+    router.sync(&[], &f.labels, &f.warmer);
+    assert_eq!(series(&router), 0, "gone with the work");
 }

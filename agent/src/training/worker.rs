@@ -508,7 +508,7 @@ impl Steps {
             }
             let result = match handle.block_on(staged_gradients(&backend, &model, staged, kernels))
             {
-                Err(e) if !matches!(e, ComputeError::Shape(_)) => {
+                Err(e) if e.may_fall_back() => {
                     // The synchronous path runs the same ops with the same arithmetic.
                     tracing::debug!(error = %e, step = item.step, "async step failed; re-running it synchronously");
                     self.progress.lock().expect("progress lock").fallbacks_total += 1;
