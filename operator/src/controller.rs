@@ -61,7 +61,7 @@ pub async fn run(
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff()
-    .for_each(|_| async {});
+    .for_each(|r| watched("Node", r));
     let report_watch = reflector::reflector(
         report_writer,
         watcher(
@@ -70,13 +70,11 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .for_each(|_| async {});
+    .for_each(|r| watched("NodeReport", r));
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
         instance: Some(identity),
     };
-    // Held while this replica leads: the future is dropped when the Lease is lost.
-    let _leading = metrics.lead(reports.clone());
     let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context {
         recorder,
@@ -90,7 +88,10 @@ pub async fn run(
     let atj: Api<AsyncTrainingJob> = api(&ctx.client, namespace.as_deref());
     // A node report wakes the KernelDeployments it mentions.
     let kernels_ctx = ctx.clone();
-    let kernels = Controller::new(kd, watcher::Config::default())
+    let kernels = Controller::new(kd, watcher::Config::default());
+    // Held while this replica leads: the future is dropped when the Lease is lost.
+    let _leading = ctx.metrics.lead(ctx.reports.clone(), kernels.store());
+    let kernels = kernels
         .with_config(config.clone())
         .watches(
             Api::<NodeReport>::all(ctx.client.clone()),
@@ -105,7 +106,7 @@ pub async fn run(
             },
         )
         .run(reconcile_kernel_deployment, error_policy, ctx.clone())
-        .for_each(|_| async {});
+        .for_each(ran);
     // Statuses built before the Node and NodeReport caches fill would report no nodes.
     let kernels = async move {
         let _ = kernels_ctx.nodes.wait_until_ready().await;
@@ -126,6 +127,30 @@ where
     match ns {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+/// Logs a failed watch of a cache, which retries with backoff: unlogged, a cache that does
+/// not fill (an object that does not deserialize fails every list) would leave the
+/// controllers waiting on it in silence.
+async fn watched<T>(kind: &str, r: Result<T, watcher::Error>) {
+    if let Err(error) = r {
+        warn!(kind, %error, "watch failed; retrying");
+    }
+}
+
+/// Logs a controller's failures other than its reconciles' own, which [`error_policy`]
+/// logs: its watch failing stalls every object of its kind.
+pub(crate) async fn ran<K: Resource, E: std::error::Error, Q: std::error::Error>(
+    r: Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<E, Q>>,
+) {
+    use kube::runtime::controller::Error as Failed;
+    match r {
+        Ok(_) | Err(Failed::ReconcilerFailed(..)) => {}
+        Err(Failed::ObjectNotFound(object)) => {
+            tracing::debug!(%object, "gone before its reconcile");
+        }
+        Err(error) => warn!(%error, "controller failed; retrying"),
     }
 }
 
@@ -284,7 +309,6 @@ async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result
     if status != old && !write_status(&api, kd, &old, &status).await? {
         return Ok(Action::requeue(STALE_RETRY));
     }
-    ctx.metrics.rollout(&namespace, &name, &status);
     if status != old {
         let (verdict, finished) = tally;
         if let Some(label) = verdict {
@@ -497,7 +521,7 @@ pub(crate) async fn publish_transitions<K: Resource<DynamicType = ()>>(
 }
 
 /// Publishes one Event; a failure is logged, never fatal to the reconcile.
-async fn publish<K: Resource<DynamicType = ()>>(
+pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     ctx: &Context,
     obj: &K,
     warning: bool,
@@ -512,7 +536,7 @@ async fn publish<K: Resource<DynamicType = ()>>(
             EventType::Normal
         },
         reason: reason.into(),
-        note: Some(truncate(message, 1000)),
+        note: Some(truncate(message, NOTE_BYTES)),
         action: action.into(),
         secondary: None,
     };
@@ -565,11 +589,19 @@ pub fn condition_at(
     }
 }
 
+/// The API server refuses an Event whose note is longer than 1 KiB.
+const NOTE_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes, an ellipsis marking the cut.
 fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
+    if s.len() <= max {
+        return s.to_string();
     }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]
@@ -653,8 +685,16 @@ mod tests {
     }
 
     #[test]
-    fn truncate_counts_characters() {
-        assert_eq!(truncate("héllo", 2), "hé…");
-        assert_eq!(truncate("ok", 5), "ok");
+    fn truncate_counts_bytes_and_cuts_between_characters() {
+        assert_eq!(truncate("ok", 2), "ok");
+        assert_eq!(truncate("héllo", 6), "héllo");
+        // "hé" is 3 bytes; with the 3-byte ellipsis, 5 leaves room for "h" only.
+        assert_eq!(truncate("héllo", 5), "h…");
+        let long = truncate(&"é".repeat(1000), NOTE_BYTES);
+        assert!(
+            long.len() <= NOTE_BYTES && long.ends_with('…'),
+            "{}",
+            long.len()
+        );
     }
 }

@@ -112,6 +112,12 @@ pub struct Args {
     /// restarted on other nodes (counted against the job's backoffLimit).
     #[arg(long, env = "KERNELFLOW_WORKER_GRACE_SECONDS", default_value_t = 60)]
     pub worker_grace_seconds: u64,
+    /// Seconds the webhook goes on serving after SIGTERM, reported not ready, while the
+    /// Service's endpoints drop this pod: with `failurePolicy: Fail`, a webhook that stopped
+    /// at once would refuse users' writes during every rollout of the operator. The Lease is
+    /// released first, so a standby takes over the controllers meanwhile.
+    #[arg(long, env = "KERNELFLOW_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    pub shutdown_delay_seconds: u64,
 }
 
 impl Args {
@@ -184,6 +190,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => None,
     };
     ready.store(true, Ordering::Relaxed);
+    let serves_webhook = webhook.is_some();
 
     let work = async {
         if args.webhook_only {
@@ -217,6 +224,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = http => r.context("http server task")?.context("http server"),
         r = async { webhook.expect("guarded").await }, if webhook.is_some() => r.context("webhook task")?.context("webhook server"),
     };
+    // Stopped by a signal: the webhook's task (detached, not dropped) serves on meanwhile.
+    if result.is_ok() && serves_webhook && args.shutdown_delay_seconds > 0 {
+        ready.store(false, Ordering::Relaxed);
+        let seconds = args.shutdown_delay_seconds;
+        info!(
+            seconds,
+            "not ready; the webhook serves on while this pod leaves its endpoints"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    }
     info!("stopped");
     result
 }
@@ -277,7 +294,7 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
 }
 

@@ -2,29 +2,19 @@
 
 use std::time::Duration;
 
-use kernelflow_crds::kernel_deployment::{KernelDeploymentStatus, RolloutPhase};
+use kernelflow_crds::kernel_deployment::KernelDeploymentStatus;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
-use kernelflow_crds::NodeReport;
+use kernelflow_crds::{KernelDeployment, NodeReport};
+use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 
 use crate::rollout::Outcome;
-
-const PHASES: [RolloutPhase; 8] = [
-    RolloutPhase::Pending,
-    RolloutPhase::Warming,
-    RolloutPhase::Progressing,
-    RolloutPhase::Paused,
-    RolloutPhase::Healthy,
-    RolloutPhase::Degraded,
-    RolloutPhase::RolledBack,
-    RolloutPhase::Failed,
-];
 
 /// The operator's metrics.
 #[derive(Clone)]
@@ -35,10 +25,6 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     pub leader: IntGauge,
     pub admission_reviews: IntCounterVec,
-    rollout_info: IntGaugeVec,
-    rollout_step: IntGaugeVec,
-    rollout_traffic: IntGaugeVec,
-    rollout_step_started: GaugeVec,
     rollout_analysis: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
     rollout_duration: HistogramVec,
@@ -82,35 +68,6 @@ impl Default for Metrics {
         )
         .expect("valid metric");
         let kd = &["namespace", "name"];
-        let rollout_info = IntGaugeVec::new(
-            Opts::new(
-                "rollout_info",
-                "1 for the phase a KernelDeployment's rollout is in.",
-            ),
-            &["namespace", "name", "phase"],
-        )
-        .expect("valid metric");
-        let rollout_step = IntGaugeVec::new(
-            Opts::new("rollout_step", "Index of the current rollout step."),
-            kd,
-        )
-        .expect("valid metric");
-        let rollout_traffic = IntGaugeVec::new(
-            Opts::new(
-                "rollout_traffic_percent",
-                "Percent of conv2d operations on the canary revision.",
-            ),
-            kd,
-        )
-        .expect("valid metric");
-        let rollout_step_started = GaugeVec::new(
-            Opts::new(
-                "rollout_step_started_timestamp_seconds",
-                "Unix time the current rollout step began.",
-            ),
-            kd,
-        )
-        .expect("valid metric");
         let rollout_analysis = IntCounterVec::new(
             Opts::new(
                 "rollout_analysis_total",
@@ -145,10 +102,6 @@ impl Default for Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(leader.clone()),
             Box::new(admission_reviews.clone()),
-            Box::new(rollout_info.clone()),
-            Box::new(rollout_step.clone()),
-            Box::new(rollout_traffic.clone()),
-            Box::new(rollout_step_started.clone()),
             Box::new(rollout_analysis.clone()),
             Box::new(rollout_rollbacks.clone()),
             Box::new(rollout_duration.clone()),
@@ -163,10 +116,6 @@ impl Default for Metrics {
             reconcile_duration,
             leader,
             admission_reviews,
-            rollout_info,
-            rollout_step,
-            rollout_traffic,
-            rollout_step_started,
             rollout_analysis,
             rollout_rollbacks,
             rollout_duration,
@@ -176,101 +125,156 @@ impl Default for Metrics {
 }
 
 /// Keeps the leader's series exported; dropping it (when the Lease is lost) withdraws the
-/// heartbeats and the rollout gauges, so that a standby exports none of them stale.
+/// heartbeats, the rollout gauges and the analysis counts, so that a standby exports none
+/// of them stale.
 pub struct Leading {
     metrics: Metrics,
-    heartbeats: Heartbeats,
+    series: LeaderSeries,
 }
 
 impl Drop for Leading {
     fn drop(&mut self) {
         let m = &self.metrics;
-        let _ = m.registry.unregister(Box::new(self.heartbeats.clone()));
-        for g in [&m.rollout_info, &m.rollout_step, &m.rollout_traffic] {
-            g.reset();
-        }
-        m.rollout_step_started.reset();
+        let _ = m.registry.unregister(Box::new(self.series.clone()));
+        m.rollout_analysis.reset();
+        m.rollout_rollbacks.reset();
     }
 }
 
-/// Each node's last report time, read from the report cache at scrape time so that a
-/// report that goes away takes its series with it.
+/// Series read from the controller's caches at scrape time, so that an object that goes
+/// takes its series with it: each node's last report, and each KernelDeployment's rollout
+/// as its status says (a deployment whose finalizer was removed by hand too, which no
+/// reconcile sees go).
 #[derive(Clone)]
-struct Heartbeats {
+struct LeaderSeries {
     reports: Store<NodeReport>,
+    deployments: Store<KernelDeployment>,
     desc: Vec<Desc>,
 }
 
-impl Heartbeats {
-    fn gauge() -> GaugeVec {
-        GaugeVec::new(
-            Opts::new(
+/// The gauges [`LeaderSeries`] fills afresh at each scrape.
+struct Gauges {
+    heartbeat: GaugeVec,
+    info: IntGaugeVec,
+    step: IntGaugeVec,
+    traffic: IntGaugeVec,
+    step_started: GaugeVec,
+}
+
+impl Gauges {
+    fn new() -> Self {
+        let kd = &["namespace", "name"];
+        let gauge = |name, help, labels: &[&str]| {
+            GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let int = |name, help, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        Self {
+            heartbeat: gauge(
                 "node_report_heartbeat_timestamp_seconds",
                 "Unix time of each node agent's latest report.",
+                &["node"],
             ),
-            &["node"],
-        )
-        .expect("valid metric")
+            info: int(
+                "rollout_info",
+                "1 for the phase a KernelDeployment's rollout is in.",
+                &["namespace", "name", "phase"],
+            ),
+            step: int("rollout_step", "Index of the current rollout step.", kd),
+            traffic: int(
+                "rollout_traffic_percent",
+                "Percent of conv2d operations on the canary revision.",
+                kd,
+            ),
+            step_started: gauge(
+                "rollout_step_started_timestamp_seconds",
+                "Unix time the current rollout step began.",
+                kd,
+            ),
+        }
+    }
+
+    fn all(&self) -> [&dyn Collector; 5] {
+        [
+            &self.heartbeat,
+            &self.info,
+            &self.step,
+            &self.traffic,
+            &self.step_started,
+        ]
+    }
+
+    /// The series of one KernelDeployment's rollout, from its status.
+    fn rollout(&self, namespace: &str, name: &str, status: &KernelDeploymentStatus) {
+        let phase = format!("{:?}", status.phase);
+        self.info
+            .with_label_values(&[namespace, name, &phase])
+            .set(1);
+        let kd = [namespace, name];
+        self.step
+            .with_label_values(&kd)
+            .set(status.current_step_index.map_or(-1, i64::from));
+        self.traffic
+            .with_label_values(&kd)
+            .set(status.traffic_percent.into());
+        if let Some(t) = &status.step_start_time {
+            self.step_started
+                .with_label_values(&kd)
+                .set(t.0.as_millisecond() as f64 / 1e3);
+        }
     }
 }
 
-impl Collector for Heartbeats {
+impl Collector for LeaderSeries {
     fn desc(&self) -> Vec<&Desc> {
         self.desc.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let gauge = Self::gauge();
+        let g = Gauges::new();
         for r in self.reports.state() {
-            gauge
+            g.heartbeat
                 .with_label_values(&[&r.spec.node_name])
                 .set(r.spec.heartbeat_time.0.as_millisecond() as f64 / 1e3);
         }
-        gauge.collect()
+        for kd in self.deployments.state() {
+            if let Some(status) = &kd.status {
+                let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
+                g.rollout(&namespace, &name, status);
+            }
+        }
+        g.all().into_iter().flat_map(Collector::collect).collect()
     }
 }
 
 impl Metrics {
-    /// Exports the heartbeat of every node report in `reports`, and the rollout gauges as the
-    /// controller sets them, until the returned guard is dropped.
+    /// Exports the heartbeat of every node report in `reports` and the rollout of every
+    /// KernelDeployment in `deployments`, until the returned guard is dropped.
     /// One guard at a time: the previous term's, dropped, has withdrawn its collector.
-    pub fn lead(&self, reports: Store<NodeReport>) -> Leading {
-        let desc = Heartbeats::gauge().desc().into_iter().cloned().collect();
-        let heartbeats = Heartbeats { reports, desc };
+    pub fn lead(
+        &self,
+        reports: Store<NodeReport>,
+        deployments: Store<KernelDeployment>,
+    ) -> Leading {
+        let g = Gauges::new();
+        let desc = g
+            .all()
+            .into_iter()
+            .flat_map(|c| c.desc())
+            .cloned()
+            .collect();
+        let series = LeaderSeries {
+            reports,
+            deployments,
+            desc,
+        };
         self.registry
-            .register(Box::new(heartbeats.clone()))
+            .register(Box::new(series.clone()))
             .expect("the previous term's collector is gone");
         Leading {
             metrics: self.clone(),
-            heartbeats,
-        }
-    }
-
-    /// Sets the gauges of one KernelDeployment's rollout from its status.
-    pub fn rollout(&self, namespace: &str, name: &str, status: &KernelDeploymentStatus) {
-        for phase in PHASES {
-            let phase_label = format!("{phase:?}");
-            let labels = [namespace, name, phase_label.as_str()];
-            if phase == status.phase {
-                self.rollout_info.with_label_values(&labels).set(1);
-            } else {
-                let _ = self.rollout_info.remove_label_values(&labels);
-            }
-        }
-        let kd = [namespace, name];
-        self.rollout_step
-            .with_label_values(&kd)
-            .set(status.current_step_index.map_or(-1, i64::from));
-        self.rollout_traffic
-            .with_label_values(&kd)
-            .set(status.traffic_percent.into());
-        match &status.step_start_time {
-            Some(t) => self
-                .rollout_step_started
-                .with_label_values(&kd)
-                .set(t.0.as_millisecond() as f64 / 1e3),
-            // No step now: the previous rollout's last one must not linger.
-            None => drop(self.rollout_step_started.remove_label_values(&kd)),
+            series,
         }
     }
 
@@ -291,25 +295,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Drops every series of a deleted KernelDeployment.
+    /// Drops the counts of a deleted KernelDeployment (its gauges go with it from the cache).
     pub fn forget_rollout(&self, namespace: &str, name: &str) {
-        for phase in PHASES {
-            let phase_label = format!("{phase:?}");
-            let _ = self
-                .rollout_info
-                .remove_label_values(&[namespace, name, phase_label.as_str()]);
-        }
         for result in ["pass", "fail", "inconclusive"] {
             let _ = self
                 .rollout_analysis
                 .remove_label_values(&[namespace, name, result]);
         }
-        for g in [&self.rollout_step, &self.rollout_traffic] {
-            let _ = g.remove_label_values(&[namespace, name]);
-        }
-        let _ = self
-            .rollout_step_started
-            .remove_label_values(&[namespace, name]);
         let _ = self
             .rollout_rollbacks
             .remove_label_values(&[namespace, name]);
@@ -329,35 +321,83 @@ impl Metrics {
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
 
     use super::*;
+
+    fn kd(status: KernelDeploymentStatus) -> KernelDeployment {
+        let mut kd: KernelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
+            "metadata": {"name": "k", "namespace": "ns"},
+            "spec": {"kernel": {"artifact": {"url": "s3://b/k", "sha256": "0".repeat(64)},
+                                "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]},
+                                "inputSize": [1, 1]},
+                     "nodeSelector": {}}
+        }))
+        .unwrap();
+        kd.status = Some(status);
+        kd
+    }
+
+    /// A leader's metrics over caches that `apply` fills.
+    fn lead(m: &Metrics) -> (Leading, Writer<KernelDeployment>) {
+        let (deployments, writer) = kube::runtime::reflector::store();
+        let reports = kube::runtime::reflector::store::<NodeReport>().0;
+        (m.lead(reports, deployments), writer)
+    }
 
     #[test]
     fn leadership_lost_withdraws_the_leaders_series() {
         let m = Metrics::default();
-        let leading = m.lead(kube::runtime::reflector::store::<NodeReport>().0);
-        m.rollout("ns", "k", &KernelDeploymentStatus::default());
-        assert!(m.render().contains("rollout_info{"));
+        let (leading, mut cache) = lead(&m);
+        cache.apply_watcher_event(&Event::Apply(kd(KernelDeploymentStatus::default())));
+        m.analysis("ns", "k", "pass");
+        assert!(
+            m.render()
+                .contains("rollout_info{name=\"k\",namespace=\"ns\",phase=\"Pending\"} 1")
+        );
+        assert!(m.render().contains("rollout_analysis_total{"));
         drop(leading);
         assert!(!m.render().contains("rollout_info{"));
-        // Leading again registers the heartbeats anew.
-        let _again = m.lead(kube::runtime::reflector::store::<NodeReport>().0);
+        assert!(!m.render().contains("rollout_analysis_total{"));
+        // Leading again registers the collector anew.
+        let _again = lead(&m);
+    }
+
+    #[test]
+    fn a_deployment_gone_from_the_cache_takes_its_gauges_with_it() {
+        let m = Metrics::default();
+        let (_leading, mut cache) = lead(&m);
+        let k = kd(KernelDeploymentStatus::default());
+        cache.apply_watcher_event(&Event::Apply(k.clone()));
+        assert!(
+            m.render()
+                .contains("rollout_step{name=\"k\",namespace=\"ns\"} -1")
+        );
+        cache.apply_watcher_event(&Event::Delete(k));
+        let text = m.render();
+        assert!(
+            !text.contains("rollout_info{") && !text.contains("rollout_step{"),
+            "{text}"
+        );
     }
 
     #[test]
     fn a_step_start_goes_when_the_rollout_has_no_step() {
         let m = Metrics::default();
+        let (_leading, mut cache) = lead(&m);
         let mut status = KernelDeploymentStatus {
             step_start_time: Some(Time(Timestamp::from_second(1_800_000_000).unwrap())),
             ..Default::default()
         };
-        m.rollout("ns", "k", &status);
+        cache.apply_watcher_event(&Event::Apply(kd(status.clone())));
         assert!(
             m.render()
                 .contains("step_started_timestamp_seconds{name=\"k\"")
         );
         status.step_start_time = None;
-        m.rollout("ns", "k", &status);
+        cache.apply_watcher_event(&Event::Apply(kd(status)));
         assert!(
             !m.render()
                 .contains("step_started_timestamp_seconds{name=\"k\"")

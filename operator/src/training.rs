@@ -17,17 +17,16 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kernelflow_crds::{AsyncTrainingJob, NodeReport};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Config, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
-use tracing::{instrument, warn};
+use tracing::instrument;
 
 use crate::controller::{
-    Context, STALE_RETRY, error_policy, measured, publish_transitions, write_status,
+    Context, STALE_RETRY, error_policy, measured, publish, publish_transitions, ran, write_status,
 };
 use crate::error::Result;
 pub use state::Settings;
@@ -67,7 +66,7 @@ pub async fn run(
     let ctx = Arc::new(Training { shared, settings });
     controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
+        .for_each(ran)
         .await;
 }
 
@@ -150,20 +149,8 @@ async fn apply(ctx: &Context, job: &AsyncTrainingJob, d: state::Decision) -> Res
         publish_transitions(ctx, job, &old.conditions, &d.status.conditions).await;
     }
     for note in &d.notes {
-        let event = Event {
-            type_: if note.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: note.reason.into(),
-            note: Some(note.message.clone()),
-            action: note.action.into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-            warn!(error = %e, "publishing an event failed");
-        }
+        let (warning, reason, action) = (note.warning, note.reason, note.action);
+        publish(ctx, job, warning, reason, action, &note.message).await;
     }
     if d.delete {
         match api

@@ -278,6 +278,16 @@ fn the_chart_lints_and_renders_every_values_set() {
             "default" => {
                 assert_eq!(deployment["spec"]["replicas"], 2);
                 assert_eq!(kinds["PodDisruptionBudget"], 1);
+                let one = render(
+                    "kernelflow",
+                    "ns",
+                    &values,
+                    &["--set", "operator.replicas=1"],
+                );
+                assert!(
+                    !self::kinds(&one).contains_key("PodDisruptionBudget"),
+                    "one replica and a budget of one would block node drains"
+                );
                 assert_eq!(
                     daemonset["spec"]["template"]["spec"]["nodeSelector"],
                     json!({"nvidia.com/gpu.present": "true"})

@@ -106,3 +106,71 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         replicas[standby].log_tail()
     );
 }
+
+/// On SIGTERM the operator reports not ready at once, its webhook serves on while a
+/// Service's endpoints would drop the pod, and it exits after the delay.
+#[tokio::test]
+async fn on_sigterm_the_webhook_serves_on_not_ready_then_the_operator_exits() {
+    let (env, _client, ns) = setup("shutdown").await;
+    let dir = std::env::temp_dir().join(format!("kf-{ns}-webhook-cert"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    let webhook = std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        kernelflow_e2e::cluster::free_port().unwrap(),
+    ));
+    let mut operator = env
+        .spawn_operator(
+            "shutdown",
+            &[
+                "--webhook-only",
+                "--webhook-cert-dir",
+                dir.to_str().unwrap(),
+                "--webhook-addr",
+                &webhook.to_string(),
+                "--shutdown-delay-seconds",
+                "10",
+            ],
+        )
+        .expect("starting the operator");
+    operator.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let pid = operator.child.id().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(signalled.unwrap().success());
+    let terminated = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "/readyz to say not ready",
+        || async { (operator.get("/readyz").await?.0 == 503).then_some(()) },
+    )
+    .await;
+    assert!(
+        tokio::net::TcpStream::connect(webhook).await.is_ok(),
+        "the webhook serves on"
+    );
+    loop {
+        if let Some(status) = operator.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}: {}", operator.log_tail());
+            break;
+        }
+        assert!(
+            terminated.elapsed() < Duration::from_secs(60),
+            "{}",
+            operator.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        terminated.elapsed() >= Duration::from_secs(10),
+        "left before its delay"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
