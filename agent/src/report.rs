@@ -1,9 +1,15 @@
-//! The node's `NodeReport`, written by server-side apply under the agent's field manager.
+//! The node's `NodeReport`, written by server-side apply under the agent's field manager,
+//! owned by its Node: a node that goes (scaled down, say) takes its report along, so the
+//! operator stops exporting its heartbeat and alerting on its silence.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kernelflow_crds::node_report::{KernelReport, WorkerReport};
 use kernelflow_crds::{NodeReport, NodeReportSpec};
+use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::FIELD_MANAGER;
@@ -11,17 +17,38 @@ use crate::FIELD_MANAGER;
 /// Writes one node's report.
 pub struct Reporter {
     api: Api<NodeReport>,
+    nodes: Api<Node>,
     node: String,
     backend: String,
+    /// The Node as the report's owner, once read.
+    owner: Mutex<Option<OwnerReference>>,
 }
 
 impl Reporter {
     pub fn new(client: kube::Client, node: &str, backend: &str) -> Self {
         Self {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            nodes: Api::all(client),
             node: node.into(),
             backend: backend.into(),
+            owner: Mutex::default(),
         }
+    }
+
+    /// The Node as an owner, read once it exists (a report without one waits for the next).
+    async fn owner(&self) -> Option<OwnerReference> {
+        let known = self.owner.lock().expect("owner lock").clone();
+        if known.is_some() {
+            return known;
+        }
+        let node = self.nodes.get_opt(&self.node).await.ok()??;
+        let owner = node.controller_owner_ref(&()).map(|o| OwnerReference {
+            controller: None,
+            block_owner_deletion: None,
+            ..o
+        });
+        self.owner.lock().expect("owner lock").clone_from(&owner);
+        owner
     }
 
     /// The report as of now.
@@ -47,7 +74,8 @@ impl Reporter {
         workers: Vec<WorkerReport>,
     ) -> Result<(), kube::Error> {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let report = self.build(kernels, workers);
+        let mut report = self.build(kernels, workers);
+        report.metadata.owner_references = self.owner().await.map(|o| vec![o]);
         self.api
             .patch(&self.node, &pp, &Patch::Apply(&report))
             .await?;

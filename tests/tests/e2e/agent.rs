@@ -2,29 +2,39 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use kernelflow_crds::NodeReport;
 use kube::api::Api;
 
-use crate::{eventually, setup};
+use crate::{eventually, gpu_node, setup};
 
 #[tokio::test]
 async fn the_agent_reports_its_node() {
     let (env, client, ns) = setup("agent").await;
     let node = format!("node-{ns}");
-    let agent = env
-        .spawn(
-            "kernelflow-agent",
-            "agent",
-            &["--node-name", &node, "--report-interval-seconds", "1"],
-        )
-        .expect("starting the agent");
-    let reports: Api<NodeReport> = Api::all(client);
+    let agent = gpu_node(env, &client, &node, serde_json::json!({}), &[]).await;
+    let reports: Api<NodeReport> = Api::all(client.clone());
     let first = eventually(Duration::from_secs(30), "the node report", || async {
         reports.get_opt(&node).await.ok()?
     })
     .await;
     assert_eq!(first.spec.node_name, node);
     assert_eq!(first.spec.backend, "cpu");
+    // Owned by its Node, whose deletion takes the report along.
+    let uid = Api::<Node>::all(client)
+        .get(&node)
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    let owners = first.metadata.owner_references.unwrap_or_default();
+    assert_eq!(
+        owners
+            .iter()
+            .map(|o| (o.kind.as_str(), &o.name, Some(&o.uid)))
+            .collect::<Vec<_>>(),
+        [("Node", &node, uid.as_ref())]
+    );
     let beat = first.spec.heartbeat_time.clone();
     eventually(Duration::from_secs(30), "a newer heartbeat", || async {
         let r = reports.get(&node).await.ok()?;
