@@ -270,7 +270,9 @@ pub struct Serving {
     /// Canary and stable compute the same function, so their outputs must agree.
     comparable: bool,
     seq: AtomicU64,
-    /// Operations started and not finished, timed-out ones included until their work ends.
+    /// Holds on the split: operations and shadow bursts under way (an operation until it
+    /// has recorded its figures and its work has ended, even past a timeout). None left,
+    /// nothing will record into its series.
     in_flight: Arc<AtomicUsize>,
     started: Timestamp,
     window: Mutex<Window>,
@@ -341,7 +343,9 @@ impl Serving {
             .lane(side)
             .ok_or_else(|| OpError::NotServing(format!("{}/{}", self.namespace, self.name)))?;
         let start = Instant::now();
-        let result = match tokio::time::timeout(timeout, lane.run(p, x, busy)).await {
+        // `busy` lasts until the figures below are recorded; the lane's own count, until its
+        // work ends (later, when the operation timed out).
+        let result = match tokio::time::timeout(timeout, lane.run(p, x, busy.another())).await {
             Err(_) => Err(OpError::Timeout(timeout)),
             Ok(Err(e)) => Err(e.into()),
             Ok(Ok((y, fell_back))) => match y.iter().position(|v| !v.is_finite()) {

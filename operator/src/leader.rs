@@ -138,19 +138,22 @@ impl Hold<'_> {
     /// Returns once the hold is not seen renewed before its deadline (`until` at first): the
     /// lease manager keeps its flag up while renewals fail (the API server unreachable, say),
     /// while a standby takes over once the Lease expires. client-go's leaders stop at their
-    /// renew deadline likewise. The deadline holds while a read hangs: the client sets no
-    /// read timeout, and a dead connection would otherwise keep this replica acting for as
-    /// long as TCP takes to notice.
+    /// renew deadline likewise.
+    ///
+    /// Reads come closer together as the deadline nears, since a renewal lands a half grace
+    /// before it. A read in flight at the deadline gets a quarter grace more, well before a
+    /// standby may take over, and no longer: the client sets no read timeout, and a dead
+    /// connection would otherwise keep this replica acting for as long as TCP takes to notice.
     async fn lapses(&self, mut until: Timestamp) {
-        loop {
-            let Ok(left) = Duration::try_from(until.duration_since(Timestamp::now())) else {
-                return;
-            };
-            let read = async {
-                tokio::time::sleep(self.poll()).await;
-                self.api.get(self.name).await
-            };
-            match tokio::time::timeout(left, read).await {
+        let slack = Duration::from_millis(self.grace * 250);
+        let left = |until: Timestamp| {
+            Duration::try_from(until.duration_since(Timestamp::now())).unwrap_or_default()
+        };
+        while !left(until).is_zero() {
+            let wait = self.poll().min(left(until) / 2);
+            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            let read = self.api.get(self.name);
+            match tokio::time::timeout(left(until) + slack, read).await {
                 Err(_) => return,
                 Ok(Ok(stored)) => match acts_until(&stored, self.identity, self.grace) {
                     Some(t) => until = t,

@@ -44,7 +44,7 @@ impl ControlPlane {
         let etcd =
             which("etcd").context("etcd is not installed: run scripts/install-control-plane.sh")?;
 
-        let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let [client_port, peer_port, api_port] = free_ports()?;
         let etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let mut etcd = supervised(&etcd, &dir.join("etcd.log"))?
@@ -251,7 +251,19 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// A port free now on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(free_ports::<1>()?[0])
+}
+
+/// `N` distinct ports free now on 127.0.0.1: each held until all are picked.
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let held = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0; N];
+    for (port, l) in ports.iter_mut().zip(&held) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 fn write_pki(dir: &Path) -> anyhow::Result<()> {

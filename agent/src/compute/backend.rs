@@ -104,15 +104,21 @@ impl Event {
         lock(&self.0.state)
     }
 
-    /// Fires the event: runs the work left with it, then wakes every waiter, which thus finds
-    /// that work done (an op's place under the cap given back, say).
+    /// Fires the event: runs the work left with it (and any left meanwhile), then marks it
+    /// done and wakes every waiter, which thus finds that work done (an op's place under the
+    /// cap given back, say).
     pub fn fire(&self) {
-        let then = {
-            let mut state = self.state();
-            state.done = true;
-            std::mem::take(&mut state.then)
-        };
-        then.into_iter().for_each(|f| f());
+        loop {
+            let then = {
+                let mut state = self.state();
+                if state.then.is_empty() {
+                    state.done = true;
+                    break;
+                }
+                std::mem::take(&mut state.then)
+            };
+            then.into_iter().for_each(|f| f());
+        }
         self.0.cv.notify_all();
         self.0.notify.notify_waiters();
     }

@@ -200,7 +200,8 @@ impl CudaBackend {
 
     fn try_upload(&self, s: &Stream, data: &[f32]) -> Result<CudaBuffer, ComputeError> {
         if data.is_empty() {
-            return Err(ComputeError::Shape(
+            // A limit of this backend, not of the op: the CPU's synchronous path serves it.
+            return Err(ComputeError::Device(
                 "the CUDA backend holds no empty buffers".into(),
             ));
         }
@@ -1009,8 +1010,9 @@ fn same_len(op: Op, x: &[&Slice]) -> Result<i32, ComputeError> {
             "{op:?} on buffers of {lens:?} elements"
         )));
     }
-    i32::try_from(n)
-        .map_err(|_| ComputeError::Shape(format!("{n} elements are more than one CUDA call takes")))
+    i32::try_from(n).map_err(|_| {
+        ComputeError::Device(format!("{n} elements are more than one CUDA call takes"))
+    })
 }
 
 fn check_conv(p: &Conv2dParams, x: usize, w: usize, b: Option<usize>) -> Result<(), ComputeError> {
@@ -1054,7 +1056,7 @@ impl ConvPlan {
         use cudnn::sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let dim = |v: usize| {
             i32::try_from(v)
-                .map_err(|_| ComputeError::Shape(format!("{p:?} is too large for cuDNN")))
+                .map_err(|_| ComputeError::Device(format!("{p:?} is too large for cuDNN")))
         };
         let pair = |v: [usize; 2]| Ok::<_, ComputeError>([dim(v[0])?, dim(v[1])?]);
         let [oh, ow] = p.output();
@@ -1990,7 +1992,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// Bad shapes and failed inputs come back as errors from the download, not panics.
+    /// Bad shapes, the backend's limits and failed inputs come back as errors from the
+    /// download, not panics.
     #[test]
     fn errors_surface_through_the_outputs() {
         let Some((_alone, device)) = gpu("errors_surface_through_the_outputs") else {
@@ -2006,8 +2009,9 @@ pub(crate) mod tests {
         assert!(matches!(err, ComputeError::Shape(_)), "{err}");
         let err = run_cuda(&b, 0, Op::Axpy { alpha: 1.0 }, &[&x, &w]).unwrap_err();
         assert!(matches!(err, ComputeError::Shape(_)), "{err}");
+        // Empty buffers are this backend's limit, which the synchronous path does not have.
         let err = run_cuda(&b, 0, Op::Relu, &[&Vec::new()]).unwrap_err();
-        assert!(matches!(err, ComputeError::Shape(_)), "{err}");
+        assert!(matches!(err, ComputeError::Device(_)), "{err}");
         let failed = CudaBuffer::failed(ComputeError::Injected);
         let out = b.launch(0, Op::Relu, &[&failed]);
         let (event, sink) = b.download(0, &out[0]);

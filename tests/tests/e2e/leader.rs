@@ -85,9 +85,10 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     println!("takeover after {took:?} (lease duration {LEASE_SECONDS}s)");
     assert_eq!(second, ["a", "b"][standby]);
     // Expiry is measured from the leader's last renewal, so a takeover needs at most one lease
-    // duration after the kill, plus the standby's retry period.
+    // duration after the kill, plus the standby's retry period and the API server's latency
+    // on a machine that other tests share.
     assert!(
-        took < Duration::from_secs(2 * LEASE_SECONDS),
+        took < Duration::from_secs(3 * LEASE_SECONDS),
         "takeover took {took:?}"
     );
 
@@ -112,7 +113,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 #[tokio::test]
 async fn on_sigterm_the_webhook_serves_on_not_ready_then_the_operator_exits() {
     let (env, _client, ns) = setup("shutdown").await;
-    let dir = std::env::temp_dir().join(format!("kf-{ns}-webhook-cert"));
+    let dir = env.logs.join(format!("{ns}-webhook-cert"));
     std::fs::create_dir_all(&dir).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
@@ -141,8 +142,9 @@ async fn on_sigterm_the_webhook_serves_on_not_ready_then_the_operator_exits() {
         .expect("starting the operator");
     operator.wait_ready(Duration::from_secs(30)).await.unwrap();
     let pid = operator.child.id().to_string();
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+    // The shell's own `kill`: no procps needed.
+    let signalled = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
         .status();
     assert!(signalled.unwrap().success());
     let terminated = Instant::now();
@@ -172,5 +174,4 @@ async fn on_sigterm_the_webhook_serves_on_not_ready_then_the_operator_exits() {
         terminated.elapsed() >= Duration::from_secs(10),
         "left before its delay"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -425,7 +425,9 @@ async fn an_agent_killed_mid_job_resumes_from_its_checkpoint_with_the_same_weigh
 
 #[tokio::test]
 async fn a_worker_whose_agent_is_gone_restarts_elsewhere_within_the_backoff_limit() {
-    let c = Cluster::start("moved", &["--worker-grace-seconds", "3"]).await;
+    // Reports every second, heartbeats in whole seconds, two busy cores: a grace of a few
+    // reports keeps a live agent from looking lost.
+    let c = Cluster::start("moved", &["--worker-grace-seconds", "8"]).await;
     // a and b share checkpoint storage, so a worker moved from a to b resumes on b.
     let (shared, own) = (c.dir("ckpt-shared"), c.dir("ckpt-c"));
     let mut a = c
