@@ -344,7 +344,9 @@ pub struct WorkerStatus {
     /// Loss of the latest step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_loss: Option<f64>,
-    /// Step of the latest checkpoint.
+    /// Step of the latest checkpoint of the current run: the one it resumed from, or wrote
+    /// since. A run started afresh (on a node without the checkpoint) has none until it
+    /// writes one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_step: Option<u64>,
     /// Step of the checkpoint the current run resumed from; absent when it started afresh.

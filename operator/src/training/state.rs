@@ -261,7 +261,14 @@ impl Machine<'_> {
             w.samples_per_second = r.samples_per_second;
             w.first_loss = r.first_loss;
             w.last_loss = r.last_loss;
-            w.checkpoint_step = r.checkpoint_step.or(w.checkpoint_step);
+            // The agent's own once the run has resumed, from the checkpoint it found or
+            // afresh (none on a new node's disk, or one refused): before, the last known.
+            w.checkpoint_step = match r.state {
+                WorkerState::Pending | WorkerState::Starting | WorkerState::Failed => {
+                    r.checkpoint_step.or(w.checkpoint_step)
+                }
+                _ => r.checkpoint_step,
+            };
             w.resumed_from_step = r.resumed_from_step;
             w.final_weights_sha256.clone_from(&r.final_weights_sha256);
             w.pipeline.clone_from(&r.pipeline);
@@ -793,6 +800,29 @@ mod tests {
             (50, Some(50), WorkerState::Running)
         );
         assert_eq!(w.last_loss, Some(0.6));
+    }
+
+    /// A worker that starts afresh (its checkpoint on another node's disk, or refused) names
+    /// no checkpoint once it runs; while it starts, the last one known stands.
+    #[test]
+    fn a_run_started_afresh_names_no_checkpoint() {
+        let (j, _) = running(serde_json::json!({}), WorkerState::Running);
+        let node = j.status.as_ref().unwrap().workers[1].node.clone();
+        let attempt = j.status.as_ref().unwrap().workers[1].attempt;
+        let mut starting = report(&node, 1, attempt, WorkerState::Starting, 0);
+        starting.1.checkpoint_step = None;
+        let d = decide_at(&j, &nodes(), &[starting], 2);
+        assert_eq!(d.status.workers[1].checkpoint_step, Some(50));
+        let mut afresh = report(&node, 1, attempt, WorkerState::Running, 3);
+        afresh.1.checkpoint_step = None;
+        let d = decide_at(&j, &nodes(), &[afresh], 2);
+        assert_eq!(
+            (
+                d.status.workers[1].step,
+                d.status.workers[1].checkpoint_step
+            ),
+            (3, None)
+        );
     }
 
     #[test]
