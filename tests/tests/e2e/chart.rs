@@ -274,6 +274,35 @@ fn the_chart_lints_and_renders_every_values_set() {
             );
         }
 
+        // One monitor kind or the other, never both (each series scraped twice).
+        let monitor = match set.as_str() {
+            "cert-manager" => Some(("ServiceMonitor", "PodMonitor", "endpoints")),
+            "cert-manager-issuer" => Some(("PodMonitor", "ServiceMonitor", "podMetricsEndpoints")),
+            _ => None,
+        };
+        if let Some((kind, other, endpoints)) = monitor {
+            assert_eq!(kinds[kind], 2, "{set}");
+            assert!(!kinds.contains_key(other), "{set}");
+            // The series' own `namespace`, `job` and `node` labels survive the scrape;
+            // only an agent's series get the pod's node.
+            for component in ["operator", "agent"] {
+                let name = format!("kernelflow-{component}");
+                let endpoint = &object(&objects, kind, &name)["spec"][endpoints][0];
+                assert_eq!(endpoint["honorLabels"], true, "{kind} {name}");
+                let relabeled = endpoint["relabelings"][0]["targetLabel"] == "node";
+                assert_eq!(relabeled, component == "agent", "{kind} {name}");
+            }
+            let both = Command::new(tool("helm").unwrap())
+                .current_dir(root())
+                .args(["template", "kernelflow", CHART, "-f", &values])
+                .args(["--set", "metrics.serviceMonitor.enabled=true"])
+                .args(["--set", "metrics.podMonitor.enabled=true"])
+                .output()
+                .unwrap();
+            let why = String::from_utf8_lossy(&both.stderr);
+            assert!(!both.status.success() && why.contains("not both"), "{why}");
+        }
+
         match set.as_str() {
             "default" => {
                 assert_eq!(deployment["spec"]["replicas"], 2);
@@ -308,22 +337,6 @@ fn the_chart_lints_and_renders_every_values_set() {
                 );
             }
             "cert-manager" => {
-                assert_eq!(kinds["ServiceMonitor"], 2);
-                assert_eq!(kinds["PodMonitor"], 2);
-                // The series' own `namespace`, `job` and `node` labels survive the scrape;
-                // only an agent's series get the pod's node.
-                for (kind, endpoints) in [
-                    ("ServiceMonitor", "endpoints"),
-                    ("PodMonitor", "podMetricsEndpoints"),
-                ] {
-                    for component in ["operator", "agent"] {
-                        let name = format!("kernelflow-{component}");
-                        let endpoint = &object(&objects, kind, &name)["spec"][endpoints][0];
-                        assert_eq!(endpoint["honorLabels"], true, "{kind} {name}");
-                        let relabeled = endpoint["relabelings"][0]["targetLabel"] == "node";
-                        assert_eq!(relabeled, component == "agent", "{kind} {name}");
-                    }
-                }
                 // The PrometheusRule is the plain rules file, runbook links re-pointed.
                 let rule = object(&objects, "PrometheusRule", "kernelflow");
                 let file =
