@@ -43,6 +43,51 @@ pub struct Context {
     pub metrics: Metrics,
     pub nodes: Store<Node>,
     pub reports: Store<NodeReport>,
+    pub retries: Retries,
+}
+
+impl AsRef<Context> for Context {
+    fn as_ref(&self) -> &Context {
+        self
+    }
+}
+
+/// Consecutive failed reconciles of each object, which space out its retries: 5 s after the
+/// first, doubling up to 5 min, so that a failure that lasts (a write the API server forbids
+/// or refuses) does not hammer it every 5 s.
+#[derive(Default)]
+pub struct Retries(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Retries {
+    const FIRST: Duration = Duration::from_secs(5);
+    const MOST: Duration = Duration::from_secs(300);
+
+    /// The key of `obj`: kind, namespace and name.
+    fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+        let ns = obj.namespace().unwrap_or_default();
+        format!("{}/{ns}/{}", K::kind(&()), obj.name_any())
+    }
+
+    /// Counts a failure of `key`'s reconcile; returns how long to wait before the next.
+    fn failed(&self, key: String) -> Duration {
+        let mut failures = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.entry(key).or_default();
+        *n = n.saturating_add(1);
+        Self::FIRST
+            .saturating_mul(1 << (*n - 1).min(10))
+            .min(Self::MOST)
+    }
+
+    fn succeeded(&self, key: &str) {
+        let mut failures = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failures.remove(key);
+    }
 }
 
 /// Runs both controllers until the future is dropped. `namespace` limits them to one.
@@ -82,6 +127,7 @@ pub async fn run(
         metrics,
         nodes,
         reports,
+        retries: Retries::default(),
     });
     let config = Config::default().concurrency(concurrency);
     let kd: Api<KernelDeployment> = api(&ctx.client, namespace.as_deref());
@@ -154,20 +200,26 @@ pub(crate) async fn ran<K: Resource, E: std::error::Error, Q: std::error::Error>
     }
 }
 
-pub(crate) fn error_policy<K, C>(_: Arc<K>, error: &Error, _: Arc<C>) -> Action {
+pub(crate) fn error_policy<K, C>(obj: Arc<K>, error: &Error, ctx: Arc<C>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+    C: AsRef<Context>,
+{
     if let Error::Draining(_) = error {
         return Action::requeue(Duration::from_secs(1));
     }
-    warn!(%error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let wait = ctx.as_ref().as_ref().retries.failed(Retries::key(&*obj));
+    warn!(%error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
 }
 
 /// Times a reconcile and counts it and its errors.
-pub(crate) async fn measured<F: Future<Output = Result<Action>>>(
-    ctx: &Context,
-    controller: &str,
-    f: F,
-) -> Result<Action> {
+pub(crate) async fn measured<K, F>(ctx: &Context, controller: &str, obj: &K, f: F) -> Result<Action>
+where
+    K: Resource<DynamicType = ()>,
+    F: Future<Output = Result<Action>>,
+{
+    let key = Retries::key(obj);
     let start = Instant::now();
     ctx.metrics
         .reconciliations
@@ -178,13 +230,14 @@ pub(crate) async fn measured<F: Future<Output = Result<Action>>>(
         .reconcile_duration
         .with_label_values(&[controller])
         .observe(start.elapsed().as_secs_f64());
-    if let Err(e) = &result
-        && !matches!(e, Error::Draining(_))
-    {
-        ctx.metrics
+    match &result {
+        Ok(_) => ctx.retries.succeeded(&key),
+        Err(Error::Draining(_)) => {}
+        Err(e) => ctx
+            .metrics
             .reconcile_errors
             .with_label_values(&[controller, e.label()])
-            .inc();
+            .inc(),
     }
     result
 }
@@ -194,7 +247,7 @@ async fn reconcile_kernel_deployment(
     kd: Arc<KernelDeployment>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
-    measured(&ctx, "kerneldeployment", async {
+    measured(&ctx, "kerneldeployment", &*kd.clone(), async {
         let api: Api<KernelDeployment> =
             Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
         finalizer(&api, KERNEL_DEPLOYMENT_FINALIZER, kd, |event| async {
@@ -682,6 +735,26 @@ mod tests {
         let mut applied = old.clone();
         kernelflow_crds::apply_merge_patch(&mut applied, patch);
         assert_eq!(applied, new);
+    }
+
+    #[test]
+    fn failed_reconciles_back_off_per_object_until_one_succeeds() {
+        let r = Retries::default();
+        let waits: Vec<u64> = (0..9)
+            .map(|_| r.failed("KernelDeployment/ns/a".into()).as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(
+            r.failed("KernelDeployment/ns/b".into()).as_secs(),
+            5,
+            "per object"
+        );
+        r.succeeded("KernelDeployment/ns/a");
+        assert_eq!(
+            r.failed("KernelDeployment/ns/a".into()).as_secs(),
+            5,
+            "reset"
+        );
     }
 
     #[test]

@@ -36,6 +36,12 @@ struct Training {
     settings: Settings,
 }
 
+impl AsRef<Context> for Training {
+    fn as_ref(&self) -> &Context {
+        &self.shared
+    }
+}
+
 /// Runs the controller until the future is dropped.
 pub async fn run(
     shared: Arc<Context>,
@@ -73,7 +79,7 @@ pub async fn run(
 #[instrument(skip_all, fields(namespace = job.namespace(), name = job.name_any()))]
 async fn reconcile(job: Arc<AsyncTrainingJob>, ctx: Arc<Training>) -> Result<Action> {
     let shared = &ctx.shared;
-    measured(shared, "asynctrainingjob", async {
+    measured(shared, "asynctrainingjob", &*job, async {
         let now = Timestamp::now();
         let (nodes, reports) = observe(
             &job,
