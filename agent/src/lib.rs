@@ -11,10 +11,12 @@ pub mod training;
 pub mod warm;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::{Router, extract::State, routing::get};
+use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
 use tracing::{info, warn};
 
@@ -24,6 +26,9 @@ pub const FIELD_MANAGER: &str = "kernelflow-agent";
 /// How long a terminating agent waits for its training workers to checkpoint and stop: within
 /// the 30 s a pod gets by default.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Limit on one write of the node report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Command-line flags (each also read from the environment).
 #[derive(clap::Parser, Debug, Clone)]
@@ -131,6 +136,14 @@ impl Metrics {
     }
 }
 
+/// Logs a failed watch, which retries with backoff: an object that does not deserialize fails
+/// every list of its kind, and unlogged, that would stop the node's work in silence.
+pub(crate) fn watched<T>(kind: &str, r: Result<T, kube::runtime::watcher::Error>) {
+    if let Err(error) = r {
+        warn!(kind, %error, "watch failed; retrying");
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // object_store links aws-lc-rs beside kube's ring: pick one for the process.
@@ -148,13 +161,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let backend = device.name();
     info!(node = %args.node_name, backend, "starting");
+    // Ready once the caches have synced and a report has been written: a DaemonSet update
+    // then moves on to the next node only when this one serves again.
+    let ready = Arc::new(AtomicBool::new(false));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
-            "/metrics",
-            get(|State(m): State<Metrics>| async move { m.render() }),
+            "/readyz",
+            get(
+                |State((_, ready)): State<(Metrics, Arc<AtomicBool>)>| async move {
+                    match ready.load(Ordering::Relaxed) {
+                        true => (StatusCode::OK, "ok"),
+                        false => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+                    }
+                },
+            ),
         )
-        .with_state(metrics.clone());
+        .route(
+            "/metrics",
+            get(|State((m, _)): State<(Metrics, Arc<AtomicBool>)>| async move { m.render() }),
+        )
+        .with_state((metrics.clone(), ready.clone()));
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -186,11 +213,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rollout::RolloutMetrics::new(&metrics.registry)?,
         cache_metrics,
     );
+    let synced = Arc::new(AtomicBool::new(false));
     let warming = tokio::spawn(warm::run(
         client.clone(),
         args.node_name.clone(),
         warmer.clone(),
         router.clone(),
+        synced.clone(),
     ));
     let shadow = tokio::spawn(router.clone().shadow_load());
     let traffic = tokio::spawn(
@@ -223,40 +252,62 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let training = tokio::spawn(training::run(client.clone(), trainer.clone()));
 
     let reporter = report::Reporter::new(client, &args.node_name, backend);
+    // Bounded, so that a hung write does not hold the heartbeat up past the worker grace.
+    let publish = || async {
+        let mut kernels = warmer.report();
+        router.annotate(&mut kernels);
+        let write = reporter.publish(kernels, trainer.report());
+        match tokio::time::timeout(REPORT_TIMEOUT, write).await {
+            Ok(Ok(())) => {
+                metrics.reports.inc();
+                true
+            }
+            Ok(Err(e)) => {
+                metrics.report_errors.inc();
+                warn!(error = %e, "writing the node report failed");
+                false
+            }
+            Err(_) => {
+                metrics.report_errors.inc();
+                warn!("writing the node report timed out");
+                false
+            }
+        }
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval_seconds.max(1)));
     let reports = async {
         loop {
             tick.tick().await;
-            let mut kernels = warmer.report();
-            router.annotate(&mut kernels);
-            match reporter.publish(kernels, trainer.report()).await {
-                Ok(()) => metrics.reports.inc(),
-                Err(e) => {
-                    metrics.report_errors.inc();
-                    warn!(error = %e, "writing the node report failed");
-                }
+            if publish().await && synced.load(Ordering::Relaxed) {
+                ready.store(true, Ordering::Relaxed);
             }
         }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        () = reports => {}
-        r = http => r??,
-        r = warming => r?,
-        r = shadow => r?,
-        r = traffic => r?,
-        r = training => r?,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    // Within the pod's 30 s of grace: workers that finish their step checkpoint and stop;
-    // the process leaves the others to the runtime's shutdown.
+    let result: anyhow::Result<()> = tokio::select! {
+        () = reports => Ok(()),
+        r = http => r.map_err(Into::into).and_then(|r| r.map_err(Into::into)),
+        r = warming => r.map_err(Into::into),
+        r = shadow => r.map_err(Into::into),
+        r = traffic => r.map_err(Into::into),
+        r = training => r.map_err(Into::into),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+    };
+    ready.store(false, Ordering::Relaxed);
+    // Within the pod's 30 s of grace, on a signal or a failed task alike: workers that finish
+    // their step checkpoint and stop; the others are left to the runtime's shutdown.
     if tokio::time::timeout(SHUTDOWN_GRACE, trainer.shut_down())
         .await
         .is_err()
     {
         warn!("training workers still running at shutdown; their last checkpoints stand");
     }
+    // What the workers ended as (suspended, finished, checkpointed), for the operator.
+    publish().await;
+    if let Err(e) = &result {
+        warn!(error = %e, "stopping after a failure");
+    }
     info!("stopped");
-    Ok(())
+    result
 }

@@ -3,6 +3,7 @@
 //! operator stops exporting its heartbeat and alerting on its silence.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
@@ -14,14 +15,17 @@ use kube::api::{Api, Patch, PatchParams};
 
 use crate::FIELD_MANAGER;
 
+/// How often the report's owner, the Node, is read again.
+const OWNER_REFRESH: Duration = Duration::from_secs(300);
+
 /// Writes one node's report.
 pub struct Reporter {
     api: Api<NodeReport>,
     nodes: Api<Node>,
     node: String,
     backend: String,
-    /// The Node as the report's owner, once read.
-    owner: Mutex<Option<OwnerReference>>,
+    /// The Node as the report's owner, and when it was read.
+    owner: Mutex<Option<(OwnerReference, Instant)>>,
 }
 
 impl Reporter {
@@ -35,20 +39,27 @@ impl Reporter {
         }
     }
 
-    /// The Node as an owner, read once it exists (a report without one waits for the next).
+    /// The Node as an owner: read once it exists (a report without one waits for the next),
+    /// and again every [`OWNER_REFRESH`], since a Node deleted and registered again under the
+    /// same name has a new uid (and the old one's dependents are collected).
     async fn owner(&self) -> Option<OwnerReference> {
         let known = self.owner.lock().expect("owner lock").clone();
-        if known.is_some() {
-            return known;
+        if let Some((owner, read)) = &known
+            && read.elapsed() < OWNER_REFRESH
+        {
+            return Some(owner.clone());
         }
-        let node = self.nodes.get_opt(&self.node).await.ok()??;
-        let owner = node.controller_owner_ref(&()).map(|o| OwnerReference {
+        let read = self.nodes.get_opt(&self.node).await.ok().flatten();
+        let Some(owner) = read.and_then(|n| n.controller_owner_ref(&())) else {
+            return known.map(|(owner, _)| owner);
+        };
+        let owner = OwnerReference {
             controller: None,
             block_owner_deletion: None,
-            ..o
-        });
-        self.owner.lock().expect("owner lock").clone_from(&owner);
-        owner
+            ..owner
+        };
+        *self.owner.lock().expect("owner lock") = Some((owner.clone(), Instant::now()));
+        Some(owner)
     }
 
     /// The report as of now.

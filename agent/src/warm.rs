@@ -217,7 +217,13 @@ impl Warmer {
 
 /// Watches KernelDeployments and this node's Node, keeping the warmer and the router in
 /// sync, until dropped.
-pub async fn run(client: Client, node: String, warmer: Arc<Warmer>, router: Arc<Router>) {
+pub async fn run(
+    client: Client,
+    node: String,
+    warmer: Arc<Warmer>,
+    router: Arc<Router>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+) {
     let (kds, kd_writer) = reflector::store::<KernelDeployment>();
     let (nodes, node_writer) = reflector::store::<Node>();
     let kd_events = reflector::reflector(
@@ -229,7 +235,7 @@ pub async fn run(client: Client, node: String, warmer: Arc<Warmer>, router: Arc<
     )
     .default_backoff()
     .touched_objects()
-    .map(|_| ());
+    .map(|r| crate::watched("KernelDeployment", r));
     let node_events = reflector::reflector(
         node_writer,
         watcher(
@@ -239,22 +245,36 @@ pub async fn run(client: Client, node: String, warmer: Arc<Warmer>, router: Arc<
     )
     .default_backoff()
     .touched_objects()
-    .map(|_| ());
+    .map(|r| crate::watched("Node", r));
     let mut events = std::pin::pin!(futures::stream::select(kd_events, node_events));
     // A tick retries failures whose backoff has passed and routes to kernels newly warm.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Nothing is decided on partial caches: with no labels yet, a selector could match (a
+    // `NotIn`) and start fetching kernels this node should not serve.
+    let caches = async {
+        kds.wait_until_ready().await.ok();
+        nodes.wait_until_ready().await.ok();
+    };
+    let mut caches = std::pin::pin!(caches);
+    let mut ready = false;
     loop {
         tokio::select! {
             Some(()) = events.next() => {}
             _ = tick.tick() => {}
+            () = &mut caches, if !ready => ready = true,
+        }
+        if !ready {
+            continue;
         }
         let (kds, labels) = (kds.state(), labels(&nodes, &node));
         warmer.sync(&kds, &labels);
         // Off the runtime: new lanes may create a GPU backend and upload weights.
         let (router, warmer) = (router.clone(), warmer.clone());
-        let synced = tokio::task::spawn_blocking(move || router.sync(&kds, &labels, &warmer));
-        if let Err(e) = synced.await {
-            tracing::error!(error = %e, "updating the splits failed");
+        let synced_splits =
+            tokio::task::spawn_blocking(move || router.sync(&kds, &labels, &warmer));
+        match synced_splits.await {
+            Ok(()) => synced.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => tracing::error!(error = %e, "updating the splits failed"),
         }
     }
 }

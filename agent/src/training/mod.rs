@@ -275,7 +275,7 @@ pub async fn run(client: Client, trainer: Arc<Trainer>) {
     )
     .default_backoff()
     .touched_objects()
-    .map(|_| ());
+    .map(|r| crate::watched("AsyncTrainingJob", r));
     let mut events = std::pin::pin!(events);
     // A tick notices deletions (which touch no object) and finished runs.
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -20,6 +20,8 @@ async fn the_agent_reports_its_node() {
     .await;
     assert_eq!(first.spec.node_name, node);
     assert_eq!(first.spec.backend, "cpu");
+    // Ready once its caches have synced and a report is written.
+    agent.wait_ready(Duration::from_secs(30)).await.unwrap();
     // Owned by its Node, whose deletion takes the report along.
     let uid = Api::<Node>::all(client)
         .get(&node)

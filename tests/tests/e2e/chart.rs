@@ -179,10 +179,9 @@ fn the_chart_lints_and_renders_every_values_set() {
                 assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{set}");
             }
         }
-        assert_eq!(
-            operator["readinessProbe"]["httpGet"]["path"], "/readyz",
-            "{set}"
-        );
+        for c in [operator, agent] {
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{set}");
+        }
         assert_eq!(agent_env["NODE_NAME"], "spec.nodeName", "{set}");
         assert_eq!(operator_env["POD_NAME"], "metadata.name", "{set}");
         let agent_rules = &object(&objects, "ClusterRole", "-agent")["rules"];
@@ -191,7 +190,7 @@ fn the_chart_lints_and_renders_every_values_set() {
             &json!([
                 {"apiGroups": ["kernelflow.dev"], "resources": ["kerneldeployments", "asynctrainingjobs"], "verbs": ["get", "list", "watch"]},
                 {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["kernelflow.dev"], "resources": ["nodereports"], "verbs": ["get", "create", "patch", "update"]},
+                {"apiGroups": ["kernelflow.dev"], "resources": ["nodereports"], "verbs": ["get", "create", "patch", "update", "delete"]},
             ]),
             "{set}: the agent's RBAC"
         );
