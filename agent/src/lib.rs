@@ -295,8 +295,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         _ = term.recv() => Ok(()),
     };
     ready.store(false, Ordering::Relaxed);
-    // Within the pod's 30 s of grace, on a signal or a failed task alike: workers that finish
-    // their step checkpoint and stop; the others are left to the runtime's shutdown.
+    // Within the pod's 45 s of grace (the chart's), on a signal or a failed task alike:
+    // workers that finish their step checkpoint and stop; the others are left to the
+    // runtime's shutdown.
     if tokio::time::timeout(SHUTDOWN_GRACE, trainer.shut_down())
         .await
         .is_err()

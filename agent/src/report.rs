@@ -49,9 +49,15 @@ impl Reporter {
         {
             return Some(owner.clone());
         }
-        let read = self.nodes.get_opt(&self.node).await.ok().flatten();
+        let read = match self.nodes.get_opt(&self.node).await {
+            Ok(node) => node,
+            // Unread: the owner known stands until a read says otherwise.
+            Err(_) => return known.map(|(owner, _)| owner),
+        };
+        // No Node (gone): no owner, rather than one whose absence gets the report collected.
         let Some(owner) = read.and_then(|n| n.controller_owner_ref(&())) else {
-            return known.map(|(owner, _)| owner);
+            *self.owner.lock().expect("owner lock") = None;
+            return None;
         };
         let owner = OwnerReference {
             controller: None,

@@ -52,41 +52,64 @@ impl AsRef<Context> for Context {
     }
 }
 
-/// Consecutive failed reconciles of each object, which space out its retries: 5 s after the
-/// first, doubling up to 5 min, so that a failure that lasts (a write the API server forbids
-/// or refuses) does not hammer it every 5 s.
+/// Failed reconciles of each object, which space out its retries: 5 s after the first,
+/// doubling up to 5 min, so that a failure that lasts (a write the API server forbids or
+/// refuses) does not hammer it. The wait holds against the node reports that wake an object
+/// every few seconds; a change to the object itself (a user mending it) ends it.
 #[derive(Default)]
-pub struct Retries(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+pub struct Retries(std::sync::Mutex<std::collections::HashMap<String, Backoff>>);
+
+struct Backoff {
+    failures: u32,
+    until: Instant,
+    /// The version that failed.
+    version: Option<String>,
+}
 
 impl Retries {
     const FIRST: Duration = Duration::from_secs(5);
     const MOST: Duration = Duration::from_secs(300);
+    /// An object not retried for this long is gone: a live one is, at least every 5 min.
+    const FORGET: Duration = Duration::from_secs(3600);
 
-    /// The key of `obj`: kind, namespace and name.
-    fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-        let ns = obj.namespace().unwrap_or_default();
-        format!("{}/{ns}/{}", K::kind(&()), obj.name_any())
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Backoff>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Counts a failure of `key`'s reconcile; returns how long to wait before the next.
-    fn failed(&self, key: String) -> Duration {
-        let mut failures = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = failures.entry(key).or_default();
-        *n = n.saturating_add(1);
-        Self::FIRST
-            .saturating_mul(1 << (*n - 1).min(10))
-            .min(Self::MOST)
+    /// The key of `obj`: its uid, so that a new object of the same name starts afresh.
+    fn key<K: Resource>(obj: &K) -> String {
+        obj.uid().unwrap_or_else(|| obj.name_any())
     }
 
-    fn succeeded(&self, key: &str) {
-        let mut failures = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        failures.remove(key);
+    /// How long `obj` still waits after a failure, if it does and has not changed since.
+    fn waiting<K: Resource>(&self, obj: &K, now: Instant) -> Option<Duration> {
+        let failures = self.lock();
+        let b = failures.get(&Self::key(obj))?;
+        let wait = b.until.checked_duration_since(now)?;
+        (b.version == obj.resource_version() && !wait.is_zero()).then_some(wait)
+    }
+
+    /// Counts a failure of `obj`'s reconcile; returns how long to wait before the next.
+    fn failed<K: Resource>(&self, obj: &K, now: Instant) -> Duration {
+        let mut failures = self.lock();
+        failures.retain(|_, b| now.saturating_duration_since(b.until) < Self::FORGET);
+        let b = failures.entry(Self::key(obj)).or_insert(Backoff {
+            failures: 0,
+            until: now,
+            version: None,
+        });
+        b.failures = b.failures.saturating_add(1);
+        let wait = Self::FIRST
+            .saturating_mul(1 << (b.failures - 1).min(10))
+            .min(Self::MOST);
+        (b.until, b.version) = (now + wait, obj.resource_version());
+        wait
+    }
+
+    fn succeeded<K: Resource>(&self, obj: &K) {
+        self.lock().remove(&Self::key(obj));
     }
 }
 
@@ -208,7 +231,7 @@ where
     if let Error::Draining(_) = error {
         return Action::requeue(Duration::from_secs(1));
     }
-    let wait = ctx.as_ref().as_ref().retries.failed(Retries::key(&*obj));
+    let wait = ctx.as_ref().as_ref().retries.failed(&*obj, Instant::now());
     warn!(%error, retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }
@@ -219,7 +242,9 @@ where
     K: Resource<DynamicType = ()>,
     F: Future<Output = Result<Action>>,
 {
-    let key = Retries::key(obj);
+    if let Some(wait) = ctx.retries.waiting(obj, Instant::now()) {
+        return Ok(Action::requeue(wait));
+    }
     let start = Instant::now();
     ctx.metrics
         .reconciliations
@@ -231,7 +256,7 @@ where
         .with_label_values(&[controller])
         .observe(start.elapsed().as_secs_f64());
     match &result {
-        Ok(_) => ctx.retries.succeeded(&key),
+        Ok(_) => ctx.retries.succeeded(obj),
         Err(Error::Draining(_)) => {}
         Err(e) => ctx
             .metrics
@@ -739,22 +764,45 @@ mod tests {
 
     #[test]
     fn failed_reconciles_back_off_per_object_until_one_succeeds() {
-        let r = Retries::default();
-        let waits: Vec<u64> = (0..9)
-            .map(|_| r.failed("KernelDeployment/ns/a".into()).as_secs())
-            .collect();
+        let object = |uid: &str, version: &str| -> KernelDeployment {
+            let mut kd: KernelDeployment = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
+                "metadata": {"name": "k", "namespace": "ns", "uid": uid, "resourceVersion": version},
+                "spec": {"kernel": {"artifact": {"url": "s3://b/k", "sha256": "0".repeat(64)},
+                                    "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]},
+                                    "inputSize": [1, 1]},
+                         "nodeSelector": {}}
+            }))
+            .unwrap();
+            kd.metadata.resource_version = Some(version.into());
+            kd
+        };
+        let (r, t0) = (Retries::default(), Instant::now());
+        let a = object("a", "1");
+        let waits: Vec<u64> = (0..9).map(|_| r.failed(&a, t0).as_secs()).collect();
         assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        // Node reports wake it meanwhile: it waits on, unless it changed.
         assert_eq!(
-            r.failed("KernelDeployment/ns/b".into()).as_secs(),
-            5,
-            "per object"
+            r.waiting(&a, t0 + Duration::from_secs(100)),
+            Some(Duration::from_secs(200))
         );
-        r.succeeded("KernelDeployment/ns/a");
+        assert_eq!(r.waiting(&object("a", "2"), t0), None, "mended");
         assert_eq!(
-            r.failed("KernelDeployment/ns/a".into()).as_secs(),
-            5,
-            "reset"
+            r.waiting(&a, t0 + Duration::from_secs(300)),
+            None,
+            "its time"
         );
+        assert_eq!(r.failed(&object("b", "1"), t0).as_secs(), 5, "per object");
+        assert_eq!(
+            r.failed(&object("c", "1"), t0).as_secs(),
+            5,
+            "a new one of that name"
+        );
+        r.succeeded(&a);
+        assert_eq!(r.failed(&a, t0).as_secs(), 5, "reset");
+        // An object not retried for an hour is gone, and forgotten.
+        r.failed(&object("d", "1"), t0 + Duration::from_secs(7200));
+        assert_eq!(r.lock().len(), 1);
     }
 
     #[test]
