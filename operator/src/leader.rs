@@ -229,6 +229,8 @@ mod tests {
                 held.push(socket);
             }
         });
+        // As `run` does: in a workspace build rustls has two providers to choose from.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
         let api = Api::<Lease>::namespaced(client, "default");
         let hold = Hold {
