@@ -257,22 +257,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut kernels = warmer.report();
         router.annotate(&mut kernels);
         let write = reporter.publish(kernels, trainer.report());
-        match tokio::time::timeout(REPORT_TIMEOUT, write).await {
-            Ok(Ok(())) => {
-                metrics.reports.inc();
-                true
-            }
-            Ok(Err(e)) => {
+        let written = match tokio::time::timeout(REPORT_TIMEOUT, write).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer in {REPORT_TIMEOUT:?}")),
+        };
+        match &written {
+            Ok(()) => metrics.reports.inc(),
+            Err(e) => {
                 metrics.report_errors.inc();
                 warn!(error = %e, "writing the node report failed");
-                false
-            }
-            Err(_) => {
-                metrics.report_errors.inc();
-                warn!("writing the node report timed out");
-                false
             }
         }
+        written.is_ok()
     };
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval_seconds.max(1)));
     let reports = async {

@@ -272,7 +272,9 @@ async fn reconcile_kernel_deployment(
     kd: Arc<KernelDeployment>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
-    measured(&ctx, "kerneldeployment", &*kd.clone(), async {
+    // The finalizer takes `kd`; the backoff reads it first.
+    let read = kd.clone();
+    measured(&ctx, "kerneldeployment", &*read, async {
         let api: Api<KernelDeployment> =
             Api::namespaced(ctx.client.clone(), &kd.namespace().unwrap_or_default());
         finalizer(&api, KERNEL_DEPLOYMENT_FINALIZER, kd, |event| async {
@@ -764,18 +766,15 @@ mod tests {
 
     #[test]
     fn failed_reconciles_back_off_per_object_until_one_succeeds() {
-        let object = |uid: &str, version: &str| -> KernelDeployment {
-            let mut kd: KernelDeployment = serde_json::from_value(serde_json::json!({
-                "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
-                "metadata": {"name": "k", "namespace": "ns", "uid": uid, "resourceVersion": version},
-                "spec": {"kernel": {"artifact": {"url": "s3://b/k", "sha256": "0".repeat(64)},
-                                    "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]},
-                                    "inputSize": [1, 1]},
-                         "nodeSelector": {}}
-            }))
-            .unwrap();
-            kd.metadata.resource_version = Some(version.into());
-            kd
+        // Any object: the backoff reads only its uid and version.
+        let object = |uid: &str, version: &str| k8s_openapi::api::core::v1::ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some("k".into()),
+                uid: Some(uid.into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
         };
         let (r, t0) = (Retries::default(), Instant::now());
         let a = object("a", "1");

@@ -327,17 +327,10 @@ mod tests {
     use super::*;
 
     fn kd(status: KernelDeploymentStatus) -> KernelDeployment {
-        let mut kd: KernelDeployment = serde_json::from_value(serde_json::json!({
-            "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment",
-            "metadata": {"name": "k", "namespace": "ns"},
-            "spec": {"kernel": {"artifact": {"url": "s3://b/k", "sha256": "0".repeat(64)},
-                                "conv2d": {"inChannels": 1, "outChannels": 1, "kernelSize": [1, 1]},
-                                "inputSize": [1, 1]},
-                     "nodeSelector": {}}
-        }))
-        .unwrap();
-        kd.status = Some(status);
-        kd
+        KernelDeployment {
+            status: Some(status),
+            ..crate::nodes::tests::kd()
+        }
     }
 
     /// A leader's metrics over caches that `apply` fills.
@@ -355,7 +348,7 @@ mod tests {
         m.analysis("ns", "k", "pass");
         assert!(
             m.render()
-                .contains("rollout_info{name=\"k\",namespace=\"ns\",phase=\"Pending\"} 1")
+                .contains("rollout_info{name=\"kd\",namespace=\"ns\",phase=\"Pending\"} 1")
         );
         assert!(m.render().contains("rollout_analysis_total{"));
         drop(leading);
@@ -373,7 +366,7 @@ mod tests {
         cache.apply_watcher_event(&Event::Apply(k.clone()));
         assert!(
             m.render()
-                .contains("rollout_step{name=\"k\",namespace=\"ns\"} -1")
+                .contains("rollout_step{name=\"kd\",namespace=\"ns\"} -1")
         );
         cache.apply_watcher_event(&Event::Delete(k));
         let text = m.render();
@@ -394,13 +387,13 @@ mod tests {
         cache.apply_watcher_event(&Event::Apply(kd(status.clone())));
         assert!(
             m.render()
-                .contains("step_started_timestamp_seconds{name=\"k\"")
+                .contains("step_started_timestamp_seconds{name=\"kd\"")
         );
         status.step_start_time = None;
         cache.apply_watcher_event(&Event::Apply(kd(status)));
         assert!(
             !m.render()
-                .contains("step_started_timestamp_seconds{name=\"k\"")
+                .contains("step_started_timestamp_seconds{name=\"kd\"")
         );
     }
 }

@@ -187,7 +187,7 @@ pub fn summarize(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -208,7 +208,7 @@ mod tests {
         .unwrap()
     }
 
-    fn kd() -> KernelDeployment {
+    pub(crate) fn kd() -> KernelDeployment {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "kernelflow.dev/v1alpha1", "kind": "KernelDeployment", "metadata": {"name": "kd", "namespace": "ns"},
             "spec": {"kernel": {"artifact": {"url": "file:///k", "sha256": "a".repeat(64)},
