@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::{Json, Router, extract::State, routing::post};
@@ -203,19 +204,40 @@ fn base64(bytes: &[u8]) -> String {
 
 /// Serves the webhook over TLS until the task is dropped.
 pub async fn serve(addr: SocketAddr, cert: &Certificate, metrics: Metrics) -> anyhow::Result<()> {
-    let tls = RustlsConfig::from_pem(
-        cert.cert.clone().into_bytes(),
-        cert.key.clone().into_bytes(),
-    )
-    .await?;
+    let tls = RustlsConfig::from_config(tls_config(&cert.cert, &cert.key)?);
     serve_tls(addr, tls, metrics).await
+}
+
+/// How long a client has to send a request's head, from its connection's start or the end
+/// of its last request. The API server sends at once and keeps idle connections for
+/// less; a connection that sends nothing would otherwise hold a socket and a task for good.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
+
+/// The TLS configuration for a certificate chain and key (PEM), offering HTTP/1.1 alone:
+/// the server speaks nothing else, so that [`HEAD_TIMEOUT`] holds from the first byte
+/// (serving both, it would wait without a limit for bytes to tell them apart).
+fn tls_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> anyhow::Result<()> {
     let app = Router::new().route(PATH, post(review)).with_state(metrics);
-    axum_server::bind_rustls(addr, tls)
-        .serve(app.into_make_service())
-        .await?;
+    let mut server = axum_server::bind_rustls(addr, tls).http1_only();
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    server.serve(app.into_make_service()).await?;
     Ok(())
 }
 
@@ -238,11 +260,7 @@ pub async fn serve_cert_dir(
     metrics: Metrics,
 ) -> anyhow::Result<()> {
     let current = read_cert_dir(dir)?;
-    let tls = RustlsConfig::from_pem(
-        current.0.clone().into_bytes(),
-        current.1.clone().into_bytes(),
-    )
-    .await?;
+    let tls = RustlsConfig::from_config(tls_config(&current.0, &current.1)?);
     tokio::select! {
         r = serve_tls(addr, tls.clone(), metrics) => r,
         never = reload(dir, period, current, &tls) => match never {},
@@ -265,9 +283,11 @@ async fn reload(
         if fresh == current {
             continue;
         }
-        let (cert, key) = (fresh.0.clone().into_bytes(), fresh.1.clone().into_bytes());
-        match tls.reload_from_pem(cert, key).await {
-            Ok(()) => tracing::info!(dir = %dir.display(), "webhook certificate reloaded"),
+        match tls_config(&fresh.0, &fresh.1) {
+            Ok(config) => {
+                tls.reload_from_config(config);
+                tracing::info!(dir = %dir.display(), "webhook certificate reloaded");
+            }
             // Warned once per change; the previous certificate keeps serving.
             Err(e) => tracing::warn!(error = %e, "the new webhook certificate is unusable"),
         }
@@ -658,30 +678,83 @@ mod tests {
         assert!(!valid_for("other.sys.svc"));
     }
 
+    /// A TLS connection to `addr` as `localhost`, trusting only `ca_pem` and offering h2 and
+    /// HTTP/1.1, its handshake done.
+    fn connect(
+        addr: SocketAddr,
+        ca_pem: &str,
+    ) -> Result<(rustls::ClientConnection, std::net::TcpStream), String> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut socket = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        while tls.is_handshaking() {
+            tls.complete_io(&mut socket).map_err(|e| e.to_string())?;
+        }
+        Ok((tls, socket))
+    }
+
     /// Completes a TLS handshake with `addr` as `localhost`, trusting only `ca_pem`.
     async fn handshake(addr: SocketAddr, ca_pem: String) -> Result<(), String> {
-        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-        tokio::task::spawn_blocking(move || {
-            let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-                .unwrap();
-            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let name = ServerName::try_from("localhost").unwrap();
-            let mut tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-            let mut socket = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-            while tls.is_handshaking() {
-                tls.complete_io(&mut socket).map_err(|e| e.to_string())?;
-            }
-            Ok(())
+        tokio::task::spawn_blocking(move || connect(addr, &ca_pem).map(drop))
+            .await
+            .unwrap()
+    }
+
+    /// Where the server waits for bytes that never come, it hangs up; it speaks HTTP/1.1
+    /// alone, whatever a client offers.
+    #[tokio::test]
+    async fn a_silent_client_is_let_go() {
+        let cert = generate(&["localhost".to_string()]).unwrap();
+        let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = tokio::spawn({
+            let cert = cert.clone();
+            async move { serve(addr, &cert, Metrics::default()).await }
+        });
+        let ca = cert.ca.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let (mut tls, mut socket) = (0..100)
+                .find_map(|_| {
+                    connect(addr, &ca)
+                        .inspect_err(|_| std::thread::sleep(Duration::from_millis(50)))
+                        .ok()
+                })
+                .expect("the webhook does not serve");
+            let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
+            // Many times the server's limit: a read that times out is a server still waiting.
+            socket.set_read_timeout(Some(HEAD_TIMEOUT * 10)).unwrap();
+            let closed = loop {
+                match tls.read_tls(&mut socket) {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => match tls.process_new_packets() {
+                        Ok(state) if state.peer_has_closed() => break Ok(()),
+                        Ok(_) => continue,
+                        Err(e) => break Err(e.to_string()),
+                    },
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            (alpn, closed)
         })
         .await
-        .unwrap()
+        .unwrap();
+        server.abort();
+        assert_eq!(outcome.0.as_deref(), Some(&b"http/1.1"[..]));
+        assert_eq!(outcome.1, Ok(()), "the silent connection stays open");
     }
 
     #[tokio::test]
