@@ -193,10 +193,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         memory_bytes: args.memory_cache_bytes,
         disk_dir: args.cache_dir.clone(),
         disk_bytes: args.disk_cache_bytes,
-        limits: artifact::format::Limits {
-            max_parameters: args.max_parameters,
-            ..Default::default()
-        },
+        limits: artifact::format::Limits::with_parameters(args.max_parameters),
         ..Default::default()
     };
     let store = artifact::store::KernelStore::new(store_config, cache_metrics.clone())

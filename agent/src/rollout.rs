@@ -485,14 +485,17 @@ impl Serving {
     }
 }
 
-/// Largest absolute difference; NaN where either side has one.
+/// Largest absolute difference; NaN where either side has one. Taken in f64, where two
+/// finite f32s differ by a finite amount (in f32, `3e38 - -3e38` is infinite), and the
+/// largest f64 for outputs of different lengths: the report is JSON, which has no infinity
+/// (serde_json writes it as null, read back as no difference at all).
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
-        return f64::INFINITY;
+        return f64::MAX;
     }
-    a.iter()
-        .zip(b)
-        .fold(0.0, |m, (x, y)| max_diff(m, f64::from((x - y).abs())))
+    a.iter().zip(b).fold(0.0, |m, (&x, &y)| {
+        max_diff(m, (f64::from(x) - f64::from(y)).abs())
+    })
 }
 
 /// Per-deployment Prometheus series of the split.

@@ -16,7 +16,8 @@ pub struct ArtifactRef {
     pub sha256: String,
 }
 
-/// Element type of a conv2d. The CPU backend runs `f32`; `f16` and `bf16` are for the GPU path.
+/// Element type of a conv2d. Agents run `f32` alone so far: `f16` and `bf16` are names kept
+/// for a later GPU path, which validation refuses until an agent can run them.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
@@ -37,11 +38,11 @@ pub struct Conv2dSpec {
     #[schemars(range(min = 1, max = 65536))]
     pub out_channels: u32,
     /// Kernel height and width (R, S).
-    #[schemars(inner(range(max = 65536)))]
+    #[schemars(inner(range(min = 1, max = 65536)))]
     pub kernel_size: [u32; 2],
     /// Stride along height and width.
     #[serde(default = "ones")]
-    #[schemars(default = "ones", inner(range(max = 65536)))]
+    #[schemars(default = "ones", inner(range(min = 1, max = 65536)))]
     pub stride: [u32; 2],
     /// Zero padding added to each side along height and width.
     #[serde(default)]
@@ -49,7 +50,7 @@ pub struct Conv2dSpec {
     pub padding: [u32; 2],
     /// Spacing between kernel taps along height and width.
     #[serde(default = "ones")]
-    #[schemars(default = "ones", inner(range(max = 65536)))]
+    #[schemars(default = "ones", inner(range(min = 1, max = 65536)))]
     pub dilation: [u32; 2],
     /// Channel groups; both channel counts must be divisible by it.
     #[serde(default = "one")]

@@ -267,7 +267,7 @@ mod go_duration {
             .map(str::len)
             .max()
             .unwrap_or(0);
-        if longest > 9 || s.len() > 100 {
+        if longest > 9 || s.chars().count() > 100 {
             return Err(E::custom(format!(
                 "duration {s:?} is out of range: at most 9 digits a number and 100 characters"
             )));
@@ -487,6 +487,8 @@ mod tests {
         let pause = step("1h30m").unwrap().pause.unwrap();
         assert_eq!(std::time::Duration::from(pause).as_secs(), 5400);
         assert!(step("999999999.999999999h").is_ok());
+        // The schema's length counts characters, as this does: `µ` takes two bytes.
+        assert!(step(&"999999999.9999µs".repeat(6)).is_ok());
         for huge in ["99999999999999999h", "1234567890s"] {
             let err = step(huge).unwrap_err().to_string();
             assert!(err.contains("out of range"), "{err}");

@@ -100,6 +100,7 @@ pub struct RevisionFigures {
     /// (counted in `ops`, not in `failures`; analysis counts them as failures of the canary).
     pub fallbacks: u64,
     /// Total latency of the successful operations, in seconds.
+    #[schemars(range(min = 0.0))]
     pub latency_seconds_sum: f64,
 }
 
@@ -110,8 +111,10 @@ pub struct ShadowFigures {
     /// Pairs where both revisions succeeded.
     pub pairs: u64,
     /// Total canary latency over those pairs, in seconds.
+    #[schemars(range(min = 0.0))]
     pub canary_seconds_sum: f64,
     /// Total stable latency over those pairs, in seconds.
+    #[schemars(range(min = 0.0))]
     pub stable_seconds_sum: f64,
     /// Whether both revisions compute the same function, so their outputs must agree.
     pub comparable: bool,

@@ -92,7 +92,7 @@ pub struct DataSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SyntheticData {
     /// Shape of one sample: channels, height, width.
-    #[schemars(inner(range(max = 65536)))]
+    #[schemars(inner(range(min = 1, max = 65536)))]
     pub shape: [u32; 3],
     /// Number of samples.
     #[schemars(range(min = 1, max = 10_000_000))]

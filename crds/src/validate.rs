@@ -5,7 +5,7 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::common::{ArtifactRef, Conv2dSpec};
+use crate::common::{ArtifactRef, Conv2dSpec, DType};
 use crate::kernel_deployment::{ACTION_ANNOTATION, KernelDeploymentSpec, ManualAction};
 use crate::training_job::{AsyncTrainingJobSpec, PipelineMode};
 
@@ -446,6 +446,12 @@ fn conv2d(e: &mut Errors, at: &str, c: &Conv2dSpec) -> bool {
             e.push(format!("{at}.{name}"), "both values must be at least 1");
         }
     }
+    if c.dtype != DType::F32 {
+        e.push(
+            format!("{at}.dtype"),
+            "must be f32: agents run no other element type yet",
+        );
+    }
     if c.groups == 0 {
         e.push(format!("{at}.groups"), "must be at least 1");
     } else {
@@ -616,6 +622,18 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
                 .contains("3 groups do not divide inChannels 4"),
             "{}",
             errs[0]
+        );
+    }
+
+    #[test]
+    fn element_types_agents_cannot_run_are_refused() {
+        for dtype in ["f16", "bf16"] {
+            let r = kernel_deployment(&kd(&format!("kernel: {{conv2d: {{dtype: {dtype}}}}}")));
+            assert_eq!(fields(r), ["spec.kernel.conv2d.dtype"]);
+        }
+        assert_eq!(
+            kernel_deployment(&kd("kernel: {conv2d: {dtype: f32}}")),
+            Ok(())
         );
     }
 

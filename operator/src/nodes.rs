@@ -31,26 +31,36 @@ fn fatal(reason: &str) -> bool {
 pub struct Figures {
     /// Nodes whose figures are included.
     pub nodes: u32,
+    /// Nodes that know whether the revisions' outputs are comparable.
+    pub judges: u32,
     pub canary: RevisionFigures,
     pub stable: RevisionFigures,
     pub shadow: ShadowFigures,
 }
 
 impl Figures {
+    /// Adds one node's figures. Sums saturate: a report's counts are the agent's word, and
+    /// a wrapped (or, unoptimised, a panicking) sum would be worse than a pinned one.
     fn add(&mut self, k: &KernelReport) {
         fn sum(a: &mut RevisionFigures, b: &RevisionFigures) {
-            a.traffic_ops += b.traffic_ops;
-            a.ops += b.ops;
-            a.failures += b.failures;
-            a.fallbacks += b.fallbacks;
+            a.traffic_ops = a.traffic_ops.saturating_add(b.traffic_ops);
+            a.ops = a.ops.saturating_add(b.ops);
+            a.failures = a.failures.saturating_add(b.failures);
+            a.fallbacks = a.fallbacks.saturating_add(b.fallbacks);
             a.latency_seconds_sum += b.latency_seconds_sum;
         }
         sum(&mut self.canary, &k.canary);
         sum(&mut self.stable, &k.stable);
         let (s, o) = (&mut self.shadow, &k.shadow);
-        // Comparable only if every node says so: nodes agree unless an artifact is lying.
-        s.comparable = o.comparable && (self.nodes == 0 || s.comparable);
-        s.pairs += o.pairs;
+        // A node knows once it runs both revisions: it says comparable, or has paired them
+        // and says not. One still warming says not for want of a revision, and would switch
+        // the check off for every node. Those that know must all agree: nodes agree unless
+        // an artifact is lying.
+        if o.comparable || o.pairs > 0 {
+            s.comparable = o.comparable && (self.judges == 0 || s.comparable);
+            self.judges += 1;
+        }
+        s.pairs = s.pairs.saturating_add(o.pairs);
         s.canary_seconds_sum += o.canary_seconds_sum;
         s.stable_seconds_sum += o.stable_seconds_sum;
         s.max_numeric_diff = match (s.max_numeric_diff, o.max_numeric_diff) {
@@ -411,5 +421,37 @@ pub(crate) mod tests {
         )
         .figures;
         assert!(f.shadow.max_numeric_diff.unwrap().is_nan());
+
+        // A node without both revisions yet has no say; counts pin instead of wrapping.
+        let mut warming = reports[1].clone();
+        let k = &mut warming.spec.kernels[0];
+        k.shadow = ShadowFigures::default();
+        k.canary.ops = u64::MAX;
+        let f = summarize(
+            &kd(),
+            &"a".repeat(64),
+            7,
+            &nodes[..2],
+            &[reports[0].clone(), warming.clone()],
+            now,
+            STALE,
+        )
+        .figures;
+        assert!(
+            f.shadow.comparable,
+            "the warming node switched the check off"
+        );
+        assert_eq!((f.judges, f.canary.ops), (1, u64::MAX));
+        let f = summarize(
+            &kd(),
+            &"a".repeat(64),
+            7,
+            &nodes[1..2],
+            &[warming],
+            now,
+            STALE,
+        )
+        .figures;
+        assert!(!f.shadow.comparable && f.judges == 0);
     }
 }

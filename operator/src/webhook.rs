@@ -426,10 +426,11 @@ fn typed<K: DeserializeOwned>(object: &DynamicObject) -> Result<K, Vec<FieldErro
             message: e.to_string(),
         }]
     })?;
-    serde_json::from_value(value).map_err(|e| {
+    // The path of what does not read, as the rules' own errors name their fields.
+    serde_path_to_error::deserialize(value).map_err(|e| {
         vec![FieldError {
-            field: "spec".into(),
-            message: e.to_string(),
+            field: e.path().to_string(),
+            message: e.into_inner().to_string(),
         }]
     })
 }
@@ -539,6 +540,16 @@ mod tests {
             serde_json::json!([{"trafficPercent": 20}, {"trafficPercent": 100}]),
         )));
         assert!(allowed.allowed, "{:?}", allowed.result);
+        // What does not deserialize is named too.
+        let unreadable = kd(serde_json::json!([{"trafficPercent": 100, "pause": "1234567890s"}]));
+        let denied = admit(&request(unreadable));
+        assert!(
+            denied.result.message.starts_with(
+                "spec.rollout.steps[0].pause: duration \"1234567890s\" is out of range"
+            ),
+            "{}",
+            denied.result.message
+        );
     }
 
     #[test]

@@ -25,10 +25,22 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        Self::with_parameters(10_000_000)
+    }
+}
+
+impl Limits {
+    /// Limits for artifacts of up to `max_parameters` parameters, with room in bytes for
+    /// them all: no less than 64 MiB, which a training job's data artifact is held to too.
+    pub fn with_parameters(max_parameters: usize) -> Self {
+        let max_header_bytes = 1 << 20;
+        let room = max_parameters
+            .saturating_mul(4)
+            .saturating_add(max_header_bytes + 8);
         Self {
-            max_header_bytes: 1 << 20,
-            max_parameters: 10_000_000,
-            max_bytes: 64 << 20,
+            max_header_bytes,
+            max_parameters,
+            max_bytes: room.max(64 << 20),
         }
     }
 }
@@ -392,6 +404,20 @@ pub(crate) mod tests {
         assert_eq!(*k.weight, w);
         assert_eq!(k.bias.as_deref(), Some(&vec![0.5; 8]));
         assert_eq!(k.equivalent_to, Some("a".repeat(64)));
+    }
+
+    /// An agent let take the largest weights the API admits takes their artifact whole: its
+    /// byte bound grows with its parameter bound.
+    #[test]
+    fn limits_for_the_largest_weights_admit_their_artifact() {
+        let c = Conv2dSpec::new(4096, 4096, [1, 1]);
+        let w = vec![0.25; 4096 * 4096];
+        let bytes = pack(&c, &w, Some(&[0.5; 4096]), None).unwrap();
+        let digest = sha256_hex(&bytes);
+        let most = kernelflow_crds::validate::MAX_TENSOR_VALUES as usize + 65536;
+        assert!(verify(&bytes, &digest, &c, &Limits::with_parameters(most)).is_ok());
+        let fewer = Limits::with_parameters(4096 * 4096 + 4095);
+        assert_eq!(refused(&bytes, &c, &fewer), "TooManyParameters");
     }
 
     fn refused(bytes: &[u8], c: &Conv2dSpec, limits: &Limits) -> String {

@@ -48,6 +48,7 @@ fn healthy(samples: u64, diff: f64) -> Summary {
     let mut s = nodes(3, 3);
     s.figures = Figures {
         nodes: 3,
+        judges: 3,
         canary: RevisionFigures {
             ops: samples,
             latency_seconds_sum: samples as f64 * 1e-3,
