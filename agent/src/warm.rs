@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kernelflow_crds::node_report::KernelReport;
-use kernelflow_crds::{ArtifactRef, Conv2dSpec, KernelDeployment};
+use kernelflow_crds::{ArtifactRef, Conv2dSpec, KernelDeployment, validate};
 use kube::api::Api;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::{self, Store};
@@ -266,7 +266,14 @@ pub async fn run(
         if !ready {
             continue;
         }
-        let (kds, labels) = (kds.state(), labels(&nodes, &node));
+        // What the operator refuses (its Accepted condition says why), agents neither warm
+        // nor serve: an object the webhook never saw may ask for tensors no node could hold.
+        let kds: Vec<_> = kds
+            .state()
+            .into_iter()
+            .filter(|kd| validate::kernel_deployment(&kd.spec).is_ok())
+            .collect();
+        let labels = labels(&nodes, &node);
         warmer.sync(&kds, &labels);
         // Off the runtime: new lanes may create a GPU backend and upload weights.
         let (router, warmer) = (router.clone(), warmer.clone());

@@ -39,35 +39,26 @@ pub const MAX_TENSOR_VALUES: u64 = 1 << 24;
 /// Values a training step's activations of one layer may hold over the batch: 1 GiB of f32s.
 pub const MAX_BATCH_VALUES: u64 = 1 << 28;
 
+/// Values all of a training step's activations may hold over the batch, which it keeps from
+/// the forward pass to the backward: 4 GiB of f32s.
+pub const MAX_STEP_VALUES: u64 = 1 << 30;
+
+/// Values of one sample's lowered input to one layer (`in/groups * kh * kw` by `oh * ow`),
+/// which a backward pass holds twice on each thread: 256 MiB of f32s.
+pub const MAX_LOWERED_VALUES: u64 = 1 << 26;
+
 /// The product of `dims`, saturating.
 fn values(dims: &[u32]) -> u64 {
     dims.iter()
         .fold(1u64, |n, &d| n.saturating_mul(u64::from(d)))
 }
 
+#[derive(Default)]
 struct Errors {
     list: Vec<FieldError>,
-    /// Whether tensors are held to [`MAX_TENSOR_VALUES`] and [`MAX_BATCH_VALUES`].
-    sizes: bool,
-}
-
-impl Default for Errors {
-    fn default() -> Self {
-        Self {
-            list: Vec::new(),
-            sizes: true,
-        }
-    }
 }
 
 impl Errors {
-    fn stored() -> Self {
-        Self {
-            sizes: false,
-            ..Self::default()
-        }
-    }
-
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(FieldError {
             field: field.into(),
@@ -78,7 +69,7 @@ impl Errors {
     /// Refuses a tensor of `dims` larger than [`MAX_TENSOR_VALUES`]; returns its size.
     fn tensor(&mut self, field: impl Into<String>, what: &str, dims: &[u32]) -> u64 {
         let n = values(dims);
-        if self.sizes && n > MAX_TENSOR_VALUES {
+        if n > MAX_TENSOR_VALUES {
             self.push(
                 field,
                 format!("{what} would hold {n} values ({dims:?}); at most {MAX_TENSOR_VALUES}"),
@@ -88,22 +79,10 @@ impl Errors {
     }
 }
 
-/// Checks a KernelDeployment's spec, as admission does.
+/// Checks a KernelDeployment's spec, as admission, the operator and each agent do: an
+/// object the webhook did not see (it was down, or not installed) is refused by the others.
 pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldError>> {
-    kernel_deployment_with(spec, Errors::default())
-}
-
-/// [`kernel_deployment`] for an object already stored: the tensor bounds are admission's
-/// alone, so that an object admitted before them goes on as it was (its spec's op cannot
-/// change), as Kubernetes ratchets new validation.
-pub fn stored_kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldError>> {
-    kernel_deployment_with(spec, Errors::stored())
-}
-
-fn kernel_deployment_with(
-    spec: &KernelDeploymentSpec,
-    mut e: Errors,
-) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
     artifact(&mut e, "spec.kernel.artifact", &spec.kernel.artifact);
     let conv = &spec.kernel.conv2d;
     let input = spec.kernel.input_size;
@@ -219,19 +198,12 @@ pub fn action_annotation(
     finish(e)
 }
 
-/// Checks an AsyncTrainingJob's spec, as admission does.
+/// Checks an AsyncTrainingJob's spec, as admission and the operator do. The shapes of
+/// layers from KernelDeployments, and of data from an artifact, are known only where the
+/// job runs: its agent checks the whole [`model`] then.
 pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
-    training_job_with(spec, Errors::default())
-}
-
-/// [`training_job`] for a job already stored, without admission's tensor bounds (see
-/// [`stored_kernel_deployment`]).
-pub fn stored_training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
-    training_job_with(spec, Errors::stored())
-}
-
-fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), Vec<FieldError>> {
-    let (samples, mut shape) = match (&spec.data.synthetic, &spec.data.artifact) {
+    let mut e = Errors::default();
+    let (samples, shape) = match (&spec.data.synthetic, &spec.data.artifact) {
         (Some(s), None) => {
             if s.shape.contains(&0) {
                 e.push(
@@ -252,8 +224,7 @@ fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), V
         }
     };
 
-    // The largest activation of one sample known, for the batch's bound.
-    let mut largest = shape.map_or(0, |s| values(&s));
+    let mut chain = Chain::new(shape);
     let mut names = std::collections::HashSet::new();
     for (i, layer) in spec.model.layers.iter().enumerate() {
         let at = format!("spec.model.layers[{i}]");
@@ -267,25 +238,8 @@ fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), V
             );
         }
         match (&layer.kernel_deployment_ref, &layer.conv2d) {
-            (Some(_), None) => shape = None, // The referenced kernel's shape is checked when the job runs.
-            (None, Some(conv)) => {
-                let field = format!("{at}.conv2d");
-                if !conv2d(&mut e, &field, conv) {
-                    shape = None;
-                    continue;
-                }
-                if let Some([c, h, w]) = shape {
-                    if c != conv.in_channels {
-                        e.push(
-                            format!("{field}.inChannels"),
-                            format!("must equal the {c} channels coming into this layer"),
-                        );
-                    }
-                    shape = check_output(&mut e, &at, conv, [h, w])
-                        .map(|[h, w]| [conv.out_channels, h, w]);
-                    largest = largest.max(shape.map_or(0, |s| values(&s)));
-                }
-            }
+            (Some(_), None) => chain.shape = None,
+            (None, Some(conv)) => chain.layer(&mut e, &at, conv),
             _ => e.push(at, "set exactly one of kernelDeploymentRef or conv2d"),
         }
     }
@@ -308,13 +262,7 @@ fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), V
     if !(0.0..1.0).contains(&t.momentum) {
         e.push("spec.training.momentum", "must be at least 0 and below 1");
     }
-    let batch = largest.saturating_mul(u64::from(t.batch_size));
-    if e.sizes && batch > MAX_BATCH_VALUES {
-        e.push(
-            "spec.training.batchSize",
-            format!("a batch of {} would hold {batch} values in one layer's activations; at most {MAX_BATCH_VALUES}", t.batch_size),
-        );
-    }
+    chain.batch(&mut e, t.batch_size);
     if let Some(samples) = samples.filter(|&n| n < u64::from(t.batch_size)) {
         e.push(
             "spec.training.batchSize",
@@ -369,6 +317,90 @@ pub fn training_job_update(
         }
     }
     finish(e)
+}
+
+/// Checks a model whose every layer's conv2d is known, over samples of `input` (channels,
+/// height, width) in batches of `batch`: what an agent checks once it has resolved the
+/// layers from KernelDeployments and read the data, before it allocates for them.
+pub fn model(layers: &[Conv2dSpec], input: [u32; 3], batch: u32) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    e.tensor("spec.data", "one sample", &input);
+    let mut chain = Chain::new(Some(input));
+    for (i, conv) in layers.iter().enumerate() {
+        chain.layer(&mut e, &format!("spec.model.layers[{i}]"), conv);
+    }
+    chain.batch(&mut e, batch);
+    finish(e)
+}
+
+/// A model's shapes as they chain from its input, and the sizes a training step holds.
+struct Chain {
+    /// One sample's shape coming into the next layer, while known.
+    shape: Option<[u32; 3]>,
+    /// The largest of one sample's activations known, and all of them summed.
+    largest: u64,
+    total: u64,
+}
+
+impl Chain {
+    fn new(input: Option<[u32; 3]>) -> Self {
+        let n = input.map_or(0, |s| values(&s));
+        Self {
+            shape: input,
+            largest: n,
+            total: n,
+        }
+    }
+
+    /// Chains the layer at `at`, with `conv` for its op.
+    fn layer(&mut self, e: &mut Errors, at: &str, conv: &Conv2dSpec) {
+        let field = format!("{at}.conv2d");
+        if !conv2d(e, &field, conv) {
+            self.shape = None;
+            return;
+        }
+        let Some([c, h, w]) = self.shape else { return };
+        if c != conv.in_channels {
+            e.push(
+                format!("{field}.inChannels"),
+                format!("must equal the {c} channels coming into this layer"),
+            );
+        }
+        self.shape = check_output(e, at, conv, [h, w]).map(|[h, w]| [conv.out_channels, h, w]);
+        let Some([k, oh, ow]) = self.shape else {
+            return;
+        };
+        let n = values(&[k, oh, ow]);
+        self.largest = self.largest.max(n);
+        self.total = self.total.saturating_add(n);
+        let [kh, kw] = conv.kernel_size;
+        let lowered = values(&[conv.in_channels / conv.groups, kh, kw, oh, ow]);
+        if lowered > MAX_LOWERED_VALUES {
+            e.push(
+                field,
+                format!("training would lower one sample's input to this layer into {lowered} values; at most {MAX_LOWERED_VALUES}"),
+            );
+        }
+    }
+
+    /// Bounds the activations of a batch of `batch` samples.
+    fn batch(&self, e: &mut Errors, batch: u32) {
+        let b = u64::from(batch);
+        let largest = self.largest.saturating_mul(b);
+        if largest > MAX_BATCH_VALUES {
+            e.push(
+                "spec.training.batchSize",
+                format!("a batch of {batch} would hold {largest} values in one layer's activations; at most {MAX_BATCH_VALUES}"),
+            );
+        }
+        let total = self.total.saturating_mul(b);
+        if total > MAX_STEP_VALUES {
+            e.push(
+                "spec.training.batchSize",
+                format!("a batch of {batch} would hold {total} values in all its activations, which a training step keeps from its forward pass to its backward; at most {MAX_STEP_VALUES}"),
+            );
+        }
+    }
 }
 
 fn finish(e: Errors) -> Result<(), Vec<FieldError>> {
@@ -659,18 +691,61 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         );
         let r = training_job(&atj("data: {synthetic: {shape: [3, 65536, 65536]}}"));
         assert!(fields(r).contains(&"spec.data.synthetic.shape".to_string()));
-        // Each sample fits, the batch does not: 65536 times 8 x 1024 x 1024 activations.
+        // Each sample fits, the batch does not: 200 times 8 x 512 x 512 activations.
         let r = training_job(&atj(
-            "{data: {synthetic: {shape: [3, 1024, 1024], samples: 100000}}, training: {batchSize: 65536}}",
+            "{data: {synthetic: {shape: [3, 512, 512], samples: 1000}}, training: {batchSize: 200}}",
         ));
         assert_eq!(fields(r), ["spec.training.batchSize"]);
         assert_eq!(fields(training_job(&atj("{}"))), Vec::<String>::new());
-        // Stored objects are not held to them: one admitted before them goes on.
-        let big = "{data: {synthetic: {shape: [3, 1024, 1024], samples: 100000}}, training: {batchSize: 65536}}";
-        assert_eq!(stored_training_job(&atj(big)), Ok(()));
-        let big =
-            kd("kernel: {inputSize: [4096, 4096], conv2d: {inChannels: 64, outChannels: 64}}");
-        assert_eq!(stored_kernel_deployment(&big), Ok(()));
+    }
+
+    /// A training step keeps every layer's activations, and lowers each layer's input for
+    /// its backward pass: bounded as a whole, not only tensor by tensor.
+    #[test]
+    fn what_a_training_step_holds_is_bounded() {
+        let layer = |i: u32| Conv2dSpec {
+            padding: [1, 1],
+            ..Conv2dSpec::new(if i == 0 { 3 } else { 64 }, 64, [3, 3])
+        };
+        // 64 x 128 x 128 activations, 1M values each: one layer's batch of 256 fits, 64
+        // layers' do not.
+        let layers: Vec<_> = (0..64).map(layer).collect();
+        assert_eq!(model(&layers[..1], [3, 128, 128], 256), Ok(()));
+        assert_eq!(
+            fields(model(&layers, [3, 128, 128], 256)),
+            ["spec.training.batchSize"]
+        );
+        // Each tensor fits; the lowered input, 4096 x 4096 taps over as many outputs, does not.
+        let wide = Conv2dSpec {
+            padding: [2047, 2047],
+            ..Conv2dSpec::new(1, 1, [4096, 4096])
+        };
+        assert_eq!(
+            fields(model(&[wide], [1, 4096, 4096], 1)),
+            ["spec.model.layers[0].conv2d"]
+        );
+        // Admission says the same where it knows the shapes.
+        let job = atj(
+            "{data: {synthetic: {shape: [1, 4096, 4096]}}, training: {batchSize: 1}, model: {layers: [{name: w, conv2d: {inChannels: 1, outChannels: 1, kernelSize: [4096, 4096], padding: [2047, 2047]}}]}}",
+        );
+        assert_eq!(fields(training_job(&job)), ["spec.model.layers[0].conv2d"]);
+        // Where a layer from a KernelDeployment hides the shapes after it, the agent finds
+        // what admission could not: a 1x1 layer padded to 2^26 outputs.
+        let padded = Conv2dSpec {
+            padding: [4096, 4096],
+            ..Conv2dSpec::new(3, 3, [1, 1])
+        };
+        let admitted = atj(
+            "{model: {layers: [{name: k, kernelDeploymentRef: k}, {name: p, conv2d: {inChannels: 3, outChannels: 3, kernelSize: [1, 1], padding: [4096, 4096]}}]}}",
+        );
+        assert_eq!(training_job(&admitted), Ok(()));
+        let frozen = Conv2dSpec::new(3, 3, [1, 1]);
+        let errors = model(&[frozen, padded], [3, 8, 8], 1).unwrap_err();
+        assert_eq!(errors[0].field, "spec.model.layers[1].conv2d");
+        assert!(
+            errors[0].message.contains("one sample's output"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -325,7 +325,7 @@ fn drain(ctx: &Context, kd: &KernelDeployment) -> Result<Action> {
 async fn apply_kernel_deployment(ctx: &Context, kd: &KernelDeployment) -> Result<Action> {
     let old = kd.status.clone().unwrap_or_default();
     let generation = kd.metadata.generation;
-    let verdict = validate::stored_kernel_deployment(&kd.spec);
+    let verdict = validate::kernel_deployment(&kd.spec);
     let accepted = accepted(&verdict, generation, &old.conditions);
     let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
     let (mut status, notes, wait, tally) = if verdict.is_ok() {

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kernelflow_crds::Conv2dSpec;
 use kernelflow_crds::training_job::{
     AsyncTrainingJobSpec, PipelineFigures, PipelineMode, WorkerState,
 };
+use kernelflow_crds::{Conv2dSpec, validate};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
@@ -241,6 +241,10 @@ async fn train(
         }
         (None, None) => return Err(TrainingError::InvalidData("no data source".into())),
     };
+    // Admission could not see the shapes of frozen layers or of an artifact's data: the
+    // step's sizes are checked here, before anything is allocated for them.
+    validate::model(&specs, shape, spec.training.batch_size)
+        .map_err(|e| TrainingError::InvalidModel(validate::describe(&e)))?;
     let mut model = Model::new(&specs, shape, spec.training.seed)
         .map_err(|e| TrainingError::InvalidModel(e.to_string()))?;
     for (i, (_, kernel)) in layers.iter().enumerate() {
@@ -309,7 +313,7 @@ async fn resolve_layers(
                             .into_iter()
                             .find(|k| k.namespace == a.namespace && k.name == *kd)
                             .map_or_else(
-                                || "not warming on this node: the KernelDeployment is missing or does not select it".to_string(),
+                                || "not warming on this node: the KernelDeployment is missing, invalid (its Accepted condition says why) or does not select it".to_string(),
                                 |k| match k.reason {
                                     Some(r) => format!("{} ({r})", k.state),
                                     None => k.state,
@@ -902,11 +906,23 @@ mod tests {
             (p.state, p.reason, p.permanent),
             (WorkerState::Failed, Some("InvalidModel"), true)
         );
+        let message = p.message.unwrap();
         assert!(
-            p.message
-                .unwrap()
-                .contains("layer 1 takes 5 channels but gets 4")
+            message.contains("spec.model.layers[1].conv2d.inChannels: must equal the 4 channels"),
+            "{message}"
         );
+        // What admission could not bound, behind the frozen layer, the agent refuses before
+        // allocating: 3 x 8200 x 8200 outputs of a 1x1 layer padded by 4096.
+        let mut padded = kd_job("good");
+        padded.model.layers[2].conv2d.as_mut().unwrap().padding = [4096, 4096];
+        assert_eq!(validate::training_job(&padded), Ok(()));
+        let p = run_to_end(assignment("u-padded", padded), &env).await;
+        assert_eq!(
+            (p.state, p.reason, p.permanent),
+            (WorkerState::Failed, Some("InvalidModel"), true)
+        );
+        let message = p.message.unwrap();
+        assert!(message.contains("one sample's output"), "{message}");
 
         let missing = Arc::new(StopFlag::default());
         let progress = Arc::new(Mutex::new(Progress::default()));
