@@ -1,7 +1,8 @@
-//! Durable file replacement, shared by the kernel disk cache and the checkpoints.
+//! Durable file replacement and bounded reads, shared by the kernel disk cache and the
+//! checkpoints.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,6 +33,41 @@ pub fn replace(dest: &Path, tag: &str, bytes: &[u8]) -> std::io::Result<()> {
         return Err(e);
     }
     File::open(dir)?.sync_all()
+}
+
+/// Why [`read_bounded`] returned no bytes.
+#[derive(Debug)]
+pub enum Unread {
+    /// Absent, or unreadable: nothing to delete.
+    Unreadable(std::io::Error),
+    /// Not a regular file (a link, a FIFO, a device), or longer than allowed.
+    Unfit,
+}
+use Unread::{Unfit, Unreadable};
+
+/// Reads a regular file of at most `max` bytes, never more: a file swapped for a link to
+/// `/dev/zero`, a FIFO or a sparse giant neither hangs nor exhausts memory.
+pub fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Unread> {
+    let regular = |m: &fs::Metadata| m.file_type().is_file() && m.len() <= max as u64;
+    // Before opening: opening a FIFO would block.
+    match fs::symlink_metadata(path) {
+        Ok(m) if regular(&m) => {}
+        Ok(_) => return Err(Unfit),
+        Err(e) => return Err(Unreadable(e)),
+    }
+    let file = File::open(path).map_err(Unreadable)?;
+    // Again on what was opened, in case the name changed in between.
+    if !file.metadata().is_ok_and(|m| regular(&m)) {
+        return Err(Unfit);
+    }
+    let mut bytes = Vec::new();
+    file.take((max as u64).saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(Unreadable)?;
+    if bytes.len() > max {
+        return Err(Unfit);
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

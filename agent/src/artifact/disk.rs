@@ -4,7 +4,7 @@
 //! name is deleted. Survives agent restarts: a restarted agent is warm at once.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -12,6 +12,8 @@ use kernelflow_crds::validate::is_sha256;
 
 use super::format::sha256_hex;
 use super::metrics::{CacheMetrics, Tier};
+use crate::files::Unread::{Unfit, Unreadable};
+use crate::files::read_bounded;
 
 /// The disk tier, rooted at a directory of its own.
 pub struct DiskCache {
@@ -65,7 +67,7 @@ impl DiskCache {
                 let _ = self.publish_size();
                 None
             }
-            Err(Unreadable) => None,
+            Err(Unreadable(_)) => None,
         };
         self.metrics.count(Tier::Disk, found.is_some());
         found
@@ -142,40 +144,6 @@ impl DiskCache {
             .map(|e| e.iter().map(|e| e.1).sum())
             .unwrap_or(0)
     }
-}
-
-/// Why a cached file was not read.
-enum Miss {
-    /// Absent, or unreadable: nothing to delete.
-    Unreadable,
-    /// Not a regular file (a link, a FIFO, a device), or longer than any artifact may be.
-    Unfit,
-}
-use Miss::{Unfit, Unreadable};
-
-/// Reads a regular file of at most `max` bytes, never more: a file swapped for a link to
-/// `/dev/zero`, a FIFO or a sparse giant neither hangs nor exhausts memory.
-fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Miss> {
-    let regular = |m: &fs::Metadata| m.file_type().is_file() && m.len() <= max as u64;
-    // Before opening: opening a FIFO would block.
-    match fs::symlink_metadata(path) {
-        Ok(m) if regular(&m) => {}
-        Ok(_) => return Err(Unfit),
-        Err(_) => return Err(Unreadable),
-    }
-    let file = File::open(path).map_err(|_| Unreadable)?;
-    // Again on what was opened, in case the name changed in between.
-    if !file.metadata().is_ok_and(|m| regular(&m)) {
-        return Err(Unfit);
-    }
-    let mut bytes = Vec::new();
-    file.take(max as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|_| Unreadable)?;
-    if bytes.len() > max {
-        return Err(Unfit);
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]

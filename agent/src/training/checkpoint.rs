@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::artifact::format::{f32_bytes, f32s, sha256_hex};
 use crate::compute::train::Model;
+use crate::files::{self, Unread};
 
 const MAGIC: &str = "kernelflow-checkpoint";
 const FORMAT: &str = "kernelflow.checkpoint.v1";
@@ -111,18 +112,35 @@ impl Checkpoints {
         Ok(())
     }
 
-    /// The checkpoint of worker `index` of job `uid`, if there is one.
-    pub fn load(&self, uid: &str, index: u32) -> Result<Option<Loaded>, CheckpointError> {
+    /// The checkpoint of worker `index` of job `uid`, if there is one, read only if it is a
+    /// regular file of at most `max_bytes` ([`Checkpoints::room`] of its model).
+    pub fn load(
+        &self,
+        uid: &str,
+        index: u32,
+        max_bytes: usize,
+    ) -> Result<Option<Loaded>, CheckpointError> {
         let path = Self::path(uid, index)?;
         let bytes = match &self.dir {
             None => self.memory.lock().expect("memory lock").get(&path).cloned(),
-            Some(dir) => match fs::read(dir.join(path)) {
+            Some(dir) => match files::read_bounded(&dir.join(path), max_bytes) {
                 Ok(b) => Some(b),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e.into()),
+                Err(Unread::Unreadable(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(Unread::Unreadable(e)) => return Err(e.into()),
+                Err(Unread::Unfit) => {
+                    return Err(CheckpointError::Corrupt(format!(
+                        "not a regular file of at most {max_bytes} bytes"
+                    )));
+                }
             },
         };
         bytes.map(|b| decode(&b)).transpose()
+    }
+
+    /// The most bytes a checkpoint of `model` takes: its state, and room for the headers.
+    pub fn room(model: &Model) -> usize {
+        let values: usize = model.state_dict().iter().map(|(_, v)| v.len()).sum();
+        values.saturating_mul(4).saturating_add(1 << 20)
     }
 
     /// Deletes the checkpoints of jobs not in `live`, once untouched for `min_age` (a job
@@ -143,6 +161,10 @@ impl Checkpoints {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            // Only what a job could have written: the directory may hold others' files.
+            if Self::path(&name, 0).is_err() {
+                continue;
+            }
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -218,8 +240,11 @@ fn decode(bytes: &[u8]) -> Result<Loaded, CheckpointError> {
     let tensors = tensors
         .tensors()
         .into_iter()
-        .map(|(name, view)| (name, f32s(view.data())))
-        .collect();
+        .map(|(name, view)| match view.dtype() {
+            Dtype::F32 => Ok((name, f32s(view.data()))),
+            other => Err(corrupt(&format!("tensor {name} is {other:?}, not F32"))),
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Loaded {
         meta: Meta {
             step,
@@ -245,6 +270,9 @@ mod tests {
     use super::*;
     use kernelflow_crds::Conv2dSpec;
 
+    /// Room for the checkpoints of [`model`].
+    const ROOM: usize = 1 << 21;
+
     fn model(seed: u64) -> Model {
         Model::new(&[Conv2dSpec::new(2, 3, [3, 3])], [2, 5, 5], seed).unwrap()
     }
@@ -266,10 +294,10 @@ mod tests {
     #[test]
     fn a_checkpoint_round_trips_bit_for_bit_on_disk_and_in_memory() {
         for store in [Checkpoints::new(Some(dir("trip"))), Checkpoints::new(None)] {
-            assert!(store.load("u-1", 0).unwrap().is_none());
+            assert!(store.load("u-1", 0, ROOM).unwrap().is_none());
             store.save("u-1", 0, &meta(5), &model(1)).unwrap();
             store.save("u-1", 0, &meta(10), &model(2)).unwrap();
-            let loaded = store.load("u-1", 0).unwrap().unwrap();
+            let loaded = store.load("u-1", 0, ROOM).unwrap().unwrap();
             assert_eq!(loaded.meta, meta(10));
             let mut restored = model(3);
             let mut tensors = loaded.tensors;
@@ -290,10 +318,22 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let err = store.load("u-2", 1).unwrap_err();
+        let err = store.load("u-2", 1, ROOM).unwrap_err();
         assert!(err.to_string().contains("do not match the digest"), "{err}");
         fs::write(&path, &bytes[..100]).unwrap();
-        assert_eq!(store.load("u-2", 1).unwrap_err().reason(), "Corrupt");
+        assert_eq!(store.load("u-2", 1, ROOM).unwrap_err().reason(), "Corrupt");
+        // Larger than its model's checkpoints could be, or no regular file: refused unread.
+        fs::write(&path, vec![0; ROOM + 1]).unwrap();
+        assert_eq!(store.load("u-2", 1, ROOM).unwrap_err().reason(), "Corrupt");
+        fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        let err = store.load("u-2", 1, ROOM).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        fs::remove_file(&path).unwrap();
+        // A path that cannot be read is an error to retry, not a checkpoint to drop.
+        fs::write(root.join("u-3"), b"a file where the job's directory goes").unwrap();
+        assert_eq!(store.load("u-3", 0, ROOM).unwrap_err().reason(), "Io");
         assert_eq!(
             store
                 .save("../x", 0, &meta(1), &model(1))
@@ -320,12 +360,17 @@ mod tests {
         let live: HashSet<String> = ["live".to_string()].into();
         store.retain(&live, Duration::from_secs(3600)).unwrap();
         assert!(root.join("gone").exists(), "too young to delete");
+        fs::create_dir_all(root.join("lost+found")).unwrap();
         store.retain(&live, Duration::ZERO).unwrap();
         assert!(!root.join("gone").exists());
-        assert!(store.load("live", 0).unwrap().is_some());
+        assert!(
+            root.join("lost+found").exists(),
+            "only what a job could have written goes"
+        );
+        assert!(store.load("live", 0, ROOM).unwrap().is_some());
         let memory = Checkpoints::new(None);
         memory.save("gone", 0, &meta(1), &model(1)).unwrap();
         memory.retain(&live, Duration::ZERO).unwrap();
-        assert!(memory.load("gone", 0).unwrap().is_none());
+        assert!(memory.load("gone", 0, ROOM).unwrap().is_none());
     }
 }

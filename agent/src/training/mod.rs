@@ -429,8 +429,20 @@ mod tests {
             job_dir.set_modified(long_ago).unwrap();
         }
         t.clean_up(&[job("kept", 5, "m", 0, false)]).await.unwrap();
-        assert!(t.env.checkpoints.load("uid-kept", 0).unwrap().is_some());
-        assert!(t.env.checkpoints.load("uid-gone", 0).unwrap().is_none());
+        assert!(
+            t.env
+                .checkpoints
+                .load("uid-kept", 0, usize::MAX)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            t.env
+                .checkpoints
+                .load("uid-gone", 0, usize::MAX)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]

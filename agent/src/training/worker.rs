@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
 use super::Env;
-use super::checkpoint::{CheckpointError, Meta, weights_digest};
+use super::checkpoint::{CheckpointError, Checkpoints, Meta, weights_digest};
 use super::data::{self, Data};
 use crate::artifact::format::{ArtifactError, Kernel, Limits};
 use crate::compute::ComputeError;
@@ -262,6 +262,7 @@ async fn train(
         (None, None) => unreachable!("checked above"),
     };
     let job = Steps {
+        fingerprint: fingerprint(spec, &layers),
         a: a.clone(),
         env: env.clone(),
         progress: progress.clone(),
@@ -273,7 +274,7 @@ async fn train(
     tokio::task::spawn_blocking(move || {
         // Off the runtime: a checkpoint is read from disk, and CUDA streams start with
         // handles that take a while to create.
-        let (start, first_loss) = job.resume(&mut model);
+        let (start, first_loss) = job.resume(&mut model)?;
         if start >= job.a.spec.training.steps {
             return Ok(Outcome::Finished(weights_digest(&model)));
         }
@@ -350,14 +351,23 @@ async fn resolve_layers(
     }
 }
 
-/// Digest of everything in the spec that the weights after a given step depend on. The
-/// step count is left out (the weights at step k do not depend on how many follow), and so is
-/// the pipeline mode (compute runs the steps in order in every mode); the stream count is in
+/// Digest of everything that the weights after a given step depend on: the spec, and the
+/// frozen layers' kernels (a KernelDeployment may change its artifact). The step count is
+/// left out (the weights at step k do not depend on how many follow), and so is the pipeline
+/// mode (compute runs the steps in order in every mode); the stream count is in
 /// (micro-batches sum in another order), and so are the replicas (they shard the data).
-fn fingerprint(spec: &AsyncTrainingJobSpec) -> String {
+fn fingerprint(
+    spec: &AsyncTrainingJobSpec,
+    layers: &[(Conv2dSpec, Option<Arc<Kernel>>)],
+) -> String {
     let t = &spec.training;
+    let kernels: Vec<Option<&str>> = layers
+        .iter()
+        .map(|(_, k)| k.as_ref().map(|k| k.sha256.as_str()))
+        .collect();
     let relevant = (
         &spec.model,
+        kernels,
         &spec.data,
         (t.batch_size, t.learning_rate, t.momentum, t.seed),
         spec.pipeline.streams,
@@ -369,6 +379,8 @@ fn fingerprint(spec: &AsyncTrainingJobSpec) -> String {
 
 /// The blocking part of a run: the steps through the pipeline.
 struct Steps {
+    /// What a checkpoint must have been written for: see [`fingerprint`].
+    fingerprint: String,
     a: Assignment,
     env: Arc<Env>,
     progress: Arc<Mutex<Progress>>,
@@ -387,19 +399,21 @@ struct Item<B: Backend> {
 
 impl Steps {
     /// [`Self::restore`], recording in the progress where the run starts.
-    fn resume(&self, model: &mut Model) -> (u64, Option<f32>) {
-        let (start, first_loss) = self.restore(model);
+    fn resume(&self, model: &mut Model) -> Result<(u64, Option<f32>), TrainingError> {
+        let (start, first_loss) = self.restore(model)?;
         let mut p = self.progress.lock().expect("progress lock");
         let resumed = (start > 0).then_some(start);
         (p.step, p.first_loss) = (start, first_loss);
         (p.checkpoint_step, p.resumed_from_step) = (resumed, resumed);
-        (start, first_loss)
+        Ok((start, first_loss))
     }
 
     /// Restores the last checkpoint into `model` when there is a usable one; returns the step
-    /// to start from and the run's first loss. A damaged or foreign checkpoint is ignored (and
-    /// counted): training restarts from the seed rather than from a bad state. Reads a file.
-    fn restore(&self, model: &mut Model) -> (u64, Option<f32>) {
+    /// to start from and the run's first loss. A damaged or foreign checkpoint is refused
+    /// (counted, and said in the worker's message): training restarts from the seed rather
+    /// than from a bad state. One that cannot be read now fails the run, to be retried: the
+    /// run's first checkpoint would replace it. Reads a file.
+    fn restore(&self, model: &mut Model) -> Result<(u64, Option<f32>), TrainingError> {
         let (a, env) = (&self.a, &self.env);
         let fresh = model.clone();
         let refused = |why: &str, detail: String| {
@@ -414,24 +428,28 @@ impl Steps {
                 .checkpoint_refusals
                 .with_label_values(&[why])
                 .inc();
+            self.progress.lock().expect("progress lock").message = Some(format!(
+                "started from step 0: the checkpoint was refused ({why}: {detail})"
+            ));
+            Ok((0, None))
         };
-        let loaded = match env.checkpoints.load(&a.uid, a.index) {
+        let loaded = match env
+            .checkpoints
+            .load(&a.uid, a.index, Checkpoints::room(model))
+        {
             Ok(Some(l)) => l,
-            Ok(None) => return (0, None),
-            Err(e) => {
-                refused(e.reason(), e.to_string());
-                return (0, None);
-            }
+            Ok(None) => return Ok((0, None)),
+            Err(CheckpointError::Io(e)) => return Err(CheckpointError::Io(e).into()),
+            Err(e) => return refused(e.reason(), e.to_string()),
         };
-        if loaded.meta.fingerprint != fingerprint(&a.spec) {
-            refused("SpecChanged", loaded.meta.fingerprint);
-            return (0, None);
+        if loaded.meta.fingerprint != self.fingerprint {
+            let why = "written for another spec or other frozen kernels".to_string();
+            return refused("SpecChanged", why);
         }
         let mut tensors = loaded.tensors;
         if let Err(e) = model.load_state_dict(|k| tensors.remove(k)) {
             *model = fresh;
-            refused("Corrupt", e.to_string());
-            return (0, None);
+            return refused("Corrupt", e.to_string());
         }
         let step = loaded.meta.step;
         tracing::info!(
@@ -440,7 +458,7 @@ impl Steps {
             step,
             "resuming from the checkpoint"
         );
-        (step, loaded.meta.first_loss)
+        Ok((step, loaded.meta.first_loss))
     }
 
     /// Runs steps `start..` on this (blocking) thread, entering the runtime of `handle` for
@@ -469,7 +487,7 @@ impl Steps {
         let layers = RolloutLayers::new(self.env.router.clone(), &self.a.namespace, deployments);
         let kernels: &dyn KernelLayerRunner = &layers;
         let sizes = model.sample_sizes();
-        let fingerprint = fingerprint(spec);
+        let fingerprint = self.fingerprint.clone();
         let checkpoint_error: Mutex<Option<CheckpointError>> = Mutex::default();
         let mut done = start;
         {
@@ -694,6 +712,26 @@ mod tests {
         p.final_weights_sha256.clone().unwrap()
     }
 
+    /// A checkpoint there but unreadable now is not dropped (the run's first checkpoint
+    /// would replace it): the run fails, to be retried.
+    #[tokio::test]
+    async fn a_checkpoint_that_cannot_be_read_fails_the_run_to_be_retried() {
+        let root = dir("unreadable");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("u-io"), b"a file where the job's directory goes").unwrap();
+        let p = run_to_end(
+            assignment("u-io", spec(serde_json::json!({}))),
+            &env(Some(root)),
+        )
+        .await;
+        assert_eq!(
+            (p.state, p.reason, p.permanent),
+            (WorkerState::Failed, Some("CheckpointFailed"), false),
+            "{p:?}"
+        );
+        assert_eq!(p.run_steps, 0, "steps ran past a checkpoint left unread");
+    }
+
     #[tokio::test]
     async fn a_layer_without_a_source_fails_the_worker_for_good() {
         let mut s = spec(serde_json::json!({}));
@@ -724,7 +762,11 @@ mod tests {
         assert_eq!(p.utilization.len(), 2);
         assert!(p.stage_seconds_total.iter().all(|s| *s > 0.0), "{p:?}");
         assert_eq!(env.metrics.checkpoints.get(), 6);
-        let saved = env.checkpoints.load("u-end", 0).unwrap().unwrap();
+        let saved = env
+            .checkpoints
+            .load("u-end", 0, usize::MAX)
+            .unwrap()
+            .unwrap();
         assert_eq!(saved.meta.step, 30);
         // A finished worker started again reports the same result without training.
         let again = run_to_end(assignment("u-end", spec(serde_json::json!({}))), &env).await;
@@ -819,6 +861,8 @@ mod tests {
         let a = assignment("u-faulty", s.clone());
         let progress = Arc::new(Mutex::new(Progress::default()));
         let steps = Steps {
+            // The run starts at 0 and reads no checkpoint.
+            fingerprint: String::new(),
             data: Data::synthetic(
                 s.data.synthetic.as_ref().unwrap(),
                 &s.model
@@ -860,9 +904,10 @@ mod tests {
     fn kernel_deployment(
         name: &str,
         channels: u32,
+        seed: u64,
     ) -> (Arc<kernelflow_crds::KernelDeployment>, Vec<f32>) {
         let conv = Conv2dSpec::new(channels, 4, [1, 1]);
-        let weight = uniform(4 * channels as usize, 11, 0.5);
+        let weight = uniform(4 * channels as usize, seed, 0.5);
         let bytes = pack(&conv, &weight, Some(&[0.1; 4]), None).unwrap();
         let path = dir(name).with_extension("safetensors");
         std::fs::write(&path, &bytes).unwrap();
@@ -886,20 +931,34 @@ mod tests {
     #[tokio::test]
     async fn kernel_deployment_layers_are_frozen_with_the_warm_kernel() {
         let env = env(Some(dir("kd")));
-        let (good, weight) = kernel_deployment("good", 4);
-        let (wide, _) = kernel_deployment("wide", 5);
+        let (good, weight) = kernel_deployment("good", 4, 11);
+        let (wide, _) = kernel_deployment("wide", 5, 11);
         let labels: BTreeMap<String, String> = [("pool".to_string(), "a".to_string())].into();
-        env.warmer.sync(&[good, wide], &labels);
+        env.warmer.sync(&[good, wide.clone()], &labels);
 
         let p = run_to_end(assignment("u-kd", kd_job("good")), &env).await;
         digest(&p);
         assert!(p.last_loss.unwrap() < p.first_loss.unwrap(), "{p:?}");
-        let saved = env.checkpoints.load("u-kd", 0).unwrap().unwrap();
+        let saved = env
+            .checkpoints
+            .load("u-kd", 0, usize::MAX)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             saved.tensors["layers.1.weight"], weight,
             "the kernel's weights, untouched"
         );
         assert_eq!(saved.tensors["layers.1.bias"], [0.1; 4]);
+
+        // The KernelDeployment moves to other weights: the finished run's checkpoint was
+        // trained against the old ones, and a run again starts over.
+        let (moved, _) = kernel_deployment("good", 4, 12);
+        env.warmer.sync(&[moved, wide], &labels);
+        let again = run_to_end(assignment("u-kd", kd_job("good")), &env).await;
+        assert_ne!(digest(&again), digest(&p));
+        assert_eq!(again.resumed_from_step, None);
+        let message = again.message.unwrap_or_default();
+        assert!(message.contains("refused (SpecChanged"), "{message}");
 
         let p = run_to_end(assignment("u-wide", kd_job("wide")), &env).await;
         assert_eq!(
