@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{ArtifactRef, Conv2dSpec};
+use crate::node_report::RevisionFigures;
 
 /// Ships a compiled conv2d kernel artifact to the GPU nodes that `nodeSelector` picks and
 /// rolls it out gradually, with health analysis against the stable revision and automatic
@@ -420,6 +421,29 @@ pub struct AnalysisFigures {
     /// When the window closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
+    /// Where the open window starts: the analysis judges what the nodes counted since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowStart>,
+}
+
+/// When an analysis window opened, and the nodes' counts for the step then. Agents count
+/// from the step's start; a window is the difference, so that each window is judged on its
+/// own operations and a failure is counted in one window only.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowStart {
+    /// When the window opened.
+    pub time: Time,
+    /// Canary counts, summed over the nodes.
+    pub canary: RevisionFigures,
+    /// Stable counts, summed over the nodes.
+    pub stable: RevisionFigures,
+    /// Shadow pairs, and their canary and stable seconds, summed over the nodes.
+    pub shadow_pairs: u64,
+    #[schemars(range(min = 0.0))]
+    pub shadow_canary_seconds_sum: f64,
+    #[schemars(range(min = 0.0))]
+    pub shadow_stable_seconds_sum: f64,
 }
 
 /// Observed state of a KernelDeployment.

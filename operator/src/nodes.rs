@@ -6,8 +6,9 @@ use std::borrow::Borrow;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kernelflow_crds::kernel_deployment::NodeCounts;
+use kernelflow_crds::kernel_deployment::{NodeCounts, WindowStart};
 use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures, max_diff};
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::ResourceExt;
@@ -68,6 +69,50 @@ impl Figures {
             (a, b) => a.or(b),
         };
         self.nodes += 1;
+    }
+
+    /// What was counted since `start`, the step's largest difference and comparability as
+    /// they are; `None` where a count fell (an agent restarted, or a node's figures left the
+    /// sum), so that the window cannot be told.
+    pub fn since(&self, start: &WindowStart) -> Option<Figures> {
+        fn minus(a: &RevisionFigures, b: &RevisionFigures) -> Option<RevisionFigures> {
+            Some(RevisionFigures {
+                traffic_ops: a.traffic_ops.checked_sub(b.traffic_ops)?,
+                ops: a.ops.checked_sub(b.ops)?,
+                failures: a.failures.checked_sub(b.failures)?,
+                fallbacks: a.fallbacks.checked_sub(b.fallbacks)?,
+                latency_seconds_sum: seconds(a.latency_seconds_sum, b.latency_seconds_sum),
+            })
+        }
+        // Sums of seconds over the nodes may come out a rounding apart in another order:
+        // the counts tell a fall, these only never go below zero.
+        fn seconds(a: f64, b: f64) -> f64 {
+            (a - b).max(0.0)
+        }
+        let s = &self.shadow;
+        Some(Figures {
+            canary: minus(&self.canary, &start.canary)?,
+            stable: minus(&self.stable, &start.stable)?,
+            shadow: ShadowFigures {
+                pairs: s.pairs.checked_sub(start.shadow_pairs)?,
+                canary_seconds_sum: seconds(s.canary_seconds_sum, start.shadow_canary_seconds_sum),
+                stable_seconds_sum: seconds(s.stable_seconds_sum, start.shadow_stable_seconds_sum),
+                ..s.clone()
+            },
+            ..self.clone()
+        })
+    }
+
+    /// A window opening at `time` on these counts.
+    pub fn start(&self, time: Time) -> WindowStart {
+        WindowStart {
+            time,
+            canary: self.canary.clone(),
+            stable: self.stable.clone(),
+            shadow_pairs: self.shadow.pairs,
+            shadow_canary_seconds_sum: self.shadow.canary_seconds_sum,
+            shadow_stable_seconds_sum: self.shadow.stable_seconds_sum,
+        }
     }
 }
 

@@ -402,15 +402,35 @@ impl Machine<'_> {
         self.finished = Some((outcome, self.since(&self.s.rollout_start_time)));
     }
 
-    /// Runs analysis on the step's figures, and advances, waits, or fails.
+    /// Runs analysis on the open window, and advances, waits, or fails.
+    ///
+    /// Agents count from the step's start; a window is what they counted since it opened,
+    /// so that each is judged on its own operations. A failed window is counted once and
+    /// closes; a passed one closes after an interval; an inconclusive one stays open until
+    /// it has its samples. (Numeric agreement is the step's largest difference throughout.)
     fn analyse(&mut self, figures: &Figures, was: RolloutPhase) {
         let spec = &self.spec.rollout.analysis;
         let interval: Duration = spec.interval.into();
         let index = self.s.current_step_index.unwrap_or_default() as usize;
         let step = &self.spec.rollout.steps[index.min(self.spec.rollout.steps.len() - 1)];
-        let comparable = figures.shadow.comparable;
-        let (verdict, mut recorded) = analyse(spec, figures);
         let previous = self.s.analysis.take().unwrap_or_default();
+        let opened = previous.window.clone().unwrap_or_else(|| {
+            let time = self.s.step_start_time.clone();
+            Figures::default().start(time.unwrap_or_else(|| self.stored_now()))
+        });
+        // Counts that fell (an agent restarted, a node's figures left) open a window on them.
+        let (window, opened) = match figures.since(&opened) {
+            Some(window) => (window, opened),
+            None => {
+                let fresh = figures.start(self.stored_now());
+                let window = figures
+                    .since(&fresh)
+                    .expect("counts never fall from themselves");
+                (window, fresh)
+            }
+        };
+        let comparable = window.shadow.comparable;
+        let (verdict, mut recorded) = analyse(spec, &window);
         // Within an interval the status keeps its figures while the verdict holds, so that
         // a stream of node reports does not become a stream of status writes.
         let same_kind = previous
@@ -434,12 +454,18 @@ impl Machine<'_> {
                 .into(),
             );
         }
+        recorded.window = Some(opened.clone());
+        // The next window starts from here.
+        let close = |m: &Self, recorded: &mut AnalysisFigures| {
+            recorded.window = Some(figures.start(m.stored_now()));
+        };
         match &verdict {
             Verdict::Failed(why) => {
                 // A failing window counts once per interval, however often this runs.
                 let due = recorded.last_failure_time.is_none()
                     || self.since(&recorded.last_failure_time) >= interval;
                 if due {
+                    close(self, &mut recorded);
                     recorded.failures += 1;
                     recorded.last_failure_time = Some(self.stored_now());
                     self.note(
@@ -481,6 +507,9 @@ impl Machine<'_> {
                 self.wait(interval);
             }
             Verdict::Passed(_) => {
+                if self.since(&Some(opened.time)) >= interval {
+                    close(self, &mut recorded);
+                }
                 self.s.analysis = Some(recorded);
                 match step.pause {
                     None => {

@@ -77,13 +77,46 @@ fn failing() -> Summary {
     s
 }
 
-/// Drives the machine through time, keeping the status between calls as the API would.
+/// Drives the machine through time, keeping the status between calls as the API would, and
+/// the nodes' counts as agents do: each call's figures are what the nodes counted since the
+/// call before, added to the step's.
 struct Run {
     spec: KernelDeploymentSpec,
     status: KernelDeploymentStatus,
     now: Timestamp,
     notes: Vec<Note>,
     last: Option<Decision>,
+    /// The step's epoch and what the nodes counted in it.
+    counted: (u64, Figures),
+}
+
+/// `a` and then `b`: counts and seconds summed, the largest difference kept, the rest `b`'s.
+fn plus(a: &Figures, b: &Figures) -> Figures {
+    fn sum(a: &RevisionFigures, b: &RevisionFigures) -> RevisionFigures {
+        RevisionFigures {
+            traffic_ops: a.traffic_ops + b.traffic_ops,
+            ops: a.ops + b.ops,
+            failures: a.failures + b.failures,
+            fallbacks: a.fallbacks + b.fallbacks,
+            latency_seconds_sum: a.latency_seconds_sum + b.latency_seconds_sum,
+        }
+    }
+    let (sa, sb) = (&a.shadow, &b.shadow);
+    Figures {
+        canary: sum(&a.canary, &b.canary),
+        stable: sum(&a.stable, &b.stable),
+        shadow: ShadowFigures {
+            pairs: sa.pairs + sb.pairs,
+            canary_seconds_sum: sa.canary_seconds_sum + sb.canary_seconds_sum,
+            stable_seconds_sum: sa.stable_seconds_sum + sb.stable_seconds_sum,
+            max_numeric_diff: match (sa.max_numeric_diff, sb.max_numeric_diff) {
+                (Some(x), Some(y)) => Some(kernelflow_crds::node_report::max_diff(x, y)),
+                (x, y) => x.or(y),
+            },
+            comparable: sb.comparable,
+        },
+        ..b.clone()
+    }
 }
 
 impl Run {
@@ -94,6 +127,7 @@ impl Run {
             now: Timestamp::from_second(1_800_000_000).unwrap(),
             notes: Vec::new(),
             last: None,
+            counted: (0, Figures::default()),
         }
     }
 
@@ -112,9 +146,15 @@ impl Run {
         action: Option<&str>,
     ) -> &Decision {
         self.now += elapsed;
-        // The nodes have caught up with the status's split.
+        // The nodes have caught up with the status's split, and count from its start.
+        let epoch = self.status.step_epoch;
+        if self.counted.0 != epoch {
+            self.counted = (epoch, Figures::default());
+        }
+        self.counted.1 = plus(&self.counted.1, &summary.figures);
         let summary = &Summary {
-            epoch: self.status.step_epoch,
+            epoch,
+            figures: self.counted.1.clone(),
             ..summary.clone()
         };
         let action = action.map(|v| (v, ManualAction::parse(v).unwrap()));
@@ -282,6 +322,8 @@ fn too_few_samples_or_no_stable_latency_never_pass() {
         Some(Verdict::Inconclusive(_))
     ));
 
+    let mut run = Run::new(spec(A, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
     let mut no_stable = healthy(500, 0.0);
     no_stable.figures.shadow = ShadowFigures {
         comparable: false,
@@ -341,6 +383,79 @@ fn failing_analysis_counts_once_per_interval_then_rolls_back_naming_the_figure()
     // Rolled back stays rolled back, whatever the figures say.
     run.at(100, &healthy(1000, 0.0));
     assert_eq!(run.phase(), RolloutPhase::RolledBack);
+}
+
+/// `samples` canary operations of which `failures` failed, the rest healthy.
+fn with_failures(samples: u64, failures: u64) -> Summary {
+    let mut s = healthy(samples, 0.0);
+    s.figures.canary.failures = failures;
+    s
+}
+
+/// Each window is judged on its own operations: one transient failure fails one window,
+/// not every window until enough successes dilute it.
+#[test]
+fn one_failure_fails_one_window_only() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"steps": [
+        {"trafficPercent": 1, "pause": "5m"}, {"trafficPercent": 100}]}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &with_failures(100, 1));
+    assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
+    for _ in 0..10 {
+        run.at(10, &with_failures(300, 0));
+    }
+    let analysis = run.status.analysis.as_ref().unwrap();
+    assert_eq!(analysis.failures, 1, "{analysis:?}");
+    assert_eq!(run.phase(), RolloutPhase::Progressing);
+}
+
+/// A canary that starts failing late in a long step is not hidden by its early successes.
+#[test]
+fn late_failures_are_not_diluted_by_the_step_s_early_successes() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"steps": [
+        {"trafficPercent": 1, "pause": "5m"}, {"trafficPercent": 100}]}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    for _ in 0..5 {
+        run.at(10, &with_failures(10_000, 0));
+    }
+    // 5% of these fail: over the step, 50 of 51,000 would pass 0.999.
+    for _ in 0..3 {
+        run.at(10, &with_failures(1000, 50));
+    }
+    assert_eq!(
+        run.phase(),
+        RolloutPhase::RolledBack,
+        "{:?}",
+        run.status.analysis
+    );
+}
+
+/// Counts that fall (an agent restarted and counts afresh) cannot be told apart from a
+/// window: a new one opens on them, and nothing is counted twice or underflows.
+#[test]
+fn counts_that_fall_open_a_new_window() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"steps": [
+        {"trafficPercent": 1, "pause": "5m"}, {"trafficPercent": 100}]}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(5, &with_failures(1000, 50));
+    assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
+    run.counted.1 = with_failures(10, 0).figures;
+    run.at(20, &healthy(0, 0.0));
+    let analysis = run.status.analysis.as_ref().unwrap();
+    assert_eq!(analysis.samples, 0, "{analysis:?}");
+    assert_eq!(analysis.failures, 1);
+    assert_eq!(analysis.window.as_ref().unwrap().canary.ops, 10);
+    run.at(5, &with_failures(200, 0));
+    assert_eq!(run.status.analysis.as_ref().unwrap().samples, 200);
 }
 
 #[test]
@@ -683,15 +798,15 @@ fn deciding_again_on_the_same_inputs_changes_nothing() {
     run.at(1, &healthy(500, 0.0));
     let before = run.status.clone();
     let notes = run.notes.len();
-    run.at(0, &healthy(501, 0.0));
+    run.at(0, &healthy(0, 0.0));
     assert_eq!(
         run.status, before,
         "nothing to write: no step skipped or repeated"
     );
     assert_eq!(run.notes.len(), notes);
-    // A new interval records the new figures.
+    // A new interval records the new figures: the open window's, since the step began.
     run.at(10, &healthy(502, 0.0));
-    assert_eq!(run.status.analysis.as_ref().unwrap().samples, 502);
+    assert_eq!(run.status.analysis.as_ref().unwrap().samples, 1002);
 }
 
 fn figures(failures: u64, canary_seconds: f64, diff: Option<f64>, comparable: bool) -> Figures {
