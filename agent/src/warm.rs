@@ -266,12 +266,12 @@ pub async fn run(
         if !ready {
             continue;
         }
-        // What the operator refuses (its Accepted condition says why), agents neither warm
-        // nor serve: an object the webhook never saw may ask for tensors no node could hold.
+        // An op no node could hold the tensors of (an object the webhook never saw; the
+        // operator's Accepted condition says why) is neither warmed nor served.
         let kds: Vec<_> = kds
             .state()
             .into_iter()
-            .filter(|kd| validate::kernel_deployment(&kd.spec).is_ok())
+            .filter(|kd| validate::kernel_op(&kd.spec.kernel).is_ok())
             .collect();
         let labels = labels(&nodes, &node);
         warmer.sync(&kds, &labels);

@@ -478,6 +478,10 @@ pub struct KernelDeploymentStatus {
     /// When the current step began; its pause runs from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_start_time: Option<Time>,
+    /// The traffic percents of the steps the rollout in progress walks: when the spec's
+    /// change, the rollout starts again at the first step, as its index means another step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub step_traffic: Vec<u8>,
     /// When the current rollout began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_start_time: Option<Time>,

@@ -6,7 +6,7 @@ use std::fmt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::common::{ArtifactRef, Conv2dSpec, DType};
-use crate::kernel_deployment::{ACTION_ANNOTATION, KernelDeploymentSpec, ManualAction};
+use crate::kernel_deployment::{ACTION_ANNOTATION, KernelDeploymentSpec, KernelSpec, ManualAction};
 use crate::training_job::{AsyncTrainingJobSpec, PipelineMode};
 
 /// One violated rule: the field's path (as `kubectl explain` spells it) and what is allowed.
@@ -79,24 +79,12 @@ impl Errors {
     }
 }
 
-/// Checks a KernelDeployment's spec, as admission, the operator and each agent do: an
-/// object the webhook did not see (it was down, or not installed) is refused by the others.
+/// Checks a KernelDeployment's spec, as admission and the operator do: an object the
+/// webhook did not see (it was down, or not installed) is refused by the operator.
 pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldError>> {
     let mut e = Errors::default();
     artifact(&mut e, "spec.kernel.artifact", &spec.kernel.artifact);
-    let conv = &spec.kernel.conv2d;
-    let input = spec.kernel.input_size;
-    if input.contains(&0) {
-        e.push(
-            "spec.kernel.inputSize",
-            "height and width must both be at least 1",
-        );
-    }
-    if conv2d(&mut e, "spec.kernel.conv2d", conv) && !input.contains(&0) {
-        let dims = [conv.in_channels, input[0], input[1]];
-        e.tensor("spec.kernel.inputSize", "one sample's input", &dims);
-        check_output(&mut e, "spec.kernel", conv, input);
-    }
+    op(&mut e, &spec.kernel);
     label_selector(&mut e, "spec.nodeSelector", &spec.node_selector);
 
     let steps = &spec.rollout.steps;
@@ -196,6 +184,30 @@ pub fn action_annotation(
         );
     }
     finish(e)
+}
+
+/// Checks a KernelDeployment's op, `spec.kernel.conv2d` over `spec.kernel.inputSize`: what
+/// agents check before they warm or serve one, since no node could hold the tensors of one
+/// that fails (the op cannot change, so it never passed admission).
+pub fn kernel_op(kernel: &KernelSpec) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors::default();
+    op(&mut e, kernel);
+    finish(e)
+}
+
+fn op(e: &mut Errors, kernel: &KernelSpec) {
+    let (conv, input) = (&kernel.conv2d, kernel.input_size);
+    if input.contains(&0) {
+        e.push(
+            "spec.kernel.inputSize",
+            "height and width must both be at least 1",
+        );
+    }
+    if conv2d(e, "spec.kernel.conv2d", conv) && !input.contains(&0) {
+        let dims = [conv.in_channels, input[0], input[1]];
+        e.tensor("spec.kernel.inputSize", "one sample's input", &dims);
+        check_output(e, "spec.kernel", conv, input);
+    }
 }
 
 /// Checks an AsyncTrainingJob's spec, as admission and the operator do. The shapes of

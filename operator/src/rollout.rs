@@ -190,31 +190,60 @@ impl Machine<'_> {
                 self.s.phase = RolloutPhase::Healthy;
                 self.s.traffic_percent = 100;
                 self.s.step_epoch += 1;
+                self.s.step_traffic.clear();
                 self.s.analysis = None;
             }
             return;
         }
-        if self.s.canary_revision.as_ref() != Some(&desired) {
-            let interrupted = matches!(
-                self.s.phase,
-                RolloutPhase::Warming | RolloutPhase::Progressing | RolloutPhase::Paused
-            );
-            self.note(
-                false,
-                "RolloutStarted",
-                format!(
-                    "new revision {}{} against stable {}",
-                    describe(&desired),
-                    if interrupted {
-                        " (replaces the rollout in progress)"
-                    } else {
-                        ""
-                    },
-                    describe(&stable)
-                ),
-            );
-            self.start(desired);
+        if self.s.canary_revision.as_ref() == Some(&desired) {
+            self.follow_steps();
+            return;
         }
+        let interrupted = matches!(
+            self.s.phase,
+            RolloutPhase::Warming | RolloutPhase::Progressing | RolloutPhase::Paused
+        );
+        self.note(
+            false,
+            "RolloutStarted",
+            format!(
+                "new revision {}{} against stable {}",
+                describe(&desired),
+                if interrupted {
+                    " (replaces the rollout in progress)"
+                } else {
+                    ""
+                },
+                describe(&stable)
+            ),
+        );
+        self.start(desired);
+    }
+
+    /// Starts again at the first step when the steps' traffic changed under a rollout in
+    /// progress: its step index would now mean another step.
+    fn follow_steps(&mut self) {
+        use RolloutPhase::*;
+        let traffic: Vec<u8> = self
+            .spec
+            .rollout
+            .steps
+            .iter()
+            .map(|s| s.traffic_percent)
+            .collect();
+        let walking = matches!(self.s.phase, Progressing | Paused | Degraded);
+        if !walking || self.s.step_traffic.is_empty() || self.s.step_traffic == traffic {
+            return;
+        }
+        self.note(
+            false,
+            "StepsChanged",
+            format!(
+                "the steps changed from {:?} to {traffic:?}% under the rollout; it starts again at the first",
+                self.s.step_traffic
+            ),
+        );
+        self.enter_step(0);
     }
 
     /// A new canary: it warms first and takes no traffic until it is warm everywhere.
@@ -231,6 +260,7 @@ impl Machine<'_> {
         self.s.traffic_percent = 0;
         self.s.step_epoch += 1;
         self.s.step_start_time = None;
+        self.s.step_traffic.clear();
         self.s.rollout_start_time = Some(Time(self.now));
         self.s.analysis = None;
     }
@@ -271,10 +301,6 @@ impl Machine<'_> {
             Pending | Warming => self.warm(summary),
             Progressing | Paused => {
                 let was = self.s.phase;
-                if self.spec.paused {
-                    self.s.phase = Paused;
-                    return;
-                }
                 self.s.phase = Progressing;
                 // Figures of another epoch belong to a split this reconcile just replaced.
                 let none = Figures::default();
@@ -284,6 +310,11 @@ impl Machine<'_> {
                     &none
                 };
                 self.analyse(figures, was);
+                // Paused holds the step, not the analysis: a canary failing while paused is
+                // still rolled back.
+                if self.spec.paused && self.s.phase == Progressing {
+                    self.s.phase = Paused;
+                }
             }
             Healthy | Degraded | RolledBack | Failed => {}
         }
@@ -353,6 +384,13 @@ impl Machine<'_> {
         self.s.phase = RolloutPhase::Progressing;
         self.s.current_step_index = Some(index as u32);
         self.s.traffic_percent = step.traffic_percent;
+        self.s.step_traffic = self
+            .spec
+            .rollout
+            .steps
+            .iter()
+            .map(|s| s.traffic_percent)
+            .collect();
         self.s.step_epoch += 1;
         self.s.step_start_time = Some(self.stored_now());
         self.s.analysis = None;
@@ -388,6 +426,7 @@ impl Machine<'_> {
             format!("{} takes all traffic", describe(&canary)),
         );
         self.s.stable_revision = Some(canary);
+        self.s.step_traffic.clear();
         self.s.phase = RolloutPhase::Healthy;
         self.s.traffic_percent = 100;
         self.s.step_epoch += 1;
@@ -512,6 +551,7 @@ impl Machine<'_> {
                 }
                 self.s.analysis = Some(recorded);
                 match step.pause {
+                    _ if self.spec.paused => self.wait(interval),
                     None => {
                         if was != RolloutPhase::Paused {
                             self.note(

@@ -314,7 +314,7 @@ async fn resolve_layers(
                             .into_iter()
                             .find(|k| k.namespace == a.namespace && k.name == *kd)
                             .map_or_else(
-                                || "not warming on this node: the KernelDeployment is missing, invalid (its Accepted condition says why) or does not select it".to_string(),
+                                || "not warming on this node: the KernelDeployment is missing, does not select it, or has an op no node could hold (its Accepted condition says why)".to_string(),
                                 |k| match k.reason {
                                     Some(r) => format!("{} ({r})", k.state),
                                     None => k.state,

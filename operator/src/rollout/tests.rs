@@ -611,6 +611,43 @@ fn spec_paused_holds_the_step_and_resuming_continues() {
     );
 }
 
+/// Paused holds the step, not the analysis: a canary failing while paused is rolled back.
+#[test]
+fn a_paused_rollout_still_rolls_back_a_failing_canary() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.spec.paused = true;
+    for _ in 0..2 {
+        run.at(10, &failing());
+        assert_eq!(run.phase(), RolloutPhase::Paused);
+    }
+    run.at(10, &failing());
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+}
+
+/// A step index means another step once the steps' traffic changes: the rollout starts
+/// again at the first. A changed pause alone changes nothing.
+#[test]
+fn changed_steps_start_the_rollout_again_at_the_first() {
+    let mut run = Run::new(spec(B, serde_json::json!({})));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    run.at(10, &healthy(500, 0.0));
+    assert_eq!(run.step(), (Some(1), 10));
+    run.spec.rollout.steps[1].pause = Some("1h".parse().unwrap());
+    run.at(1, &healthy(500, 0.0));
+    assert_eq!(run.step(), (Some(1), 10));
+    let epoch = run.status.step_epoch;
+    let steps = serde_json::json!({"rollout": {"steps": [{"trafficPercent": 5, "pause": "20s"},
+        {"trafficPercent": 50, "pause": "20s"}, {"trafficPercent": 100}]}});
+    run.spec = spec(B, steps);
+    run.at(1, &healthy(500, 0.0));
+    assert_eq!(run.step(), (Some(0), 5));
+    assert!(run.status.step_epoch > epoch, "a new split");
+    assert_eq!(run.reasons().last(), Some(&"StepStarted"));
+    assert!(run.reasons().contains(&"StepsChanged"));
+}
+
 #[test]
 fn a_new_digest_mid_rollout_restarts_against_the_last_healthy_revision() {
     let mut run = Run::new(spec(A, serde_json::json!({})));
