@@ -49,7 +49,13 @@ pub struct Warmer {
     entries: Mutex<BTreeMap<Key, Entry>>,
     /// Each selected deployment's spec digest: the kernel its report is about.
     primary: Mutex<BTreeMap<(String, String), String>>,
+    /// When the warm kernels' disk copies were last marked used.
+    touched: Mutex<Option<Instant>>,
 }
+
+/// How often warm kernels mark their disk copies used: served from memory, they would
+/// otherwise look unused to the disk cache, and be evicted first.
+const TOUCH_EVERY: Duration = Duration::from_secs(600);
 
 /// Whether `kd` selects a node with `labels` and is not being deleted.
 pub fn selects(kd: &KernelDeployment, labels: &BTreeMap<String, String>) -> bool {
@@ -70,6 +76,7 @@ impl Warmer {
             store,
             entries: Mutex::default(),
             primary: Mutex::default(),
+            touched: Mutex::default(),
         })
     }
 
@@ -96,6 +103,18 @@ impl Warmer {
         *self.primary.lock().expect("primary lock") = primary;
         let mut entries = self.entries.lock().expect("entries lock");
         entries.retain(|key, _| wanted.contains_key(key));
+        let mut touched = self.touched.lock().expect("touched lock");
+        if touched.is_none_or(|t| t.elapsed() >= TOUCH_EVERY) {
+            *touched = Some(now);
+            let warm: Vec<String> = entries
+                .iter()
+                .filter(|(_, e)| matches!(e.state, State::Warm(_)))
+                .map(|((_, _, digest), _)| digest.clone())
+                .collect();
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.touch(&warm));
+        }
+        drop(touched);
         for (key, (artifact, conv2d)) in wanted {
             let due = match entries.get(&key) {
                 Some(e) if e.artifact != artifact || e.conv2d != conv2d => true,

@@ -51,11 +51,7 @@ impl DiskCache {
         let path = self.path(digest)?;
         let found = match read_bounded(&path, max) {
             Ok(bytes) if sha256_hex(&bytes) == digest => {
-                // The modification time orders eviction: touch on use.
-                let _ = File::options()
-                    .append(true)
-                    .open(&path)
-                    .and_then(|f| f.set_modified(SystemTime::now()));
+                self.touch(digest);
                 Some(bytes)
             }
             Ok(_) | Err(Unfit) => {
@@ -71,6 +67,17 @@ impl DiskCache {
         };
         self.metrics.count(Tier::Disk, found.is_some());
         found
+    }
+
+    /// Marks the artifact used now: the modification time orders eviction. A kernel served
+    /// from memory for days is touched by its holder, or it would go first.
+    pub fn touch(&self, digest: &str) {
+        if let Some(path) = self.path(digest) {
+            let _ = File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+        }
     }
 
     /// Stores verified bytes under their digest, then evicts down to the capacity.
@@ -249,6 +256,16 @@ mod tests {
         assert!(cache.get(&digests[1], MAX).is_none());
         assert!(cache.get(&digests[0], MAX).is_some() && cache.get(&digests[2], MAX).is_some());
         assert_eq!(cache.bytes(), 20);
+        // A touch (a kernel in use from memory) counts as a use too.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.touch(&digests[0]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.put(&digests[1], &blobs[1]).unwrap();
+        assert!(
+            cache.get(&digests[2], MAX).is_none(),
+            "2 was the least recently used"
+        );
+        assert!(cache.get(&digests[0], MAX).is_some());
     }
 
     #[test]

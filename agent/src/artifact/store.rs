@@ -70,6 +70,13 @@ impl KernelStore {
         }))
     }
 
+    /// Marks the artifacts of `digests` used now on disk, where they are kept (blocking).
+    pub fn touch(&self, digests: &[String]) {
+        if let Some(disk) = &self.disk {
+            digests.iter().for_each(|d| disk.touch(d));
+        }
+    }
+
     /// The kernel of `artifact`, validated against the declared `conv2d`.
     pub async fn get(
         self: &Arc<Self>,
