@@ -204,8 +204,13 @@ impl Remote {
     pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Vec<u8>, ArtifactError> {
         let (scheme, authority, path) = split(url)?;
         let (key, store) = self.store(&scheme, &authority)?;
-        if scheme == "file" && !std::path::Path::new(&format!("/{path}")).exists() {
-            return Err(ArtifactError::NotFound(url.to_string()));
+        if scheme == "file" {
+            // A regular file only: opening a FIFO or a device would hold a blocking thread
+            // for good, whatever the timeout does to this future.
+            let regular = tokio::fs::metadata(format!("/{path}")).await;
+            if !regular.is_ok_and(|m| m.is_file()) {
+                return Err(ArtifactError::NotFound(format!("{url} (no regular file)")));
+            }
         }
         let location = if scheme == "file" {
             StorePath::from_filesystem_path(format!("/{path}"))

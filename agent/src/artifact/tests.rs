@@ -196,6 +196,37 @@ async fn bad_answers_are_typed_refusals() {
     );
 }
 
+/// Local files: a regular one is read; a FIFO, which would block the thread opening it
+/// for good, is refused unopened, as a missing one is.
+#[tokio::test]
+async fn file_urls_read_only_regular_files() {
+    let (bytes, _) = artifact(3);
+    let dir = temp_dir("local");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k.safetensors"), &bytes).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("fifo"))
+        .status();
+    assert!(made.unwrap().success());
+    let s = store(None);
+    let url = |name: &str| format!("file://{}", dir.join(name).display());
+    assert_eq!(
+        s.remote()
+            .fetch(&url("k.safetensors"), 1 << 20)
+            .await
+            .unwrap(),
+        bytes
+    );
+    for name in ["fifo", "missing"] {
+        let url = url(name);
+        let refused =
+            tokio::time::timeout(Duration::from_secs(10), s.remote().fetch(&url, 1 << 20));
+        let err = refused.await.expect("no answer").unwrap_err();
+        assert_eq!(err.reason(), "NotFound", "{name}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn a_header_claiming_gigabytes_is_refused_cheaply() {
     let (mut bytes, _) = artifact(3);
