@@ -418,7 +418,7 @@ pub struct AnalysisFigures {
     /// `Passed`, `Failed` or `Inconclusive`, with the figure that decided it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
-    /// When the window closed.
+    /// When this verdict was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
     /// Where the open window starts: the analysis judges what the nodes counted since.
@@ -438,10 +438,12 @@ pub struct WindowStart {
     pub canary: RevisionFigures,
     /// Stable counts, summed over the nodes.
     pub stable: RevisionFigures,
-    /// Shadow pairs, and their canary and stable seconds, summed over the nodes.
+    /// Shadow pairs, summed over the nodes.
     pub shadow_pairs: u64,
+    /// Their canary seconds, summed over the nodes.
     #[schemars(range(min = 0.0))]
     pub shadow_canary_seconds_sum: f64,
+    /// Their stable seconds, summed over the nodes.
     #[schemars(range(min = 0.0))]
     pub shadow_stable_seconds_sum: f64,
 }
@@ -478,8 +480,9 @@ pub struct KernelDeploymentStatus {
     /// When the current step began; its pause runs from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_start_time: Option<Time>,
-    /// The traffic percents of the steps the rollout in progress walks: when the spec's
-    /// change, the rollout starts again at the first step, as its index means another step.
+    /// The traffic percents of the steps the rollout in progress walks: when those of the
+    /// spec change, the rollout starts again at the first step, as its index would mean
+    /// another step.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub step_traffic: Vec<u8>,
     /// When the current rollout began.

@@ -53,12 +53,29 @@ fn values(dims: &[u32]) -> u64 {
         .fold(1u64, |n, &d| n.saturating_mul(u64::from(d)))
 }
 
-#[derive(Default)]
 struct Errors {
     list: Vec<FieldError>,
+    /// Whether sizes are held to the bounds above.
+    sizes: bool,
+}
+
+impl Default for Errors {
+    fn default() -> Self {
+        Self {
+            list: Vec::new(),
+            sizes: true,
+        }
+    }
 }
 
 impl Errors {
+    /// Pushes a size bound's error, where sizes are checked.
+    fn size(&mut self, field: impl Into<String>, message: String) {
+        if self.sizes {
+            self.push(field, message);
+        }
+    }
+
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(FieldError {
             field: field.into(),
@@ -70,7 +87,7 @@ impl Errors {
     fn tensor(&mut self, field: impl Into<String>, what: &str, dims: &[u32]) -> u64 {
         let n = values(dims);
         if n > MAX_TENSOR_VALUES {
-            self.push(
+            self.size(
                 field,
                 format!("{what} would hold {n} values ({dims:?}); at most {MAX_TENSOR_VALUES}"),
             );
@@ -210,11 +227,27 @@ fn op(e: &mut Errors, kernel: &KernelSpec) {
     }
 }
 
-/// Checks an AsyncTrainingJob's spec, as admission and the operator do. The shapes of
-/// layers from KernelDeployments, and of data from an artifact, are known only where the
-/// job runs: its agent checks the whole [`model`] then.
+/// Checks an AsyncTrainingJob's spec, as admission does. The shapes of layers from
+/// KernelDeployments, and of data from an artifact, are known only where the job runs: its
+/// agent checks the whole [`model`] then.
 pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
-    let mut e = Errors::default();
+    training_job_with(spec, Errors::default())
+}
+
+/// [`training_job`] without the size bounds, as the operator checks a stored job: one
+/// admitted before a bound, whose spec cannot change, would otherwise hold for good; its
+/// agent fails it instead, with the bound it breaks, when it runs.
+pub fn stored_training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
+    training_job_with(
+        spec,
+        Errors {
+            sizes: false,
+            ..Errors::default()
+        },
+    )
+}
+
+fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), Vec<FieldError>> {
     let (samples, shape) = match (&spec.data.synthetic, &spec.data.artifact) {
         (Some(s), None) => {
             if s.shape.contains(&0) {
@@ -375,7 +408,10 @@ impl Chain {
         if c != conv.in_channels {
             e.push(
                 format!("{field}.inChannels"),
-                format!("must equal the {c} channels coming into this layer"),
+                format!(
+                    "is {} but {c} channels come into this layer; they must be equal",
+                    conv.in_channels
+                ),
             );
         }
         self.shape = check_output(e, at, conv, [h, w]).map(|[h, w]| [conv.out_channels, h, w]);
@@ -388,7 +424,7 @@ impl Chain {
         let [kh, kw] = conv.kernel_size;
         let lowered = values(&[conv.in_channels / conv.groups, kh, kw, oh, ow]);
         if lowered > MAX_LOWERED_VALUES {
-            e.push(
+            e.size(
                 field,
                 format!("training would lower one sample's input to this layer into {lowered} values; at most {MAX_LOWERED_VALUES}"),
             );
@@ -400,14 +436,14 @@ impl Chain {
         let b = u64::from(batch);
         let largest = self.largest.saturating_mul(b);
         if largest > MAX_BATCH_VALUES {
-            e.push(
+            e.size(
                 "spec.training.batchSize",
                 format!("a batch of {batch} would hold {largest} values in one layer's activations; at most {MAX_BATCH_VALUES}"),
             );
         }
         let total = self.total.saturating_mul(b);
         if total > MAX_STEP_VALUES {
-            e.push(
+            e.size(
                 "spec.training.batchSize",
                 format!("a batch of {batch} would hold {total} values in all its activations, which a training step keeps from its forward pass to its backward; at most {MAX_STEP_VALUES}"),
             );
@@ -709,6 +745,9 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
         ));
         assert_eq!(fields(r), ["spec.training.batchSize"]);
         assert_eq!(fields(training_job(&atj("{}"))), Vec::<String>::new());
+        // A stored job is not held to them: its agent refuses it when it runs.
+        let big = "{data: {synthetic: {shape: [3, 512, 512], samples: 1000}}, training: {batchSize: 200}}";
+        assert_eq!(stored_training_job(&atj(big)), Ok(()));
     }
 
     /// A training step keeps every layer's activations, and lowers each layer's input for

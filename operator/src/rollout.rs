@@ -231,8 +231,13 @@ impl Machine<'_> {
             .iter()
             .map(|s| s.traffic_percent)
             .collect();
-        let walking = matches!(self.s.phase, Progressing | Paused | Degraded);
-        if !walking || self.s.step_traffic.is_empty() || self.s.step_traffic == traffic {
+        // Degraded holds for a user's promote, abort or retry, whatever the steps say.
+        if !matches!(self.s.phase, Progressing | Paused) || self.s.step_traffic == traffic {
+            return;
+        }
+        // A status from before the steps were kept: they are taken as they are.
+        if self.s.step_traffic.is_empty() {
+            self.s.step_traffic = traffic;
             return;
         }
         self.note(
@@ -427,6 +432,7 @@ impl Machine<'_> {
         );
         self.s.stable_revision = Some(canary);
         self.s.step_traffic.clear();
+        self.end_window();
         self.s.phase = RolloutPhase::Healthy;
         self.s.traffic_percent = 100;
         self.s.step_epoch += 1;
@@ -437,8 +443,17 @@ impl Machine<'_> {
         self.s.phase = RolloutPhase::RolledBack;
         self.s.traffic_percent = 0;
         self.s.step_epoch += 1;
+        self.s.step_traffic.clear();
+        self.end_window();
         self.note(true, reason, message);
         self.finished = Some((outcome, self.since(&self.s.rollout_start_time)));
+    }
+
+    /// Keeps the last analysis on record, without a window: none is open once a rollout ends.
+    fn end_window(&mut self) {
+        if let Some(a) = &mut self.s.analysis {
+            a.window = None;
+        }
     }
 
     /// Runs analysis on the open window, and advances, waits, or fails.
@@ -469,7 +484,20 @@ impl Machine<'_> {
             }
         };
         let comparable = window.shadow.comparable;
-        let (verdict, mut recorded) = analyse(spec, &window);
+        let (mut verdict, mut recorded) = analyse(spec, &window);
+        // A window younger than an interval that cannot be judged yet leaves the pass of the
+        // one before it standing: else every close would flip the verdict, and a step
+        // without a pause in and out of waiting for its promote.
+        let passed = previous
+            .verdict
+            .as_deref()
+            .and_then(|v| v.strip_prefix("Passed: "));
+        if let (Verdict::Inconclusive(_), Some(passed)) = (&verdict, passed)
+            && self.since(&Some(opened.time.clone())) < interval
+        {
+            verdict = Verdict::Passed(passed.to_string());
+            recorded = previous.clone();
+        }
         // Within an interval the status keeps its figures while the verdict holds, so that
         // a stream of node reports does not become a stream of status writes.
         let same_kind = previous
@@ -630,13 +658,17 @@ pub fn describe(r: &Revision) -> String {
     )
 }
 
-/// Judges one step's figures against the analysis spec. Too few samples, or nothing to
+/// Judges one window's figures against the analysis spec. Too few samples, or nothing to
 /// compare against, is inconclusive: it never passes on missing data or divides by zero.
 pub fn analyse(spec: &AnalysisSpec, f: &Figures) -> (Verdict, AnalysisFigures) {
     let samples = f.canary.ops;
     // An async operation re-run on the synchronous path served its caller, but the canary's
     // own path failed it: analysis counts it as a failure.
-    let failed = (f.canary.failures + f.canary.fallbacks).min(samples);
+    let failed = f
+        .canary
+        .failures
+        .saturating_add(f.canary.fallbacks)
+        .min(samples);
     let success_rate = (samples > 0).then(|| 1.0 - failed as f64 / samples as f64);
     let overhead_ratio = overhead(f);
     let max_numeric_diff = f

@@ -11,6 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, extract::State, routing::post};
 use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::ByteString;
@@ -209,9 +211,23 @@ pub async fn serve(addr: SocketAddr, cert: &Certificate, metrics: Metrics) -> an
 }
 
 /// How long a client has to send a request's head, from its connection's start or the end
-/// of its last request. The API server sends at once and keeps idle connections for
-/// less; a connection that sends nothing would otherwise hold a socket and a task for good.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
+/// of its last request: a connection that sends nothing would otherwise hold a socket and a
+/// task for good. Longer than the 90 s for which the API server's (Go's) client keeps an
+/// idle connection, so that it is never closed under a request about to reuse it.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 120 });
+
+/// How long a request may take once its head is in, its body included: the API server
+/// gives up on a webhook after 30 s at most.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
+
+/// Answers 408 to a request that takes longer than [`REQUEST_TIMEOUT`], as one whose body
+/// trickles in would.
+async fn bounded(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+    }
+}
 
 /// The TLS configuration for a certificate chain and key (PEM), offering HTTP/1.1 alone:
 /// the server speaks nothing else, so that [`HEAD_TIMEOUT`] holds from the first byte
@@ -230,7 +246,10 @@ fn tls_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>
 }
 
 async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> anyhow::Result<()> {
-    let app = Router::new().route(PATH, post(review)).with_state(metrics);
+    let app = Router::new()
+        .route(PATH, post(review))
+        .layer(axum::middleware::from_fn(bounded))
+        .with_state(metrics);
     let mut server = axum_server::bind_rustls(addr, tls).http1_only();
     server
         .http_builder()
@@ -723,10 +742,37 @@ mod tests {
             .unwrap()
     }
 
-    /// Where the server waits for bytes that never come, it hangs up; it speaks HTTP/1.1
-    /// alone, whatever a client offers.
+    /// What the server sends on `tls` until it hangs up; an error where it has not within
+    /// ten times its limits (a server still waiting).
+    fn until_closed(
+        mut tls: rustls::ClientConnection,
+        mut socket: std::net::TcpStream,
+    ) -> Result<String, String> {
+        use std::io::Read;
+        socket
+            .set_read_timeout(Some(HEAD_TIMEOUT.max(REQUEST_TIMEOUT) * 10))
+            .unwrap();
+        let mut got = Vec::new();
+        loop {
+            match tls.read_tls(&mut socket) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let state = tls.process_new_packets().map_err(|e| e.to_string())?;
+                    let _ = tls.reader().read_to_end(&mut got);
+                    if state.peer_has_closed() {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    }
+
+    /// Where the server waits for bytes that never come, it hangs up, or answers 408 to a
+    /// request whose body does not come; it speaks HTTP/1.1 alone, whatever a client offers.
     #[tokio::test]
-    async fn a_silent_client_is_let_go() {
+    async fn slow_clients_are_let_go() {
         let cert = generate(&["localhost".to_string()]).unwrap();
         let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -737,35 +783,36 @@ mod tests {
             async move { serve(addr, &cert, Metrics::default()).await }
         });
         let ca = cert.ca.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let (mut tls, mut socket) = (0..100)
-                .find_map(|_| {
-                    connect(addr, &ca)
-                        .inspect_err(|_| std::thread::sleep(Duration::from_millis(50)))
-                        .ok()
-                })
-                .expect("the webhook does not serve");
-            let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
-            // Many times the server's limit: a read that times out is a server still waiting.
-            socket.set_read_timeout(Some(HEAD_TIMEOUT * 10)).unwrap();
-            let closed = loop {
-                match tls.read_tls(&mut socket) {
-                    Ok(0) => break Ok(()),
-                    Ok(_) => match tls.process_new_packets() {
-                        Ok(state) if state.peer_has_closed() => break Ok(()),
-                        Ok(_) => continue,
-                        Err(e) => break Err(e.to_string()),
-                    },
-                    Err(e) => break Err(e.to_string()),
-                }
+        let (alpn, silent, trickling) = tokio::task::spawn_blocking(move || {
+            let open = || {
+                (0..100)
+                    .find_map(|_| {
+                        connect(addr, &ca)
+                            .inspect_err(|_| std::thread::sleep(Duration::from_millis(50)))
+                            .ok()
+                    })
+                    .expect("the webhook does not serve")
             };
-            (alpn, closed)
+            let (tls, socket) = open();
+            let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
+            let silent = until_closed(tls, socket);
+            let (mut tls, mut socket) = open();
+            let head = "POST /validate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n";
+            std::io::Write::write_all(&mut tls.writer(), head.as_bytes()).unwrap();
+            tls.complete_io(&mut socket).unwrap();
+            (alpn, silent, until_closed(tls, socket))
         })
         .await
         .unwrap();
         server.abort();
-        assert_eq!(outcome.0.as_deref(), Some(&b"http/1.1"[..]));
-        assert_eq!(outcome.1, Ok(()), "the silent connection stays open");
+        assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+        assert_eq!(
+            silent,
+            Ok(String::new()),
+            "the silent connection stays open"
+        );
+        let answer = trickling.expect("the trickling connection stays open");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     }
 
     #[tokio::test]

@@ -208,7 +208,8 @@ pub fn supervised(program: &Path, log: &Path) -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
-/// Where a process's state lives: `$TMPDIR/kernelflow-<pid>`, removed for runs that are gone.
+/// Where a process's state lives: `$TMPDIR/kernelflow-<pid>`, removed for runs that are gone
+/// (with their other `kernelflow-<pid>-…` directories, as Prometheus's).
 fn state_dir() -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir();
     for entry in std::fs::read_dir(&base)?.flatten() {
@@ -216,7 +217,7 @@ fn state_dir() -> anyhow::Result<PathBuf> {
         let pid = name
             .to_str()
             .and_then(|n| n.strip_prefix("kernelflow-"))
-            .and_then(|p| p.parse::<u32>().ok());
+            .and_then(|p| p.split('-').next()?.parse::<u32>().ok());
         if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -72,7 +72,11 @@ impl DiskCache {
     /// Marks the artifact used now: the modification time orders eviction. A kernel served
     /// from memory for days is touched by its holder, or it would go first.
     pub fn touch(&self, digest: &str) {
-        if let Some(path) = self.path(digest) {
+        // A regular file only: opening a FIFO planted here would block.
+        if let Some(path) = self
+            .path(digest)
+            .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        {
             let _ = File::options()
                 .append(true)
                 .open(&path)

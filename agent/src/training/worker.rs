@@ -356,25 +356,33 @@ async fn resolve_layers(
 /// left out (the weights at step k do not depend on how many follow), and so is the pipeline
 /// mode (compute runs the steps in order in every mode); the stream count is in
 /// (micro-batches sum in another order), and so are the replicas (they shard the data).
+/// Without frozen layers it is the digest agents before the kernels were in wrote, so that
+/// their checkpoints still resume.
 fn fingerprint(
     spec: &AsyncTrainingJobSpec,
     layers: &[(Conv2dSpec, Option<Arc<Kernel>>)],
 ) -> String {
     let t = &spec.training;
+    let settings = (t.batch_size, t.learning_rate, t.momentum, t.seed);
+    let (streams, replicas) = (spec.pipeline.streams, spec.placement.replicas);
     let kernels: Vec<Option<&str>> = layers
         .iter()
         .map(|(_, k)| k.as_ref().map(|k| k.sha256.as_str()))
         .collect();
-    let relevant = (
-        &spec.model,
-        kernels,
-        &spec.data,
-        (t.batch_size, t.learning_rate, t.momentum, t.seed),
-        spec.pipeline.streams,
-        spec.placement.replicas,
-    );
-    let json = serde_json::to_vec(&relevant).expect("a spec serialises");
-    hex::encode(Sha256::digest(json))
+    let json = if kernels.iter().all(Option::is_none) {
+        serde_json::to_vec(&(&spec.model, &spec.data, settings, streams, replicas))
+    } else {
+        let relevant = (
+            &spec.model,
+            kernels,
+            &spec.data,
+            settings,
+            streams,
+            replicas,
+        );
+        serde_json::to_vec(&relevant)
+    };
+    hex::encode(Sha256::digest(json.expect("a spec serialises")))
 }
 
 /// The blocking part of a run: the steps through the pipeline.
@@ -732,6 +740,23 @@ mod tests {
         assert_eq!(p.run_steps, 0, "steps ran past a checkpoint left unread");
     }
 
+    /// Checkpoints written by earlier agents resume: without frozen layers the fingerprint
+    /// is the digest of the spec alone, as it always was.
+    #[test]
+    fn the_fingerprint_of_a_job_without_frozen_layers_does_not_change() {
+        let s = spec(serde_json::json!({}));
+        let layers: Vec<_> = s
+            .model
+            .layers
+            .iter()
+            .map(|l| (l.conv2d.clone().unwrap(), None))
+            .collect();
+        assert_eq!(
+            fingerprint(&s, &layers),
+            "ff9d0b3bb70d4203d8cf3b33e5c28322f35d3c8bab0a95bc25883be80c356e62"
+        );
+    }
+
     #[tokio::test]
     async fn a_layer_without_a_source_fails_the_worker_for_good() {
         let mut s = spec(serde_json::json!({}));
@@ -967,7 +992,7 @@ mod tests {
         );
         let message = p.message.unwrap();
         assert!(
-            message.contains("spec.model.layers[1].conv2d.inChannels: must equal the 4 channels"),
+            message.contains("spec.model.layers[1].conv2d.inChannels: is 5 but 4 channels come"),
             "{message}"
         );
         // What admission could not bound, behind the frozen layer, the agent refuses before

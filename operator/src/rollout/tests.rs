@@ -436,6 +436,30 @@ fn late_failures_are_not_diluted_by_the_step_s_early_successes() {
     );
 }
 
+/// Right after a passed window closes, the next has nothing yet: the pass stands, and the
+/// status and the Events stay as they are.
+#[test]
+fn a_pass_stands_while_the_next_window_fills() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"steps": [
+        {"trafficPercent": 1}, {"trafficPercent": 100}]}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::Paused, "awaiting a promote");
+    let (before, notes) = (run.status.clone(), run.notes.len());
+    run.at(0, &healthy(0, 0.0));
+    assert_eq!(run.status, before);
+    run.at(3, &healthy(10, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::Paused);
+    assert_eq!(run.notes.len(), notes, "{:?}", run.reasons());
+    assert_eq!(
+        run.last.as_ref().unwrap().verdict.as_ref().unwrap().label(),
+        "pass"
+    );
+}
+
 /// Counts that fall (an agent restarted and counts afresh) cannot be told apart from a
 /// window: a new one opens on them, and nothing is counted twice or underflows.
 #[test]

@@ -114,7 +114,7 @@ pub fn decide(job: &AsyncTrainingJob, obs: &Observation<'_>, settings: &Settings
         notes: Vec::new(),
         backing_off: None,
     };
-    let verdict = validate::training_job(&job.spec);
+    let verdict = validate::stored_training_job(&job.spec);
     m.put(accepted_at(&verdict, generation, &old.conditions, obs.now));
     if verdict.is_err() {
         // Invalid specs wait for the user to change them.

@@ -161,7 +161,7 @@ const TRAINING_JOB_CASES: &[Case] = &[
         what: "channels not chaining",
         patch: "{spec: {model: {layers: [{name: a, conv2d: {inChannels: 3, outChannels: 8, kernelSize: [1, 1]}}, {name: b, conv2d: {inChannels: 4, outChannels: 3, kernelSize: [1, 1]}}]}}}",
         expect: &[
-            "spec.model.layers[1].conv2d.inChannels: must equal the 8 channels coming into this layer",
+            "spec.model.layers[1].conv2d.inChannels: is 4 but 8 channels come into this layer; they must be equal",
         ],
     },
     Case {

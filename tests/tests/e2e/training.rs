@@ -532,7 +532,7 @@ async fn kernel_deployment_layers_train_frozen_and_a_mismatch_fails_at_once() {
         .message;
     assert!(
         message.contains("InvalidModel")
-            && message.contains("layer 1 takes 64 channels but gets 32"),
+            && message.contains("inChannels: is 64 but 32 channels come into this layer"),
         "{message}"
     );
     assert_eq!(failed.status.as_ref().unwrap().restarts, 0);
