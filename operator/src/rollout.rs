@@ -220,17 +220,17 @@ impl Machine<'_> {
         self.start(desired);
     }
 
+    /// The spec's steps' traffic percents.
+    fn step_traffic(&self) -> Vec<u8> {
+        let steps = &self.spec.rollout.steps;
+        steps.iter().map(|s| s.traffic_percent).collect()
+    }
+
     /// Starts again at the first step when the steps' traffic changed under a rollout in
     /// progress: its step index would now mean another step.
     fn follow_steps(&mut self) {
         use RolloutPhase::*;
-        let traffic: Vec<u8> = self
-            .spec
-            .rollout
-            .steps
-            .iter()
-            .map(|s| s.traffic_percent)
-            .collect();
+        let traffic = self.step_traffic();
         // Degraded holds for a user's promote, abort or retry, whatever the steps say.
         if !matches!(self.s.phase, Progressing | Paused) || self.s.step_traffic == traffic {
             return;
@@ -389,13 +389,7 @@ impl Machine<'_> {
         self.s.phase = RolloutPhase::Progressing;
         self.s.current_step_index = Some(index as u32);
         self.s.traffic_percent = step.traffic_percent;
-        self.s.step_traffic = self
-            .spec
-            .rollout
-            .steps
-            .iter()
-            .map(|s| s.traffic_percent)
-            .collect();
+        self.s.step_traffic = self.step_traffic();
         self.s.step_epoch += 1;
         self.s.step_start_time = Some(self.stored_now());
         self.s.analysis = None;
