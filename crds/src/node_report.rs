@@ -104,6 +104,33 @@ pub struct RevisionFigures {
     pub latency_seconds_sum: f64,
 }
 
+impl RevisionFigures {
+    /// These figures and `other`'s together. Counts saturate: a report's are an agent's word,
+    /// and a wrapped (or, unoptimised, a panicking) sum would be worse than a pinned one.
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            traffic_ops: self.traffic_ops.saturating_add(other.traffic_ops),
+            ops: self.ops.saturating_add(other.ops),
+            failures: self.failures.saturating_add(other.failures),
+            fallbacks: self.fallbacks.saturating_add(other.fallbacks),
+            latency_seconds_sum: self.latency_seconds_sum + other.latency_seconds_sum,
+        }
+    }
+
+    /// What was counted since `start`; `None` where a count fell (counted afresh, as by an
+    /// agent restarted). Seconds summed in another order may come out a rounding apart: the
+    /// counts tell a fall, and seconds only never go below zero.
+    pub fn since(&self, start: &Self) -> Option<Self> {
+        Some(Self {
+            traffic_ops: self.traffic_ops.checked_sub(start.traffic_ops)?,
+            ops: self.ops.checked_sub(start.ops)?,
+            failures: self.failures.checked_sub(start.failures)?,
+            fallbacks: self.fallbacks.checked_sub(start.fallbacks)?,
+            latency_seconds_sum: (self.latency_seconds_sum - start.latency_seconds_sum).max(0.0),
+        })
+    }
+}
+
 /// The shadow load: identical inputs through canary and stable.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -121,6 +148,23 @@ pub struct ShadowFigures {
     /// Largest absolute output difference over the pairs, where comparable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_numeric_diff: Option<f64>,
+}
+
+impl ShadowFigures {
+    /// These pairs and `other`'s together, with the larger difference; comparability stays
+    /// this one's, for the caller to judge.
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            pairs: self.pairs.saturating_add(other.pairs),
+            canary_seconds_sum: self.canary_seconds_sum + other.canary_seconds_sum,
+            stable_seconds_sum: self.stable_seconds_sum + other.stable_seconds_sum,
+            comparable: self.comparable,
+            max_numeric_diff: match (self.max_numeric_diff, other.max_numeric_diff) {
+                (Some(a), Some(b)) => Some(max_diff(a, b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
 }
 
 /// The larger of two numeric differences, NaN if either is: `f64::max` drops a NaN, and a

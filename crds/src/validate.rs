@@ -69,6 +69,13 @@ impl Default for Errors {
 }
 
 impl Errors {
+    fn stored() -> Self {
+        Self {
+            sizes: false,
+            ..Self::default()
+        }
+    }
+
     /// Pushes a size bound's error, where sizes are checked.
     fn size(&mut self, field: impl Into<String>, message: String) {
         if self.sizes {
@@ -238,13 +245,7 @@ pub fn training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> 
 /// admitted before a bound, whose spec cannot change, would otherwise hold for good; its
 /// agent fails it instead, with the bound it breaks, when it runs.
 pub fn stored_training_job(spec: &AsyncTrainingJobSpec) -> Result<(), Vec<FieldError>> {
-    training_job_with(
-        spec,
-        Errors {
-            sizes: false,
-            ..Errors::default()
-        },
-    )
+    training_job_with(spec, Errors::stored())
 }
 
 fn training_job_with(spec: &AsyncTrainingJobSpec, mut e: Errors) -> Result<(), Vec<FieldError>> {

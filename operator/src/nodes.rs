@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kernelflow_crds::kernel_deployment::{NodeCounts, WindowStart};
-use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures, max_diff};
+use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -40,18 +40,10 @@ pub struct Figures {
 }
 
 impl Figures {
-    /// Adds one node's figures. Sums saturate: a report's counts are the agent's word, and
-    /// a wrapped (or, unoptimised, a panicking) sum would be worse than a pinned one.
+    /// Adds one node's figures.
     fn add(&mut self, k: &KernelReport) {
-        fn sum(a: &mut RevisionFigures, b: &RevisionFigures) {
-            a.traffic_ops = a.traffic_ops.saturating_add(b.traffic_ops);
-            a.ops = a.ops.saturating_add(b.ops);
-            a.failures = a.failures.saturating_add(b.failures);
-            a.fallbacks = a.fallbacks.saturating_add(b.fallbacks);
-            a.latency_seconds_sum += b.latency_seconds_sum;
-        }
-        sum(&mut self.canary, &k.canary);
-        sum(&mut self.stable, &k.stable);
+        self.canary = self.canary.plus(&k.canary);
+        self.stable = self.stable.plus(&k.stable);
         let (s, o) = (&mut self.shadow, &k.shadow);
         // A node knows once it runs both revisions: it says comparable, or has paired them
         // and says not. One still warming says not for want of a revision, and would switch
@@ -61,13 +53,7 @@ impl Figures {
             s.comparable = o.comparable && (self.judges == 0 || s.comparable);
             self.judges += 1;
         }
-        s.pairs = s.pairs.saturating_add(o.pairs);
-        s.canary_seconds_sum += o.canary_seconds_sum;
-        s.stable_seconds_sum += o.stable_seconds_sum;
-        s.max_numeric_diff = match (s.max_numeric_diff, o.max_numeric_diff) {
-            (Some(a), Some(b)) => Some(max_diff(a, b)),
-            (a, b) => a.or(b),
-        };
+        *s = s.plus(o);
         self.nodes += 1;
     }
 
@@ -75,24 +61,11 @@ impl Figures {
     /// they are; `None` where a count fell (an agent restarted, or a node's figures left the
     /// sum), so that the window cannot be told.
     pub fn since(&self, start: &WindowStart) -> Option<Figures> {
-        fn minus(a: &RevisionFigures, b: &RevisionFigures) -> Option<RevisionFigures> {
-            Some(RevisionFigures {
-                traffic_ops: a.traffic_ops.checked_sub(b.traffic_ops)?,
-                ops: a.ops.checked_sub(b.ops)?,
-                failures: a.failures.checked_sub(b.failures)?,
-                fallbacks: a.fallbacks.checked_sub(b.fallbacks)?,
-                latency_seconds_sum: seconds(a.latency_seconds_sum, b.latency_seconds_sum),
-            })
-        }
-        // Sums of seconds over the nodes may come out a rounding apart in another order:
-        // the counts tell a fall, these only never go below zero.
-        fn seconds(a: f64, b: f64) -> f64 {
-            (a - b).max(0.0)
-        }
         let s = &self.shadow;
+        let seconds = |a: f64, b: f64| (a - b).max(0.0);
         Some(Figures {
-            canary: minus(&self.canary, &start.canary)?,
-            stable: minus(&self.stable, &start.stable)?,
+            canary: self.canary.since(&start.canary)?,
+            stable: self.stable.since(&start.stable)?,
             shadow: ShadowFigures {
                 pairs: s.pairs.checked_sub(start.shadow_pairs)?,
                 canary_seconds_sum: seconds(s.canary_seconds_sum, start.shadow_canary_seconds_sum),

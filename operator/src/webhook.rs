@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, extract::State, routing::post};
 use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::ByteString;
@@ -25,6 +24,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde::de::DeserializeOwned;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::FIELD_MANAGER;
 use crate::metrics::Metrics;
@@ -220,15 +220,6 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 12
 /// gives up on a webhook after 30 s at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
 
-/// Answers 408 to a request that takes longer than [`REQUEST_TIMEOUT`], as one whose body
-/// trickles in would.
-async fn bounded(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
-    }
-}
-
 /// The TLS configuration for a certificate chain and key (PEM), offering HTTP/1.1 alone:
 /// the server speaks nothing else, so that [`HEAD_TIMEOUT`] holds from the first byte
 /// (serving both, it would wait without a limit for bytes to tell them apart).
@@ -248,7 +239,11 @@ fn tls_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>
 async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> anyhow::Result<()> {
     let app = Router::new()
         .route(PATH, post(review))
-        .layer(axum::middleware::from_fn(bounded))
+        // A 408 past it, as for a request whose body trickles in.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .with_state(metrics);
     let mut server = axum_server::bind_rustls(addr, tls).http1_only();
     server
@@ -742,6 +737,12 @@ mod tests {
             .unwrap()
     }
 
+    /// A local address nothing listens on.
+    fn free_addr() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
     /// What the server sends on `tls` until it hangs up; an error where it has not within
     /// ten times its limits (a server still waiting).
     fn until_closed(
@@ -774,10 +775,7 @@ mod tests {
     #[tokio::test]
     async fn slow_clients_are_let_go() {
         let cert = generate(&["localhost".to_string()]).unwrap();
-        let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = free_addr();
         let server = tokio::spawn({
             let cert = cert.clone();
             async move { serve(addr, &cert, Metrics::default()).await }
@@ -829,10 +827,7 @@ mod tests {
         let names = ["localhost".to_string()];
         let (first, renewed) = (generate(&names).unwrap(), generate(&names).unwrap());
         write(&first);
-        let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = free_addr();
         let server = tokio::spawn({
             let dir = dir.clone();
             async move {

@@ -429,20 +429,9 @@ mod tests {
             job_dir.set_modified(long_ago).unwrap();
         }
         t.clean_up(&[job("kept", 5, "m", 0, false)]).await.unwrap();
-        assert!(
-            t.env
-                .checkpoints
-                .load("uid-kept", 0, usize::MAX)
-                .unwrap()
-                .is_some()
-        );
-        assert!(
-            t.env
-                .checkpoints
-                .load("uid-gone", 0, usize::MAX)
-                .unwrap()
-                .is_none()
-        );
+        let load = |uid| t.env.checkpoints.load(uid, 0, usize::MAX).unwrap();
+        assert!(load("uid-kept").is_some());
+        assert!(load("uid-gone").is_none());
     }
 
     #[tokio::test]

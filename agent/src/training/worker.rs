@@ -447,7 +447,7 @@ impl Steps {
         {
             Ok(Some(l)) => l,
             Ok(None) => return Ok((0, None)),
-            Err(CheckpointError::Io(e)) => return Err(CheckpointError::Io(e).into()),
+            Err(e @ CheckpointError::Io(_)) => return Err(e.into()),
             Err(e) => return refused(e.reason(), e.to_string()),
         };
         if loaded.meta.fingerprint != self.fingerprint {

@@ -92,28 +92,12 @@ struct Run {
 
 /// `a` and then `b`: counts and seconds summed, the largest difference kept, the rest `b`'s.
 fn plus(a: &Figures, b: &Figures) -> Figures {
-    fn sum(a: &RevisionFigures, b: &RevisionFigures) -> RevisionFigures {
-        RevisionFigures {
-            traffic_ops: a.traffic_ops + b.traffic_ops,
-            ops: a.ops + b.ops,
-            failures: a.failures + b.failures,
-            fallbacks: a.fallbacks + b.fallbacks,
-            latency_seconds_sum: a.latency_seconds_sum + b.latency_seconds_sum,
-        }
-    }
-    let (sa, sb) = (&a.shadow, &b.shadow);
     Figures {
-        canary: sum(&a.canary, &b.canary),
-        stable: sum(&a.stable, &b.stable),
+        canary: a.canary.plus(&b.canary),
+        stable: a.stable.plus(&b.stable),
         shadow: ShadowFigures {
-            pairs: sa.pairs + sb.pairs,
-            canary_seconds_sum: sa.canary_seconds_sum + sb.canary_seconds_sum,
-            stable_seconds_sum: sa.stable_seconds_sum + sb.stable_seconds_sum,
-            max_numeric_diff: match (sa.max_numeric_diff, sb.max_numeric_diff) {
-                (Some(x), Some(y)) => Some(kernelflow_crds::node_report::max_diff(x, y)),
-                (x, y) => x.or(y),
-            },
-            comparable: sb.comparable,
+            comparable: b.shadow.comparable,
+            ..a.shadow.plus(&b.shadow)
         },
         ..b.clone()
     }
@@ -392,16 +376,22 @@ fn with_failures(samples: u64, failures: u64) -> Summary {
     s
 }
 
-/// Each window is judged on its own operations: one transient failure fails one window,
-/// not every window until enough successes dilute it.
-#[test]
-fn one_failure_fails_one_window_only() {
+/// A run warm and at a first step of 1% whose pause (5 min) outlasts many windows.
+fn long_first_step() -> Run {
     let mut run = Run::new(spec(
         B,
         serde_json::json!({"rollout": {"steps": [
         {"trafficPercent": 1, "pause": "5m"}, {"trafficPercent": 100}]}}),
     ));
     run.at(0, &nodes(3, 3));
+    run
+}
+
+/// Each window is judged on its own operations: one transient failure fails one window,
+/// not every window until enough successes dilute it.
+#[test]
+fn one_failure_fails_one_window_only() {
+    let mut run = long_first_step();
     run.at(10, &with_failures(100, 1));
     assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
     for _ in 0..10 {
@@ -415,12 +405,7 @@ fn one_failure_fails_one_window_only() {
 /// A canary that starts failing late in a long step is not hidden by its early successes.
 #[test]
 fn late_failures_are_not_diluted_by_the_step_s_early_successes() {
-    let mut run = Run::new(spec(
-        B,
-        serde_json::json!({"rollout": {"steps": [
-        {"trafficPercent": 1, "pause": "5m"}, {"trafficPercent": 100}]}}),
-    ));
-    run.at(0, &nodes(3, 3));
+    let mut run = long_first_step();
     for _ in 0..5 {
         run.at(10, &with_failures(10_000, 0));
     }
@@ -464,12 +449,7 @@ fn a_pass_stands_while_the_next_window_fills() {
 /// window: a new one opens on them, and nothing is counted twice or underflows.
 #[test]
 fn counts_that_fall_open_a_new_window() {
-    let mut run = Run::new(spec(
-        B,
-        serde_json::json!({"rollout": {"steps": [
-        {"trafficPercent": 1, "pause": "5m"}, {"trafficPercent": 100}]}}),
-    ));
-    run.at(0, &nodes(3, 3));
+    let mut run = long_first_step();
     run.at(5, &with_failures(1000, 50));
     assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
     run.counted.1 = with_failures(10, 0).figures;
