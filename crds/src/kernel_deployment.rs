@@ -1,5 +1,7 @@
 //! `KernelDeployment`: ships a conv2d kernel artifact to GPU nodes with a staged rollout.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use kube::core::Duration;
@@ -426,24 +428,39 @@ pub struct AnalysisFigures {
     pub window: Option<WindowStart>,
 }
 
-/// When an analysis window opened, and the nodes' counts for the step then. Agents count
-/// from the step's start; a window is the difference, so that each window is judged on its
-/// own operations and a failure is counted in one window only.
+/// When an analysis window opened, and what each node had counted in the step then. Agents
+/// count from the step's start; a window is each node's difference, so that each window is
+/// judged on its own operations and a failure is counted in one window only, however nodes
+/// come and go.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WindowStart {
     /// When the window opened.
     pub time: Time,
-    /// Canary counts, summed over the nodes.
+    /// Each node's counts then, by node name; a node not named had counted nothing. Absent
+    /// in a status written by an operator that kept sums over nodes: a window opens anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<BTreeMap<String, StepCounts>>,
+}
+
+/// What one node had counted in the step when an analysis window opened.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepCounts {
+    /// When the node's agent began these counts (its report's `windowStart`): an agent that
+    /// restarted counts afresh from a later time, and its entry no longer applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_since: Option<Time>,
+    /// Canary counts.
     pub canary: RevisionFigures,
-    /// Stable counts, summed over the nodes.
+    /// Stable counts.
     pub stable: RevisionFigures,
-    /// Shadow pairs, summed over the nodes.
+    /// Shadow pairs.
     pub shadow_pairs: u64,
-    /// Their canary seconds, summed over the nodes.
+    /// Their canary seconds.
     #[schemars(range(min = 0.0))]
     pub shadow_canary_seconds_sum: f64,
-    /// Their stable seconds, summed over the nodes.
+    /// Their stable seconds.
     #[schemars(range(min = 0.0))]
     pub shadow_stable_seconds_sum: f64,
 }

@@ -3,12 +3,13 @@
 //! without a cluster.
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kernelflow_crds::kernel_deployment::{NodeCounts, WindowStart};
+use kernelflow_crds::kernel_deployment::{NodeCounts, StepCounts};
 use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::ResourceExt;
@@ -27,7 +28,7 @@ fn fatal(reason: &str) -> bool {
     !matches!(reason, "FetchFailed" | "NotFound" | "StoreUnavailable")
 }
 
-/// The figures of one step, summed over the nodes that reported them.
+/// Figures summed over nodes: one node's for the step, or a window's over the nodes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Figures {
     /// Nodes whose figures are included.
@@ -40,27 +41,42 @@ pub struct Figures {
 }
 
 impl Figures {
-    /// Adds one node's figures.
-    fn add(&mut self, k: &KernelReport) {
-        self.canary = self.canary.plus(&k.canary);
-        self.stable = self.stable.plus(&k.stable);
-        let (s, o) = (&mut self.shadow, &k.shadow);
+    /// One node's figures for the step.
+    fn of(k: &KernelReport) -> Self {
         // A node knows once it runs both revisions: it says comparable, or has paired them
         // and says not. One still warming says not for want of a revision, and would switch
-        // the check off for every node. Those that know must all agree: nodes agree unless
-        // an artifact is lying.
-        if o.comparable || o.pairs > 0 {
-            s.comparable = o.comparable && (self.judges == 0 || s.comparable);
-            self.judges += 1;
+        // the check off for every node.
+        let judges = u32::from(k.shadow.comparable || k.shadow.pairs > 0);
+        Figures {
+            nodes: 1,
+            judges,
+            canary: k.canary.clone(),
+            stable: k.stable.clone(),
+            shadow: k.shadow.clone(),
         }
-        *s = s.plus(o);
-        self.nodes += 1;
     }
 
-    /// What was counted since `start`, the step's largest difference and comparability as
-    /// they are; `None` where a count fell (an agent restarted, or a node's figures left the
-    /// sum), so that the window cannot be told.
-    pub fn since(&self, start: &WindowStart) -> Option<Figures> {
+    /// Adds other nodes' figures. Those that know whether outputs are comparable must all
+    /// agree: nodes agree unless an artifact is lying.
+    fn add(&mut self, o: &Figures) {
+        self.canary = self.canary.plus(&o.canary);
+        self.stable = self.stable.plus(&o.stable);
+        let comparable = match (self.judges, o.judges) {
+            (_, 0) => self.shadow.comparable,
+            (0, _) => o.shadow.comparable,
+            _ => self.shadow.comparable && o.shadow.comparable,
+        };
+        self.shadow = ShadowFigures {
+            comparable,
+            ..self.shadow.plus(&o.shadow)
+        };
+        self.nodes += o.nodes;
+        self.judges += o.judges;
+    }
+
+    /// What was counted since `start`, the largest difference and comparability as they
+    /// are; `None` where a count fell (the agent restarted and counts afresh).
+    fn since(&self, start: &StepCounts) -> Option<Figures> {
         let s = &self.shadow;
         let seconds = |a: f64, b: f64| (a - b).max(0.0);
         Some(Figures {
@@ -76,10 +92,10 @@ impl Figures {
         })
     }
 
-    /// A window opening at `time` on these counts.
-    pub fn start(&self, time: Time) -> WindowStart {
-        WindowStart {
-            time,
+    /// The counts a window opening now subtracts.
+    fn counts(&self, counted_since: Option<Time>) -> StepCounts {
+        StepCounts {
+            counted_since,
             canary: self.canary.clone(),
             stable: self.stable.clone(),
             shadow_pairs: self.shadow.pairs,
@@ -87,6 +103,16 @@ impl Figures {
             shadow_stable_seconds_sum: self.shadow.stable_seconds_sum,
         }
     }
+}
+
+/// One node's figures for the step, and whether its report is fresh: a stale report's
+/// figures are its node's last word, no longer judged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeFigures {
+    pub figures: Figures,
+    /// When the node's agent began counting them.
+    pub since: Option<Time>,
+    pub fresh: bool,
 }
 
 /// What the selected nodes say about one KernelDeployment.
@@ -98,8 +124,38 @@ pub struct Summary {
     pub unservable: bool,
     /// The epoch the figures are for.
     pub epoch: u64,
-    /// Figures for `epoch`, from the reporting selected nodes that serve it.
-    pub figures: Figures,
+    /// Each selected node's figures for `epoch`, by node name.
+    pub figures: BTreeMap<String, NodeFigures>,
+}
+
+/// The figures of the window that opened on `start`: what each fresh node counted since its
+/// entry there; all that it counted where it has no entry, or where its agent has counted
+/// afresh since (restarted: its counts began later, or fell).
+pub fn window(
+    figures: &BTreeMap<String, NodeFigures>,
+    start: &BTreeMap<String, StepCounts>,
+) -> Figures {
+    let mut window = Figures::default();
+    for (node, n) in figures.iter().filter(|(_, n)| n.fresh) {
+        let entry = start.get(node).filter(|s| s.counted_since == n.since);
+        let since = entry.and_then(|s| n.figures.since(s));
+        window.add(since.as_ref().unwrap_or(&n.figures));
+    }
+    window
+}
+
+/// The entries of a window opening now: every node's counts, a stale node's included (they
+/// were judged while it was fresh, and must not be again when it comes back), and those of
+/// `previous` whose node is no longer in `figures`, should it come back.
+pub fn starts(
+    figures: &BTreeMap<String, NodeFigures>,
+    previous: &BTreeMap<String, StepCounts>,
+) -> BTreeMap<String, StepCounts> {
+    let mut starts = previous.clone();
+    for (node, n) in figures {
+        starts.insert(node.clone(), n.figures.counts(n.since.clone()));
+    }
+    starts
 }
 
 /// Whether a node's report is recent enough to count; a heartbeat from the future (clock
@@ -123,7 +179,7 @@ pub fn summarize(
     let selector = Selector::try_from(kd.spec.node_selector.clone()).ok();
     let (namespace, name) = (kd.namespace().unwrap_or_default(), kd.name_any());
     let mut counts = NodeCounts::default();
-    let mut figures = Figures::default();
+    let mut figures = BTreeMap::new();
     let mut failures = Vec::new();
     for node in nodes.iter().map(Borrow::borrow) {
         if !selector.as_ref().is_some_and(|s| s.matches(node.labels())) {
@@ -138,18 +194,24 @@ pub fn summarize(
         else {
             continue;
         };
-        if !fresh(report, now, stale_after) {
-            continue;
-        }
-        counts.reporting += 1;
         let kernel = report
             .spec
             .kernels
             .iter()
             .find(|k| k.namespace == namespace && k.name == name && k.canary_sha256 == digest);
+        let fresh = fresh(report, now, stale_after);
         if let Some(k) = kernel.filter(|k| k.epoch == Some(epoch)) {
-            figures.add(k);
+            let node = NodeFigures {
+                figures: Figures::of(k),
+                since: k.window_start.clone(),
+                fresh,
+            };
+            figures.insert(node_name.clone(), node);
         }
+        if !fresh {
+            continue;
+        }
+        counts.reporting += 1;
         match kernel.map(|k| k.state.as_str()) {
             Some("Warm") => counts.warmed += 1,
             Some("Failed") => {
@@ -393,7 +455,15 @@ pub(crate) mod tests {
             with_figures(report("d", "Warm", None, old), 7, 1000, 0, 1.0),
             with_figures(report("e", "Warm", None, now), 7, 1000, 0, 1.0),
         ];
-        let f = summarize(&kd(), &"a".repeat(64), 7, &nodes, &reports, now, STALE).figures;
+        let f = judged(summarize(
+            &kd(),
+            &"a".repeat(64),
+            7,
+            &nodes,
+            &reports,
+            now,
+            STALE,
+        ));
         assert_eq!(
             f.nodes, 2,
             "only a and b: c is at an old epoch, d stale, e not selected"
@@ -412,7 +482,7 @@ pub(crate) mod tests {
         let mut mixed = reports[1].clone();
         mixed.spec.kernels[0].shadow.comparable = false;
         mixed.spec.kernels[0].shadow.max_numeric_diff = Some(f64::NAN);
-        let f = summarize(
+        let f = judged(summarize(
             &kd(),
             &"a".repeat(64),
             7,
@@ -420,15 +490,14 @@ pub(crate) mod tests {
             &[reports[0].clone(), mixed.clone()],
             now,
             STALE,
-        )
-        .figures;
+        ));
         assert!(!f.shadow.comparable);
         assert!(
             f.shadow.max_numeric_diff.unwrap().is_nan(),
             "a NaN difference is never hidden by max"
         );
         // Nor when the NaN comes first.
-        let f = summarize(
+        let f = judged(summarize(
             &kd(),
             &"a".repeat(64),
             7,
@@ -436,8 +505,7 @@ pub(crate) mod tests {
             &[mixed, reports[0].clone()],
             now,
             STALE,
-        )
-        .figures;
+        ));
         assert!(f.shadow.max_numeric_diff.unwrap().is_nan());
 
         // A node without both revisions yet has no say; counts pin instead of wrapping.
@@ -445,7 +513,7 @@ pub(crate) mod tests {
         let k = &mut warming.spec.kernels[0];
         k.shadow = ShadowFigures::default();
         k.canary.ops = u64::MAX;
-        let f = summarize(
+        let f = judged(summarize(
             &kd(),
             &"a".repeat(64),
             7,
@@ -453,14 +521,13 @@ pub(crate) mod tests {
             &[reports[0].clone(), warming.clone()],
             now,
             STALE,
-        )
-        .figures;
+        ));
         assert!(
             f.shadow.comparable,
             "the warming node switched the check off"
         );
         assert_eq!((f.judges, f.canary.ops), (1, u64::MAX));
-        let f = summarize(
+        let f = judged(summarize(
             &kd(),
             &"a".repeat(64),
             7,
@@ -468,8 +535,68 @@ pub(crate) mod tests {
             &[warming],
             now,
             STALE,
-        )
-        .figures;
+        ));
         assert!(!f.shadow.comparable && f.judges == 0);
+    }
+
+    /// A step's figures judged as one window, from its start.
+    fn judged(summary: Summary) -> Figures {
+        window(&summary.figures, &BTreeMap::new())
+    }
+
+    /// Windows take each node's counts since its entry, however nodes come and go: nothing is
+    /// counted twice, and a restarted agent's fresh counts are counted whole.
+    #[test]
+    fn a_window_counts_each_node_since_its_own_entry() {
+        let now = Timestamp::now();
+        let old = now - k8s_openapi::jiff::SignedDuration::from_secs(120);
+        let nodes = [node("a", "gpu"), node("b", "gpu"), node("c", "gpu")];
+        let sum = |reports: &[NodeReport]| {
+            summarize(&kd(), &"a".repeat(64), 7, &nodes, reports, now, STALE).figures
+        };
+        let ops = |f: Figures| (f.nodes, f.canary.ops, f.canary.failures);
+        let first = sum(&[
+            with_figures(report("a", "Warm", None, now), 7, 100, 0, 0.0),
+            with_figures(report("b", "Warm", None, now), 7, 50, 5, 0.0),
+        ]);
+        let opened = starts(&first, &BTreeMap::new());
+        assert_eq!(ops(window(&first, &opened)), (2, 0, 0));
+
+        // b goes quiet after 10 more operations, one failing: its last word is not judged,
+        // but the next window starts from it.
+        let quiet = sum(&[
+            with_figures(report("a", "Warm", None, now), 7, 130, 0, 0.0),
+            with_figures(report("b", "Warm", None, old), 7, 60, 6, 0.0),
+        ]);
+        assert_eq!(ops(window(&quiet, &opened)), (1, 30, 0));
+        let opened = starts(&quiet, &opened);
+
+        // b comes back: only what it counted since its last word is new. c, new to the
+        // step, brings all it counted.
+        let back = sum(&[
+            with_figures(report("a", "Warm", None, now), 7, 130, 0, 0.0),
+            with_figures(report("b", "Warm", None, now), 7, 80, 6, 0.0),
+            with_figures(report("c", "Warm", None, now), 7, 5, 1, 0.0),
+        ]);
+        assert_eq!(ops(window(&back, &opened)), (3, 25, 1));
+
+        // a's agent restarts and counts afresh from a later time: its 10 are all new, even
+        // once they pass its entry's 130.
+        let mut restarted = with_figures(report("a", "Warm", None, now), 7, 10, 2, 0.0);
+        restarted.spec.kernels[0].window_start = Some(Time(now));
+        let f = sum(&[restarted.clone()]);
+        assert_eq!(ops(window(&f, &opened)), (1, 10, 2));
+        restarted.spec.kernels[0].canary.ops = 200;
+        let f = sum(&[restarted]);
+        assert_eq!(ops(window(&f, &opened)), (1, 200, 2));
+
+        // Counts that fall without a later start are counted afresh too, never underflow.
+        let f = sum(&[with_figures(report("a", "Warm", None, now), 7, 20, 0, 0.0)]);
+        assert_eq!(ops(window(&f, &opened)), (1, 20, 0));
+
+        // The entries of nodes that left the summary are kept, should they come back.
+        let next = starts(&f, &opened);
+        assert_eq!(next.len(), 2);
+        assert_eq!(next["b"].canary.ops, 60);
     }
 }

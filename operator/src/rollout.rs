@@ -2,6 +2,7 @@
 //! time in; the new status and what happened out. No I/O, so that every path is driven by
 //! unit tests, and an operator restarted mid-rollout resumes from the status alone.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -9,9 +10,10 @@ use k8s_openapi::jiff::Timestamp;
 use kernelflow_crds::KernelDeploymentSpec;
 use kernelflow_crds::kernel_deployment::{
     AnalysisFigures, AnalysisSpec, KernelDeploymentStatus, ManualAction, Revision, RolloutPhase,
+    WindowStart,
 };
 
-use crate::nodes::{Figures, Summary};
+use crate::nodes::{self, Figures, NodeFigures, Summary};
 
 /// What the operator observed for one reconcile.
 pub struct Observations<'a> {
@@ -308,7 +310,7 @@ impl Machine<'_> {
                 let was = self.s.phase;
                 self.s.phase = Progressing;
                 // Figures of another epoch belong to a split this reconcile just replaced.
-                let none = Figures::default();
+                let none = BTreeMap::new();
                 let figures = if summary.epoch == self.s.step_epoch {
                     &summary.figures
                 } else {
@@ -452,31 +454,32 @@ impl Machine<'_> {
 
     /// Runs analysis on the open window, and advances, waits, or fails.
     ///
-    /// Agents count from the step's start; a window is what they counted since it opened,
-    /// so that each is judged on its own operations. A failed window is counted once and
+    /// Agents count from the step's start; a window is what each node counted since it
+    /// opened, so that each is judged on its own operations. A failed window is counted once and
     /// closes; a passed one closes after an interval; an inconclusive one stays open until
     /// it has its samples. (Numeric agreement is the step's largest difference throughout.)
-    fn analyse(&mut self, figures: &Figures, was: RolloutPhase) {
+    fn analyse(&mut self, figures: &BTreeMap<String, NodeFigures>, was: RolloutPhase) {
         let spec = &self.spec.rollout.analysis;
         let interval: Duration = spec.interval.into();
         let index = self.s.current_step_index.unwrap_or_default() as usize;
         let step = &self.spec.rollout.steps[index.min(self.spec.rollout.steps.len() - 1)];
         let previous = self.s.analysis.take().unwrap_or_default();
-        let opened = previous.window.clone().unwrap_or_else(|| {
-            let time = self.s.step_start_time.clone();
-            Figures::default().start(time.unwrap_or_else(|| self.stored_now()))
-        });
-        // Counts that fell (an agent restarted, a node's figures left) open a window on them.
-        let (window, opened) = match figures.since(&opened) {
-            Some(window) => (window, opened),
+        let (opened, starts) = match previous.window.clone() {
+            Some(WindowStart {
+                time,
+                nodes: Some(starts),
+            }) => (time, starts),
+            // Kept as sums over nodes by an older operator: a window opens on the counts now.
+            Some(WindowStart { nodes: None, .. }) => {
+                (self.stored_now(), nodes::starts(figures, &BTreeMap::new()))
+            }
             None => {
-                let fresh = figures.start(self.stored_now());
-                let window = figures
-                    .since(&fresh)
-                    .expect("counts never fall from themselves");
-                (window, fresh)
+                let time = self.s.step_start_time.clone();
+                (time.unwrap_or_else(|| self.stored_now()), BTreeMap::new())
             }
         };
+        let window = nodes::window(figures, &starts);
+        let age = self.since(&Some(opened.clone()));
         let comparable = window.shadow.comparable;
         let (mut verdict, mut recorded) = analyse(spec, &window);
         // A window younger than an interval that cannot be judged yet leaves the pass of the
@@ -487,7 +490,7 @@ impl Machine<'_> {
             .as_deref()
             .and_then(|v| v.strip_prefix("Passed: "));
         if let (Verdict::Inconclusive(_), Some(passed)) = (&verdict, passed)
-            && self.since(&Some(opened.time.clone())) < interval
+            && age < interval
         {
             verdict = Verdict::Passed(passed.to_string());
             recorded = previous.clone();
@@ -515,11 +518,17 @@ impl Machine<'_> {
                 .into(),
             );
         }
-        recorded.window = Some(opened.clone());
         // The next window starts from here.
         let close = |m: &Self, recorded: &mut AnalysisFigures| {
-            recorded.window = Some(figures.start(m.stored_now()));
+            recorded.window = Some(WindowStart {
+                time: m.stored_now(),
+                nodes: Some(nodes::starts(figures, &starts)),
+            });
         };
+        recorded.window = Some(WindowStart {
+            time: opened,
+            nodes: Some(starts.clone()),
+        });
         match &verdict {
             Verdict::Failed(why) => {
                 // A failing window counts once per interval, however often this runs.
@@ -568,7 +577,7 @@ impl Machine<'_> {
                 self.wait(interval);
             }
             Verdict::Passed(_) => {
-                if self.since(&Some(opened.time)) >= interval {
+                if age >= interval {
                     close(self, &mut recorded);
                 }
                 self.s.analysis = Some(recorded);

@@ -38,17 +38,16 @@ fn nodes(reporting: u32, warmed: u32) -> Summary {
         },
         unservable: false,
         epoch: 0,
-        figures: Figures::default(),
+        figures: BTreeMap::new(),
     }
 }
 
-/// Healthy figures: `samples` canary ops, none failing, canary as fast as stable, equal
-/// outputs up to `diff`.
-fn healthy(samples: u64, diff: f64) -> Summary {
-    let mut s = nodes(3, 3);
-    s.figures = Figures {
-        nodes: 3,
-        judges: 3,
+/// One node's healthy figures: `samples` canary ops, none failing, canary as fast as stable,
+/// equal outputs up to `diff`.
+fn counted(samples: u64, diff: f64) -> Figures {
+    Figures {
+        nodes: 1,
+        judges: 1,
         canary: RevisionFigures {
             ops: samples,
             latency_seconds_sum: samples as f64 * 1e-3,
@@ -66,28 +65,53 @@ fn healthy(samples: u64, diff: f64) -> Summary {
             comparable: true,
             max_numeric_diff: Some(diff),
         },
-    };
+    }
+}
+
+/// `figures` of fresh nodes, by name, as a summary of 3 warm nodes.
+fn on(figures: &[(&str, Figures)]) -> Summary {
+    let mut s = nodes(3, 3);
+    s.figures = figures
+        .iter()
+        .map(|(node, figures)| {
+            let figures = figures.clone();
+            let n = NodeFigures {
+                figures,
+                since: None,
+                fresh: true,
+            };
+            (node.to_string(), n)
+        })
+        .collect();
     s
+}
+
+/// Healthy figures on one node.
+fn healthy(samples: u64, diff: f64) -> Summary {
+    on(&[("n1", counted(samples, diff))])
+}
+
+/// The figures of the one node of `s`.
+fn one(s: &mut Summary) -> &mut Figures {
+    &mut s.figures.values_mut().next().unwrap().figures
 }
 
 /// Figures that fail analysis: 5% of 1000 canary operations failed.
 fn failing() -> Summary {
-    let mut s = healthy(1000, 0.0);
-    s.figures.canary.failures = 50;
-    s
+    with_failures(1000, 50)
 }
 
 /// Drives the machine through time, keeping the status between calls as the API would, and
-/// the nodes' counts as agents do: each call's figures are what the nodes counted since the
-/// call before, added to the step's.
+/// the nodes' counts as agents do: each call's figures are what each node counted since the
+/// call before, added to its step's; a node a call leaves out stays as it was.
 struct Run {
     spec: KernelDeploymentSpec,
     status: KernelDeploymentStatus,
     now: Timestamp,
     notes: Vec<Note>,
     last: Option<Decision>,
-    /// The step's epoch and what the nodes counted in it.
-    counted: (u64, Figures),
+    /// The step's epoch and what each node counted in it.
+    counted: (u64, BTreeMap<String, NodeFigures>),
 }
 
 /// `a` and then `b`: counts and seconds summed, the largest difference kept, the rest `b`'s.
@@ -111,7 +135,7 @@ impl Run {
             now: Timestamp::from_second(1_800_000_000).unwrap(),
             notes: Vec::new(),
             last: None,
-            counted: (0, Figures::default()),
+            counted: (0, BTreeMap::new()),
         }
     }
 
@@ -133,9 +157,17 @@ impl Run {
         // The nodes have caught up with the status's split, and count from its start.
         let epoch = self.status.step_epoch;
         if self.counted.0 != epoch {
-            self.counted = (epoch, Figures::default());
+            self.counted = (epoch, BTreeMap::new());
         }
-        self.counted.1 = plus(&self.counted.1, &summary.figures);
+        for (node, n) in &summary.figures {
+            let counted = self.counted.1.entry(node.clone()).or_insert(NodeFigures {
+                figures: Figures::default(),
+                since: None,
+                fresh: true,
+            });
+            counted.figures = plus(&counted.figures, &n.figures);
+            counted.fresh = n.fresh;
+        }
         let summary = &Summary {
             epoch,
             figures: self.counted.1.clone(),
@@ -309,11 +341,11 @@ fn too_few_samples_or_no_stable_latency_never_pass() {
     let mut run = Run::new(spec(A, serde_json::json!({})));
     run.at(0, &nodes(3, 3));
     let mut no_stable = healthy(500, 0.0);
-    no_stable.figures.shadow = ShadowFigures {
+    one(&mut no_stable).shadow = ShadowFigures {
         comparable: false,
         ..Default::default()
     };
-    no_stable.figures.stable = RevisionFigures::default();
+    one(&mut no_stable).stable = RevisionFigures::default();
     run.at(60, &no_stable);
     assert_eq!(run.step(), (Some(0), 1));
     let recorded = run.status.analysis.as_ref().unwrap();
@@ -372,7 +404,7 @@ fn failing_analysis_counts_once_per_interval_then_rolls_back_naming_the_figure()
 /// `samples` canary operations of which `failures` failed, the rest healthy.
 fn with_failures(samples: u64, failures: u64) -> Summary {
     let mut s = healthy(samples, 0.0);
-    s.figures.canary.failures = failures;
+    one(&mut s).canary.failures = failures;
     s
 }
 
@@ -445,21 +477,74 @@ fn a_pass_stands_while_the_next_window_fills() {
     );
 }
 
-/// Counts that fall (an agent restarted and counts afresh) cannot be told apart from a
-/// window: a new one opens on them, and nothing is counted twice or underflows.
+/// A node whose counts fall (its agent restarted and counts afresh) has all it counted since
+/// counted: nothing twice, and nothing underflows.
 #[test]
-fn counts_that_fall_open_a_new_window() {
+fn counts_that_fall_are_counted_afresh() {
     let mut run = long_first_step();
     run.at(5, &with_failures(1000, 50));
     assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
     run.counted.1 = with_failures(10, 0).figures;
     run.at(20, &healthy(0, 0.0));
     let analysis = run.status.analysis.as_ref().unwrap();
-    assert_eq!(analysis.samples, 0, "{analysis:?}");
-    assert_eq!(analysis.failures, 1);
-    assert_eq!(analysis.window.as_ref().unwrap().canary.ops, 10);
+    assert_eq!(
+        (analysis.samples, analysis.failures),
+        (10, 1),
+        "{analysis:?}"
+    );
     run.at(5, &with_failures(200, 0));
-    assert_eq!(run.status.analysis.as_ref().unwrap().samples, 200);
+    assert_eq!(run.status.analysis.as_ref().unwrap().samples, 210);
+}
+
+/// A node that goes quiet after a failed window and comes back brings only what it counted
+/// since: the failures already counted do not fail another window.
+#[test]
+fn a_node_back_from_silence_is_not_judged_twice() {
+    let mut run = long_first_step();
+    let mut bad = counted(1000, 0.0);
+    bad.canary.failures = 50;
+    run.at(5, &on(&[("n1", counted(1000, 0.0)), ("n2", bad)]));
+    assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
+    let quiet = |f: Figures| NodeFigures {
+        figures: f,
+        since: None,
+        fresh: false,
+    };
+    let mut n1_alone = on(&[("n1", counted(300, 0.0))]);
+    n1_alone
+        .figures
+        .insert("n2".into(), quiet(Figures::default()));
+    for _ in 0..3 {
+        run.at(10, &n1_alone);
+    }
+    run.at(
+        10,
+        &on(&[("n1", counted(300, 0.0)), ("n2", counted(500, 0.0))]),
+    );
+    let analysis = run.status.analysis.as_ref().unwrap();
+    assert_eq!(analysis.failures, 1, "{analysis:?}");
+    assert_eq!(analysis.nodes, 2);
+    assert_eq!(run.phase(), RolloutPhase::Progressing);
+}
+
+/// A window kept as sums by an older operator opens anew on the counts of now.
+#[test]
+fn a_window_of_sums_from_an_older_operator_opens_anew() {
+    let mut run = long_first_step();
+    run.at(5, &with_failures(1000, 50));
+    let mut analysis = serde_json::to_value(run.status.analysis.as_ref().unwrap()).unwrap();
+    analysis["window"] = serde_json::json!({"time": "2027-01-15T08:00:05Z",
+        "canary": {"trafficOps": 0, "ops": 0, "failures": 0, "fallbacks": 0, "latencySecondsSum": 0.0}});
+    run.status.analysis = Some(serde_json::from_value(analysis).unwrap());
+    run.at(20, &healthy(0, 0.0));
+    let analysis = run.status.analysis.as_ref().unwrap();
+    assert_eq!(
+        (analysis.samples, analysis.failures),
+        (0, 1),
+        "{analysis:?}"
+    );
+    let window = analysis.window.as_ref().unwrap();
+    assert_eq!(window.nodes.as_ref().unwrap()["n1"].canary.ops, 1000);
 }
 
 #[test]
@@ -494,7 +579,7 @@ fn without_auto_rollback_it_holds_as_degraded_until_told() {
     ));
     run.at(0, &nodes(3, 3));
     let mut slow = healthy(1000, 0.0);
-    slow.figures.shadow.canary_seconds_sum = 2.0;
+    one(&mut slow).shadow.canary_seconds_sum = 2.0;
     run.at(10, &slow);
     assert_eq!(run.phase(), RolloutPhase::Degraded);
     assert_eq!(run.step(), (Some(0), 1), "traffic held at the step");
@@ -851,7 +936,7 @@ fn deciding_again_on_the_same_inputs_changes_nothing() {
 }
 
 fn figures(failures: u64, canary_seconds: f64, diff: Option<f64>, comparable: bool) -> Figures {
-    let mut f = healthy(1000, 0.0).figures;
+    let mut f = counted(1000, 0.0);
     f.canary.failures = failures;
     f.shadow.canary_seconds_sum = canary_seconds;
     f.shadow.max_numeric_diff = diff;
@@ -907,7 +992,7 @@ fn analysis_verdicts() {
 
 #[test]
 fn overhead_falls_back_to_mean_latency_without_shadow_pairs() {
-    let mut f = healthy(1000, 0.0).figures;
+    let mut f = counted(1000, 0.0);
     f.shadow = ShadowFigures::default();
     f.canary.latency_seconds_sum = 3.0;
     f.stable.latency_seconds_sum = 2.0;
@@ -921,7 +1006,7 @@ fn figures_of_the_split_a_promote_replaced_do_not_count_against_the_next_step() 
     let mut run = Run::new(spec(B, serde_json::json!({})));
     run.at(0, &nodes(3, 3));
     let mut bad = healthy(1000, 0.0);
-    bad.figures.canary.failures = 500;
+    one(&mut bad).canary.failures = 500;
     run.act(1, &bad, Some("promote:1"));
     assert_eq!(run.step(), (Some(1), 10));
     let recorded = run.status.analysis.as_ref().unwrap();
