@@ -173,6 +173,24 @@ pub struct RolloutSpec {
     #[serde(default = "yes")]
     #[schemars(default = "yes")]
     pub auto_rollback: bool,
+    /// How long a rollout may wait on its nodes (to warm, or for the samples a window needs)
+    /// before it counts as stalled: the `Progressing` condition turns False with reason
+    /// `ProgressDeadlineExceeded`, with a Warning Event, and the rollout goes on waiting.
+    /// Time paused (`spec.paused`, or a step awaiting its promote) does not count (Go
+    /// duration).
+    #[serde(
+        default = "default_progress_deadline",
+        deserialize_with = "go_duration::required"
+    )]
+    #[schemars(
+        length(max = 100),
+        regex(pattern = GO_DURATION),
+        default = "default_progress_deadline"
+    )]
+    pub progress_deadline: Duration,
+    /// Roll back once the progress deadline has passed, instead of going on waiting.
+    #[serde(default)]
+    pub progress_deadline_abort: bool,
 }
 
 impl Default for RolloutSpec {
@@ -181,8 +199,17 @@ impl Default for RolloutSpec {
             steps: default_steps(),
             analysis: AnalysisSpec::default(),
             auto_rollback: true,
+            progress_deadline: default_progress_deadline(),
+            progress_deadline_abort: false,
         }
     }
+}
+
+/// A Go duration of at most 8 parts, as the schema admits it.
+const GO_DURATION: &str = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$";
+
+fn default_progress_deadline() -> Duration {
+    "10m".parse().expect("a valid duration")
 }
 
 fn default_steps() -> Vec<RolloutStep> {
@@ -212,7 +239,7 @@ pub struct RolloutStep {
     )]
     #[schemars(
         length(max = 100),
-        regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$")
+        regex(pattern = GO_DURATION)
     )]
     pub pause: Option<Duration>,
 }
@@ -228,7 +255,7 @@ pub struct AnalysisSpec {
     )]
     #[schemars(
         length(max = 100),
-        regex(pattern = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,8}$"),
+        regex(pattern = GO_DURATION),
         default = "default_interval"
     )]
     pub interval: Duration,
@@ -505,6 +532,13 @@ pub struct KernelDeploymentStatus {
     /// When the current rollout began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_start_time: Option<Time>,
+    /// Since when the rollout has waited on its nodes, to warm or for the samples a window
+    /// needs; absent while it progresses or is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<Time>,
+    /// The wait has outlasted `spec.rollout.progressDeadline`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub progress_deadline_exceeded: bool,
     /// The `kernelflow.dev/action` annotation value last acted on, so that each manual
     /// action (promote, abort, retry) runs exactly once.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -143,6 +143,13 @@ pub fn kernel_deployment(spec: &KernelDeploymentSpec) -> Result<(), Vec<FieldErr
             );
         }
     }
+    let deadline = spec.rollout.progress_deadline;
+    if deadline.is_negative() || std::time::Duration::from(deadline).is_zero() {
+        e.push(
+            "spec.rollout.progressDeadline",
+            "must be a positive duration such as 10m",
+        );
+    }
     let a = &spec.rollout.analysis;
     if a.interval.is_negative() || std::time::Duration::from(a.interval).is_zero() {
         e.push(
@@ -853,11 +860,12 @@ placement: {nodeSelector: {matchLabels: {gpu: "true"}}}
     #[test]
     fn analysis_bounds() {
         let r = kernel_deployment(&kd(
-            "rollout: {analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1, minSamples: 0, failureLimit: 0}}",
+            "rollout: {progressDeadline: 0s, analysis: {interval: 0s, minSuccessRate: 1.5, maxOverheadRatio: 0, maxNumericDiff: -1, minSamples: 0, failureLimit: 0}}",
         ));
         assert_eq!(
             fields(r),
             [
+                "spec.rollout.progressDeadline",
                 "spec.rollout.analysis.interval",
                 "spec.rollout.analysis.minSuccessRate",
                 "spec.rollout.analysis.maxOverheadRatio",

@@ -484,8 +484,9 @@ fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::
     }
 }
 
-/// The `Progressing` condition: True while a rollout runs, False once it has ended, with
-/// the reason and figures of the ending (a rollback names the figure and the limit).
+/// The `Progressing` condition: True while a rollout runs, False once it has ended or has
+/// waited past its progress deadline, with the reason and figures of the ending (a rollback
+/// names the figure and the limit).
 fn progressing(
     status: &KernelDeploymentStatus,
     notes: &[rollout::Note],
@@ -494,6 +495,7 @@ fn progressing(
 ) -> Condition {
     use RolloutPhase::*;
     let (state, reason) = match status.phase {
+        _ if status.progress_deadline_exceeded => ("False", "ProgressDeadlineExceeded"),
         Pending => ("Unknown", "WaitingForNodes"),
         Warming => ("True", "Warming"),
         Progressing => ("True", "StepRunning"),
@@ -503,7 +505,8 @@ fn progressing(
         RolledBack => ("False", "RolledBack"),
         Failed => ("False", "Failed"),
     };
-    let ending = matches!(status.phase, Degraded | RolledBack | Failed);
+    let ending =
+        matches!(status.phase, Degraded | RolledBack | Failed) || status.progress_deadline_exceeded;
     let message = notes
         .iter()
         .rev()
@@ -722,6 +725,38 @@ mod tests {
         };
         let c = progressing(&status, &[ignored], Some(1), &[ended]);
         assert_eq!(c.message, why);
+    }
+
+    #[test]
+    fn a_wait_past_the_progress_deadline_turns_progressing_false_with_its_message() {
+        let mut status = KernelDeploymentStatus {
+            phase: RolloutPhase::Progressing,
+            progress_deadline_exceeded: true,
+            ..Default::default()
+        };
+        let stalled = rollout::Note {
+            warning: true,
+            reason: "ProgressDeadlineExceeded",
+            message: "no progress within progressDeadline 10m: step 1 of 4 at 1%".into(),
+        };
+        let c = progressing(&status, std::slice::from_ref(&stalled), Some(1), &[]);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+            (
+                "False",
+                "ProgressDeadlineExceeded",
+                stalled.message.as_str()
+            )
+        );
+        // Later reconciles keep the message; progress turns it True again.
+        let again = progressing(&status, &[], Some(1), std::slice::from_ref(&c));
+        assert_eq!(again.message, stalled.message);
+        status.progress_deadline_exceeded = false;
+        let on = progressing(&status, &[], Some(1), &[again]);
+        assert_eq!(
+            (on.status.as_str(), on.reason.as_str()),
+            ("True", "StepRunning")
+        );
     }
 
     #[test]

@@ -54,6 +54,15 @@ pub fn render(kd: &KernelDeployment, reports: &[NodeReport]) -> String {
     if let Some(m) = &status.message {
         let _ = writeln!(w, "  {m}");
     }
+    if status.progress_deadline_exceeded {
+        let since = status.waiting_since.as_ref().map(|t| t.0.to_string());
+        let _ = writeln!(
+            w,
+            "  stalled: waiting on the nodes since {}, past progressDeadline {}",
+            since.as_deref().unwrap_or("-"),
+            kd.spec.rollout.progress_deadline
+        );
+    }
     for (label, rev) in [
         ("stable", &status.stable_revision),
         ("canary", &status.canary_revision),
@@ -165,7 +174,8 @@ mod tests {
             "phase": "Progressing", "currentStepIndex": 1, "trafficPercent": 100, "stepEpoch": 3,
             "stableRevision": rev(false), "canaryRevision": rev(true),
             "nodes": {"selected": 1, "warmed": 1, "failed": 0, "reporting": 1},
-            "analysis": {"samples": 10, "failures": 0, "verdict": "Inconclusive: 10 of 100 canary samples"}
+            "analysis": {"samples": 10, "failures": 0, "verdict": "Inconclusive: 10 of 100 canary samples"},
+            "waitingSince": "2026-01-01T00:00:00Z", "progressDeadlineExceeded": true
         }));
         let report: NodeReport = serde_json::from_value(serde_json::json!({
             "apiVersion": "kernelflow.dev/v1alpha1", "kind": "NodeReport", "metadata": {"name": "gpu-1"},
@@ -186,6 +196,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Inconclusive: 10 of 100"), "{text}");
+        assert!(
+            text.contains(
+                "stalled: waiting on the nodes since 2026-01-01T00:00:00Z, past progressDeadline 600s"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("└── gpu-1  Warm  100% canary: canary 7 ops (1 failed)"),
             "{text}"

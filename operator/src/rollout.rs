@@ -134,6 +134,7 @@ pub fn decide(
         m.manual(action);
     }
     m.progress(obs.summary);
+    m.watch_progress();
     m.s.message = Some(m.summary_message());
     Decision {
         status: m.s,
@@ -270,6 +271,8 @@ impl Machine<'_> {
         self.s.step_traffic.clear();
         self.s.rollout_start_time = Some(Time(self.now));
         self.s.analysis = None;
+        self.s.waiting_since = None;
+        self.s.progress_deadline_exceeded = false;
     }
 
     fn manual(&mut self, action: ManualAction) {
@@ -607,6 +610,56 @@ impl Machine<'_> {
             }
         }
         self.verdict = Some(verdict);
+    }
+
+    /// Marks a rollout that has waited on its nodes (to warm, or for a window's samples)
+    /// past `progressDeadline`, or rolls it back with `progressDeadlineAbort`. Any progress,
+    /// or a pause, ends the wait.
+    fn watch_progress(&mut self) {
+        use RolloutPhase::*;
+        let waiting = !self.spec.paused
+            && match self.s.phase {
+                Pending | Warming => true,
+                Progressing => matches!(self.verdict, Some(Verdict::Inconclusive(_))),
+                _ => false,
+            };
+        if !waiting {
+            self.s.waiting_since = None;
+            self.s.progress_deadline_exceeded = false;
+            return;
+        }
+        let since = match &self.s.waiting_since {
+            Some(since) => since.clone(),
+            None => self.s.waiting_since.insert(self.stored_now()).clone(),
+        };
+        let deadline = self.spec.rollout.progress_deadline;
+        let (waited, limit) = (self.since(&Some(since)), Duration::from(deadline));
+        if waited < limit {
+            self.wait(limit - waited);
+            return;
+        }
+        if self.s.progress_deadline_exceeded {
+            return;
+        }
+        let message = format!(
+            "no progress within progressDeadline {deadline}: {}",
+            self.summary_message()
+        );
+        if self.spec.rollout.progress_deadline_abort {
+            self.s.waiting_since = None;
+            self.roll_back(
+                Outcome::RolledBack,
+                "ProgressDeadlineExceeded",
+                format!("{message}; rolled back, all traffic is on the stable revision"),
+            );
+        } else {
+            self.s.progress_deadline_exceeded = true;
+            self.note(
+                true,
+                "ProgressDeadlineExceeded",
+                format!("{message}; still waiting"),
+            );
+        }
     }
 
     fn summary_message(&self) -> String {

@@ -1016,3 +1016,96 @@ fn figures_of_the_split_a_promote_replaced_do_not_count_against_the_next_step() 
         "{recorded:?}"
     );
 }
+
+/// A step that waits on its nodes for samples past `progressDeadline` is marked once, goes
+/// on waiting, and is no longer marked once a window is judged.
+#[test]
+fn a_rollout_waiting_past_its_progress_deadline_is_marked_and_goes_on() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"progressDeadline": "1m"}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    for _ in 0..5 {
+        run.at(10, &healthy(10, 0.0));
+    }
+    assert!(!run.status.progress_deadline_exceeded);
+    assert_eq!(
+        run.last.as_ref().unwrap().requeue,
+        Some(Duration::from_secs(10))
+    );
+    run.at(10, &healthy(10, 0.0));
+    run.at(10, &healthy(10, 0.0));
+    assert!(run.status.progress_deadline_exceeded);
+    assert_eq!(run.phase(), RolloutPhase::Progressing);
+    let stalled: Vec<_> = run
+        .notes
+        .iter()
+        .filter(|n| n.reason == "ProgressDeadlineExceeded")
+        .collect();
+    assert_eq!(stalled.len(), 1, "{:?}", run.reasons());
+    assert!(stalled[0].warning);
+    assert!(
+        stalled[0].message.contains("60s") && stalled[0].message.contains("step 1 of 4"),
+        "{}",
+        stalled[0].message
+    );
+    run.at(10, &healthy(500, 0.0));
+    assert!(!run.status.progress_deadline_exceeded);
+    assert_eq!(run.status.waiting_since, None);
+}
+
+/// With `progressDeadlineAbort`, a canary that never warms everywhere is rolled back.
+#[test]
+fn a_canary_that_never_warms_is_rolled_back_at_the_deadline_with_abort() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"progressDeadline": "2m", "progressDeadlineAbort": true}}),
+    ));
+    run.at(0, &nodes(3, 2));
+    run.at(119, &nodes(3, 2));
+    assert_eq!(run.phase(), RolloutPhase::Warming);
+    run.at(1, &nodes(3, 2));
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+    assert_eq!(run.reasons().last(), Some(&"ProgressDeadlineExceeded"));
+    assert_eq!(run.status.traffic_percent, 0);
+    assert_eq!(
+        run.last.as_ref().unwrap().finished.unwrap().0,
+        Outcome::RolledBack
+    );
+}
+
+/// Time paused does not count: a rollout resumed waits a whole deadline again.
+#[test]
+fn time_paused_does_not_count_against_the_progress_deadline() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"paused": true, "rollout": {"progressDeadline": "1m"}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(0, &nodes(3, 3));
+    run.spec.paused = false;
+    run.at(1, &nodes(3, 3));
+    for _ in 0..4 {
+        run.at(10, &healthy(1, 0.0));
+    }
+    assert!(run.status.waiting_since.is_some());
+    run.spec.paused = true;
+    run.at(10, &healthy(1, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::Paused);
+    assert!(!run.status.progress_deadline_exceeded);
+    assert_eq!(run.status.waiting_since, None);
+    run.spec.paused = false;
+    run.at(50, &healthy(1, 0.0));
+    assert!(
+        !run.status.progress_deadline_exceeded,
+        "the wait began again"
+    );
+    assert_eq!(
+        run.reasons()
+            .iter()
+            .filter(|r| **r == "ProgressDeadlineExceeded")
+            .count(),
+        0
+    );
+}

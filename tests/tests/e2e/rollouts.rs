@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::events::v1::Event;
 use kernelflow_crds::kernel_deployment::RolloutPhase;
 use kernelflow_crds::{KernelDeployment, NodeReport};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 use kernelflow_e2e::env::{Shared, binary_path};
 use kernelflow_e2e::prometheus::{Prometheus, RULES, Target};
@@ -508,6 +509,77 @@ async fn an_operator_restarted_mid_rollout_resumes_where_it_was() {
     assert_eq!(s.phase, RolloutPhase::Healthy);
     // Step 10% -> 50% -> 100% -> done: three epochs on, none repeated.
     assert_eq!(s.step_epoch, epoch + 3);
+}
+
+/// A step that cannot gather its samples is marked stalled past its progress deadline, with
+/// a condition and an Event, and goes on once a window can be judged; with abort on, a
+/// stalled rollout is rolled back.
+#[tokio::test]
+async fn a_rollout_stalled_past_its_progress_deadline_is_marked_then_rolled_back() {
+    let (env, client, ns) = setup("stall").await;
+    let _agents = gpu_nodes(env, &client, &ns, &["a"], AGENT_FLAGS).await;
+    let _operator = operator(env, &ns);
+    let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
+    let (url, sha) = pack(env, &format!("{ns}-v1"), 8, 1, &[]);
+    let starved = serde_json::json!({"spec": {"rollout": {"progressDeadline": "2s",
+        "analysis": {"minSamples": 1_000_000_000}}}});
+    kds.create(&PostParams::default(), &kd(&ns, "s", &url, &sha, starved))
+        .await
+        .unwrap();
+    let stalled = |kd: &KernelDeployment| {
+        let s = status_of(kd);
+        let c = s.conditions.iter().find(|c| c.type_ == "Progressing")?;
+        (s.progress_deadline_exceeded && c.status == "False")
+            .then(|| format!("{}: {}", c.reason, c.message))
+    };
+    let condition = eventually(WAIT, "the rollout marked stalled", || async {
+        stalled(&kds.get("s").await.ok()?)
+    })
+    .await;
+    assert!(
+        condition.starts_with("ProgressDeadlineExceeded: no progress within progressDeadline 2s"),
+        "{condition}"
+    );
+    assert_eq!(
+        status_of(&kds.get("s").await.unwrap()).phase,
+        RolloutPhase::Progressing
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    eventually(WAIT, "a ProgressDeadlineExceeded event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            .then_some(())
+    })
+    .await;
+
+    // Samples within reach: the next window is judged and the mark clears.
+    let reachable = serde_json::json!({"spec": {"rollout": {"analysis": {"minSamples": 50}}}});
+    kds.patch("s", &PatchParams::default(), &Patch::Merge(&reachable))
+        .await
+        .unwrap();
+    eventually(WAIT, "the mark cleared by progress", || async {
+        let kd = kds.get("s").await.ok()?;
+        let s = status_of(&kd);
+        let on = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Progressing" && c.status == "True");
+        (!s.progress_deadline_exceeded && on && s.current_step_index >= Some(1)).then_some(())
+    })
+    .await;
+
+    let abort = serde_json::json!({"spec": {"rollout": {"progressDeadlineAbort": true,
+        "analysis": {"minSamples": 1_000_000_000}}}});
+    kds.patch("s", &PatchParams::default(), &Patch::Merge(&abort))
+        .await
+        .unwrap();
+    let condition = rolled_back(&kds, "s").await;
+    assert!(
+        condition.starts_with("RolledBack: no progress within"),
+        "{condition}"
+    );
 }
 
 #[tokio::test]
