@@ -285,13 +285,7 @@ pub async fn run(
         if !ready {
             continue;
         }
-        // An op no node could hold the tensors of (an object the webhook never saw; the
-        // operator's Accepted condition says why) is neither warmed nor served.
-        let kds: Vec<_> = kds
-            .state()
-            .into_iter()
-            .filter(|kd| validate::kernel_op(&kd.spec.kernel).is_ok())
-            .collect();
+        let kds = servable(kds.state());
         let labels = labels(&nodes, &node);
         warmer.sync(&kds, &labels);
         // Off the runtime: new lanes may create a GPU backend and upload weights.
@@ -303,6 +297,15 @@ pub async fn run(
             Err(e) => tracing::error!(error = %e, "updating the splits failed"),
         }
     }
+}
+
+/// The deployments whose op an agent can run: one no node could hold the tensors of (an
+/// object the webhook never saw; the operator's Accepted condition says why) is neither
+/// warmed nor served.
+fn servable(kds: Vec<Arc<KernelDeployment>>) -> Vec<Arc<KernelDeployment>> {
+    kds.into_iter()
+        .filter(|kd| validate::kernel_op(&kd.spec.kernel).is_ok())
+        .collect()
 }
 
 fn labels(nodes: &Store<Node>, node: &str) -> BTreeMap<String, String> {
@@ -381,6 +384,69 @@ mod tests {
             report.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
             ["elsewhere"]
         );
+    }
+
+    #[test]
+    fn an_op_no_node_could_hold_is_neither_warmed_nor_served() {
+        let ok = kd("ok", "file:///k", &"a".repeat(64), "a");
+        let mut huge = (*kd("huge", "file:///k", &"a".repeat(64), "a")).clone();
+        huge.spec.kernel.conv2d = Conv2dSpec::new(1 << 20, 1 << 20, [3, 3]);
+        let kept = servable(vec![ok, Arc::new(huge)]);
+        let names: Vec<_> = kept.iter().map(|kd| kd.name_any()).collect();
+        assert_eq!(names, ["ok"]);
+    }
+
+    /// Kernels served from memory mark their disk copies used every `TOUCH_EVERY`, so that
+    /// the disk cache does not evict them first.
+    #[tokio::test]
+    async fn warm_kernels_mark_their_disk_copies_used() {
+        let dir = std::env::temp_dir().join(format!("kf-touch-{}", std::process::id()));
+        let disk = dir.join("disk");
+        std::fs::create_dir_all(&disk).unwrap();
+        let bytes = pack(&conv(), &uniform(4, 1, 1.0), Some(&[0.0, 0.0]), None).unwrap();
+        let (file, digest) = (dir.join("k.safetensors"), sha256_hex(&bytes));
+        std::fs::write(&file, &bytes).unwrap();
+        let config = StoreConfig {
+            disk_dir: Some(disk.clone()),
+            ..StoreConfig::default()
+        };
+        let store = KernelStore::new(config, CacheMetrics::default()).unwrap();
+        let warmer = Warmer::new(store);
+        let labels: BTreeMap<String, String> = [("pool".to_string(), "a".to_string())].into();
+        let deployments = vec![kd(
+            "ok",
+            &format!("file://{}", file.display()),
+            &digest,
+            "a",
+        )];
+        warmer.sync(&deployments, &labels);
+        assert_eq!(settle(&warmer).await[0].state, "Warm");
+        let cached = disk.join("sha256").join(&digest);
+        let age = || {
+            let modified = std::fs::metadata(&cached).unwrap().modified().unwrap();
+            modified.elapsed().unwrap_or_default()
+        };
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let set_old = || {
+            let f = std::fs::File::options().append(true).open(&cached).unwrap();
+            f.set_modified(old).unwrap();
+        };
+        set_old();
+        // Within `TOUCH_EVERY` of the last touch: left alone.
+        warmer.sync(&deployments, &labels);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(age() > Duration::from_secs(3000));
+        // Past it: marked used.
+        *warmer.touched.lock().unwrap() = Instant::now().checked_sub(TOUCH_EVERY);
+        warmer.sync(&deployments, &labels);
+        for _ in 0..200 {
+            if age() < Duration::from_secs(60) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(age() < Duration::from_secs(60), "not touched: {:?}", age());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

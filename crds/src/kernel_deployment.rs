@@ -499,7 +499,8 @@ pub struct KernelDeploymentStatus {
     /// Where the rollout stands.
     #[serde(default)]
     pub phase: RolloutPhase,
-    /// Index into `spec.rollout.steps` of the current step.
+    /// Index into `spec.rollout.steps` of the current step, or of the step a rollback or a
+    /// hold as Degraded happened at; absent once a rollout has completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step_index: Option<u32>,
     /// Percent of conv2d operations on the canary revision now.

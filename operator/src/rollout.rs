@@ -430,6 +430,8 @@ impl Machine<'_> {
             format!("{} takes all traffic", describe(&canary)),
         );
         self.s.stable_revision = Some(canary);
+        self.s.current_step_index = None;
+        self.s.step_start_time = None;
         self.s.step_traffic.clear();
         self.end_window();
         self.s.phase = RolloutPhase::Healthy;

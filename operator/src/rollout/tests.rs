@@ -253,7 +253,8 @@ fn a_first_revision_turns_async_on_step_by_step_over_the_sync_baseline() {
         "every split change is a new epoch: {epochs:?}"
     );
     assert_eq!(run.phase(), RolloutPhase::Healthy);
-    assert_eq!(run.status.traffic_percent, 100);
+    assert_eq!(run.step(), (None, 100), "no step runs once it is done");
+    assert_eq!(run.status.step_start_time, None);
     assert!(run.status.canary_revision.is_none());
     assert!(
         run.status
