@@ -46,6 +46,10 @@ pub struct Args {
     /// Directory of the on-disk kernel cache (a hostPath in the chart); none keeps memory only.
     #[arg(long, env = "KERNELFLOW_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Directory under which `file://` artifacts and training data may be read; without
+    /// it `file://` URLs are refused, as they could name any file the agent can read.
+    #[arg(long, env = "KERNELFLOW_FILE_ROOT")]
+    pub file_root: Option<std::path::PathBuf>,
     /// Bytes of kernels kept in memory.
     #[arg(long, env = "KERNELFLOW_MEMORY_CACHE_BYTES", default_value_t = 512 << 20)]
     pub memory_cache_bytes: usize,
@@ -193,6 +197,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         memory_bytes: args.memory_cache_bytes,
         disk_dir: args.cache_dir.clone(),
         disk_bytes: args.disk_cache_bytes,
+        file_root: args.file_root.clone(),
         limits: artifact::format::Limits::with_parameters(args.max_parameters),
         ..Default::default()
     };

@@ -359,7 +359,14 @@ mod tests {
         let good = dir.join("good.safetensors");
         std::fs::write(&good, &bytes).unwrap();
         let url = format!("file://{}", good.display());
-        let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
+        let store = KernelStore::new(
+            StoreConfig {
+                file_root: Some(std::env::temp_dir()),
+                ..StoreConfig::default()
+            },
+            CacheMetrics::default(),
+        )
+        .unwrap();
         let warmer = Warmer::new(store);
         let labels: BTreeMap<String, String> = [("pool".to_string(), "a".to_string())].into();
         let deployments = vec![
@@ -408,6 +415,7 @@ mod tests {
         std::fs::write(&file, &bytes).unwrap();
         let config = StoreConfig {
             disk_dir: Some(disk.clone()),
+            file_root: Some(dir.clone()),
             ..StoreConfig::default()
         };
         let store = KernelStore::new(config, CacheMetrics::default()).unwrap();

@@ -70,6 +70,8 @@ pub enum ArtifactError {
     NotFound(String),
     #[error("the artifact store is unavailable (circuit breaker open): {0}")]
     StoreUnavailable(String),
+    #[error("the agent may not read this artifact URL: {0}")]
+    Forbidden(String),
 }
 
 impl ArtifactError {
@@ -87,6 +89,7 @@ impl ArtifactError {
             ArtifactError::FetchFailed(_) => "FetchFailed",
             ArtifactError::NotFound(_) => "NotFound",
             ArtifactError::StoreUnavailable(_) => "StoreUnavailable",
+            ArtifactError::Forbidden(_) => "Forbidden",
         }
     }
 

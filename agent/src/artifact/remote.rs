@@ -3,6 +3,7 @@
 //! exponential backoff and jitter, and a circuit breaker per store.
 
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,8 @@ struct Store {
 /// Fetches artifacts from their stores.
 pub struct Remote {
     policy: RetryPolicy,
+    /// The directory `file://` URLs may name files under; none refuses them all.
+    file_root: Option<PathBuf>,
     stores: Mutex<HashMap<String, Arc<Store>>>,
     metrics: CacheMetrics,
 }
@@ -145,12 +148,55 @@ fn split(url: &str) -> Result<(String, String, String), ArtifactError> {
 }
 
 impl Remote {
-    pub fn new(policy: RetryPolicy, metrics: CacheMetrics) -> Self {
+    pub fn new(policy: RetryPolicy, file_root: Option<PathBuf>, metrics: CacheMetrics) -> Self {
         Self {
             policy,
+            file_root,
             stores: Mutex::default(),
             metrics,
         }
+    }
+
+    /// The file a `file://` URL names, where it really is. It must lie under the file root,
+    /// as named and once links are followed, so that a KernelDeployment cannot have the
+    /// agent read (and report the digest and size of) any file the agent can; and be a
+    /// regular file, as opening a FIFO or a device would hold a blocking thread for good,
+    /// whatever the timeout does to the future.
+    async fn local_file(&self, url: &str, path: &str) -> Result<PathBuf, ArtifactError> {
+        let forbidden = |why: String| ArtifactError::Forbidden(format!("{url}: {why}"));
+        let Some(root) = &self.file_root else {
+            return Err(forbidden(
+                "file:// artifacts are off on this agent (it has no --file-root)".into(),
+            ));
+        };
+        let outside = || {
+            forbidden(format!(
+                "not under the agent's --file-root {}",
+                root.display()
+            ))
+        };
+        let real_root = tokio::fs::canonicalize(root).await.map_err(|e| {
+            ArtifactError::FetchFailed(format!("the --file-root {}: {e}", root.display()))
+        })?;
+        // Named out of the root: refused before anything is looked up, so that the answer
+        // tells nothing of what is there.
+        let named = Path::new("/").join(path);
+        let within = named.starts_with(root) || named.starts_with(&real_root);
+        if !within || named.components().any(|c| c == Component::ParentDir) {
+            return Err(outside());
+        }
+        let not_found = || ArtifactError::NotFound(format!("{url} (no regular file)"));
+        let real = tokio::fs::canonicalize(&named)
+            .await
+            .map_err(|_| not_found())?;
+        if !real.starts_with(&real_root) {
+            return Err(outside());
+        }
+        let regular = tokio::fs::metadata(&real).await;
+        if !regular.is_ok_and(|m| m.is_file()) {
+            return Err(not_found());
+        }
+        Ok(real)
     }
 
     fn store(&self, scheme: &str, authority: &str) -> Result<(String, Arc<Store>), ArtifactError> {
@@ -204,16 +250,8 @@ impl Remote {
     pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Vec<u8>, ArtifactError> {
         let (scheme, authority, path) = split(url)?;
         let (key, store) = self.store(&scheme, &authority)?;
-        if scheme == "file" {
-            // A regular file only: opening a FIFO or a device would hold a blocking thread
-            // for good, whatever the timeout does to this future.
-            let regular = tokio::fs::metadata(format!("/{path}")).await;
-            if !regular.is_ok_and(|m| m.is_file()) {
-                return Err(ArtifactError::NotFound(format!("{url} (no regular file)")));
-            }
-        }
         let location = if scheme == "file" {
-            StorePath::from_filesystem_path(format!("/{path}"))
+            StorePath::from_filesystem_path(self.local_file(url, &path).await?)
                 .map_err(|e| ArtifactError::FetchFailed(e.to_string()))?
         } else {
             StorePath::parse(&path).map_err(|e| ArtifactError::FetchFailed(e.to_string()))?

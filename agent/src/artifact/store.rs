@@ -25,6 +25,8 @@ pub struct StoreConfig {
     /// Directory of the disk tier (a hostPath in the chart); `None` keeps memory only.
     pub disk_dir: Option<PathBuf>,
     pub disk_bytes: u64,
+    /// The directory `file://` artifacts and data may be read under; none refuses them.
+    pub file_root: Option<PathBuf>,
     pub limits: Limits,
     pub retry: RetryPolicy,
 }
@@ -35,6 +37,7 @@ impl Default for StoreConfig {
             memory_bytes: 512 << 20,
             disk_dir: None,
             disk_bytes: 10 << 30,
+            file_root: None,
             limits: Limits::default(),
             retry: RetryPolicy::default(),
         }
@@ -63,7 +66,7 @@ impl KernelStore {
         Ok(Arc::new(Self {
             memory: MemoryCache::new(config.memory_bytes, Tier::Memory, metrics.clone()),
             disk,
-            remote: Remote::new(config.retry, metrics.clone()),
+            remote: Remote::new(config.retry, config.file_root, metrics.clone()),
             limits: config.limits,
             inflight: Mutex::default(),
             metrics,

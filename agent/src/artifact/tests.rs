@@ -196,34 +196,60 @@ async fn bad_answers_are_typed_refusals() {
     );
 }
 
-/// Local files: a regular one is read; a FIFO, which would block the thread opening it
-/// for good, is refused unopened, as a missing one is.
+/// Local files: a regular one under the file root is read; a FIFO, which would block the
+/// thread opening it for good, is refused unopened, as a missing one is; anything out of
+/// the root is forbidden.
 #[tokio::test]
-async fn file_urls_read_only_regular_files() {
+async fn file_urls_read_only_regular_files_under_the_file_root() {
     let (bytes, _) = artifact(3);
     let dir = temp_dir("local");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("k.safetensors"), &bytes).unwrap();
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("k.safetensors"), &bytes).unwrap();
+    std::fs::write(dir.join("outside"), &bytes).unwrap();
+    std::os::unix::fs::symlink(dir.join("outside"), root.join("link-out")).unwrap();
     let made = std::process::Command::new("mkfifo")
-        .arg(dir.join("fifo"))
+        .arg(root.join("fifo"))
         .status();
     assert!(made.unwrap().success());
-    let s = store(None);
-    let url = |name: &str| format!("file://{}", dir.join(name).display());
+    let remote = |file_root| Remote::new(policy(), file_root, CacheMetrics::default());
+    let r = remote(Some(root.clone()));
+    let url = |name: &str| format!("file://{}", root.join(name).display());
     assert_eq!(
-        s.remote()
-            .fetch(&url("k.safetensors"), 1 << 20)
-            .await
-            .unwrap(),
+        r.fetch(&url("k.safetensors"), 1 << 20).await.unwrap(),
         bytes
     );
+    let reason = |url: String| {
+        let r = &r;
+        async move {
+            let refused = tokio::time::timeout(Duration::from_secs(10), r.fetch(&url, 1 << 20));
+            let err = refused.await.expect("no answer").unwrap_err();
+            (err.reason(), err.to_string())
+        }
+    };
     for name in ["fifo", "missing"] {
-        let url = url(name);
-        let refused =
-            tokio::time::timeout(Duration::from_secs(10), s.remote().fetch(&url, 1 << 20));
-        let err = refused.await.expect("no answer").unwrap_err();
-        assert_eq!(err.reason(), "NotFound", "{name}: {err}");
+        assert_eq!(reason(url(name)).await.0, "NotFound", "{name}");
     }
+    // Out of the root, as named or through a link, whether the file exists or not: refused
+    // before anything is opened, so that nothing tells what is there.
+    let outside = format!("file://{}", dir.join("outside").display());
+    let (why, message) = reason(outside).await;
+    assert_eq!(why, "Forbidden");
+    assert!(message.contains("--file-root"), "{message}");
+    for url in [
+        url("../outside"),
+        url("link-out"),
+        "file:///etc/hostname".into(),
+        "file:///no/such/file".into(),
+    ] {
+        assert_eq!(reason(url.clone()).await.0, "Forbidden", "{url}");
+    }
+    // Without a root, every file:// URL is refused.
+    let err = remote(None)
+        .fetch(&url("k.safetensors"), 1 << 20)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "Forbidden", "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -288,7 +314,7 @@ async fn a_dropped_probe_does_not_keep_the_breaker_half_open() {
         breaker_cooldown: Duration::ZERO,
         ..policy()
     };
-    let remote = Remote::new(once, CacheMetrics::default());
+    let remote = Remote::new(once, None, CacheMetrics::default());
     remote.fetch(&url("/fail"), 1024).await.unwrap_err();
     assert_eq!(remote.breaker(&url("/ok")), Some(BreakerState::Open));
     // The probe hangs, and its caller gives up on it.

@@ -54,7 +54,14 @@ impl Fixture {
     fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("kf-split-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
+        let store = KernelStore::new(
+            StoreConfig {
+                file_root: Some(std::env::temp_dir()),
+                ..StoreConfig::default()
+            },
+            CacheMetrics::default(),
+        )
+        .unwrap();
         Self {
             dir,
             warmer: Warmer::new(store),

@@ -255,7 +255,11 @@ mod tests {
         let path = dir.join("data.safetensors");
         let bytes = dataset_bytes(5, 48);
         std::fs::write(&path, &bytes).unwrap();
-        let remote = Remote::new(RetryPolicy::default(), CacheMetrics::default());
+        let remote = Remote::new(
+            RetryPolicy::default(),
+            Some(dir.clone()),
+            CacheMetrics::default(),
+        );
         let artifact = ArtifactRef {
             url: format!("file://{}", path.display()),
             sha256: format::sha256_hex(&bytes),

@@ -309,7 +309,14 @@ mod tests {
 
     /// A trainer keeping checkpoints in `dir`, or in memory.
     fn trainer_in(dir: Option<std::path::PathBuf>) -> Arc<Trainer> {
-        let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
+        let store = KernelStore::new(
+            StoreConfig {
+                file_root: Some(std::env::temp_dir()),
+                ..StoreConfig::default()
+            },
+            CacheMetrics::default(),
+        )
+        .unwrap();
         Trainer::new(
             "n",
             Env {

@@ -689,7 +689,14 @@ mod tests {
     }
 
     fn env(checkpoints: Option<PathBuf>) -> Arc<Env> {
-        let store = KernelStore::new(StoreConfig::default(), CacheMetrics::default()).unwrap();
+        let store = KernelStore::new(
+            StoreConfig {
+                file_root: Some(std::env::temp_dir()),
+                ..StoreConfig::default()
+            },
+            CacheMetrics::default(),
+        )
+        .unwrap();
         Arc::new(Env {
             warmer: Warmer::new(store.clone()),
             router: crate::rollout::tests::router(),

@@ -47,13 +47,17 @@ async fn kernels_warm_on_selected_nodes_and_bad_artifacts_are_refused() {
     .unwrap();
     // Its own digest: the agents' caches are content-addressed, so a missing URL pinned to the
     // good kernel's digest is served from memory once that kernel is warm.
+    let missing = format!("file://{}/nonexistent.safetensors", env.logs.display());
     kds.create(
         &PostParams::default(),
-        &create(
-            "missing",
-            "file:///nonexistent/kernel.safetensors",
-            &"1".repeat(64),
-        ),
+        &create("missing", &missing, &"1".repeat(64)),
+    )
+    .await
+    .unwrap();
+    // Out of the agents' --file-root: refused unread.
+    kds.create(
+        &PostParams::default(),
+        &create("forbidden", "file:///etc/hostname", &"2".repeat(64)),
     )
     .await
     .unwrap();
@@ -73,7 +77,11 @@ async fn kernels_warm_on_selected_nodes_and_bad_artifacts_are_refused() {
         (2, 2, 2)
     );
 
-    for (name, reason) in [("corrupt", "DigestMismatch"), ("missing", "NotFound")] {
+    for (name, reason) in [
+        ("corrupt", "DigestMismatch"),
+        ("missing", "NotFound"),
+        ("forbidden", "Forbidden"),
+    ] {
         let (status, got, message) = eventually(WAIT, &format!("{name} refused"), || async {
             readiness(&kds.get(name).await.ok()?).filter(|r| r.0 == "False")
         })

@@ -102,6 +102,8 @@ pub async fn gpu_node(
     let cache = env.logs.join(format!("cache-{name}"));
     let mut args = vec!["--node-name", name, "--report-interval-seconds", "1"];
     args.extend(["--cache-dir", cache.to_str().expect("a UTF-8 path")]);
+    // Where `pack` writes the test's kernels and data sets.
+    args.extend(["--file-root", env.logs.to_str().expect("a UTF-8 path")]);
     args.extend_from_slice(extra);
     env.spawn("kernelflow-agent", name, &args)
         .expect("starting an agent")
