@@ -436,6 +436,10 @@ pub struct AnalysisFigures {
     /// When the latest failed window was counted; failures count at most once per interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,
+    /// When analysis first passed at the current step: a step without a pause then awaits
+    /// its promote, however thin its traffic since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passed_time: Option<Time>,
     /// Nodes whose figures for the current step went into this analysis.
     #[serde(default)]
     pub nodes: u32,

@@ -535,9 +535,11 @@ fn accepted(
 
 /// The status of a deployment whose spec is invalid: the rollout stays where it stands,
 /// traffic split included (as Argo Rollouts pauses on an invalid spec), under an
-/// `Accepted=False` condition; once the spec is fixed it goes on from there.
+/// `Accepted=False` condition; once the spec is fixed it goes on from there. Like a pause,
+/// the time frozen does not count against the progress deadline.
 fn frozen(old: &KernelDeploymentStatus, accepted: Condition) -> KernelDeploymentStatus {
     let mut status = old.clone();
+    status.waiting_since = None;
     status.conditions.retain(|c| c.type_ != accepted.type_);
     status.conditions.insert(0, accepted);
     status
@@ -770,11 +772,16 @@ mod tests {
                 condition("Accepted", "True", "Valid", "ok", Some(1), &[]),
                 progressing.clone(),
             ],
+            waiting_since: Some(Time(Timestamp::UNIX_EPOCH)),
             ..Default::default()
         };
         let invalid = condition("Accepted", "False", "InvalidSpec", "bad", Some(2), &[]);
         let status = frozen(&old, invalid.clone());
         assert_eq!(status.conditions, [invalid, progressing]);
+        assert_eq!(
+            status.waiting_since, None,
+            "the wait starts again once fixed"
+        );
         assert_eq!(
             (
                 status.phase,

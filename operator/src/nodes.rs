@@ -105,14 +105,12 @@ impl Figures {
     }
 }
 
-/// One node's figures for the step, and whether its report is fresh: a stale report's
-/// figures are its node's last word, no longer judged.
+/// One node's figures for the step, from its latest report, fresh or stale.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeFigures {
     pub figures: Figures,
     /// When the node's agent began counting them.
     pub since: Option<Time>,
-    pub fresh: bool,
 }
 
 /// What the selected nodes say about one KernelDeployment.
@@ -128,34 +126,34 @@ pub struct Summary {
     pub figures: BTreeMap<String, NodeFigures>,
 }
 
-/// The figures of the window that opened on `start`: what each fresh node counted since its
-/// entry there; all that it counted where it has no entry, or where its agent has counted
-/// afresh since (restarted: its counts began later, or fell).
+/// The figures of the window that opened on `start`: what each node counted since its entry
+/// there; all that it counted where it has no entry, or where its agent has counted afresh
+/// since (restarted: its counts began later, or fell). A node whose reports went stale is
+/// judged on its last word, as it counted that in this window.
 pub fn window(
     figures: &BTreeMap<String, NodeFigures>,
     start: &BTreeMap<String, StepCounts>,
 ) -> Figures {
     let mut window = Figures::default();
-    for (node, n) in figures.iter().filter(|(_, n)| n.fresh) {
-        let entry = start.get(node).filter(|s| s.counted_since == n.since);
+    for (node, n) in figures {
+        let second = |t: &Option<Time>| t.as_ref().map(|t| t.0.as_second());
+        let entry = start
+            .get(node)
+            .filter(|s| second(&s.counted_since) == second(&n.since));
         let since = entry.and_then(|s| n.figures.since(s));
         window.add(since.as_ref().unwrap_or(&n.figures));
     }
     window
 }
 
-/// The entries of a window opening now: every node's counts, a stale node's included (they
-/// were judged while it was fresh, and must not be again when it comes back), and those of
-/// `previous` whose node is no longer in `figures`, should it come back.
-pub fn starts(
-    figures: &BTreeMap<String, NodeFigures>,
-    previous: &BTreeMap<String, StepCounts>,
-) -> BTreeMap<String, StepCounts> {
-    let mut starts = previous.clone();
-    for (node, n) in figures {
-        starts.insert(node.clone(), n.figures.counts(n.since.clone()));
-    }
-    starts
+/// The entries of a window opening now: each node's counts. A node that left the summary
+/// has none: were it to come back, its agent would count afresh.
+pub fn starts(figures: &BTreeMap<String, NodeFigures>) -> BTreeMap<String, StepCounts> {
+    let counts = |n: &NodeFigures| n.figures.counts(n.since.clone());
+    figures
+        .iter()
+        .map(|(node, n)| (node.clone(), counts(n)))
+        .collect()
 }
 
 /// Whether a node's report is recent enough to count; a heartbeat from the future (clock
@@ -199,16 +197,14 @@ pub fn summarize(
             .kernels
             .iter()
             .find(|k| k.namespace == namespace && k.name == name && k.canary_sha256 == digest);
-        let fresh = fresh(report, now, stale_after);
         if let Some(k) = kernel.filter(|k| k.epoch == Some(epoch)) {
             let node = NodeFigures {
                 figures: Figures::of(k),
                 since: k.window_start.clone(),
-                fresh,
             };
             figures.insert(node_name.clone(), node);
         }
-        if !fresh {
+        if !fresh(report, now, stale_after) {
             continue;
         }
         counts.reporting += 1;
@@ -438,7 +434,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn figures_sum_the_current_epoch_of_fresh_selected_nodes() {
+    fn figures_sum_the_current_epoch_of_selected_nodes() {
         let now = Timestamp::now();
         let old = now - k8s_openapi::jiff::SignedDuration::from_secs(120);
         let nodes = [
@@ -452,7 +448,7 @@ pub(crate) mod tests {
             with_figures(report("a", "Warm", None, now), 7, 10, 1, 1e-6),
             with_figures(report("b", "Warm", None, now), 7, 30, 0, 3e-6),
             with_figures(report("c", "Warm", None, now), 6, 1000, 0, 1.0),
-            with_figures(report("d", "Warm", None, old), 7, 1000, 0, 1.0),
+            with_figures(report("d", "Warm", None, old), 7, 100, 0, 2e-6),
             with_figures(report("e", "Warm", None, now), 7, 1000, 0, 1.0),
         ];
         let f = judged(summarize(
@@ -465,17 +461,17 @@ pub(crate) mod tests {
             STALE,
         ));
         assert_eq!(
-            f.nodes, 2,
-            "only a and b: c is at an old epoch, d stale, e not selected"
+            f.nodes, 3,
+            "a, b and stale d's last word: c is at an old epoch, e not selected"
         );
         assert_eq!(
             (f.canary.ops, f.canary.failures, f.shadow.pairs),
-            (40, 1, 40)
+            (140, 1, 140)
         );
         assert_eq!(f.shadow.max_numeric_diff, Some(3e-6));
         assert_eq!(
             (f.shadow.canary_seconds_sum, f.shadow.stable_seconds_sum),
-            (2.0, 4.0)
+            (3.0, 6.0)
         );
         assert!(f.shadow.comparable);
 
@@ -545,7 +541,7 @@ pub(crate) mod tests {
     }
 
     /// Windows take each node's counts since its entry, however nodes come and go: nothing is
-    /// counted twice, and a restarted agent's fresh counts are counted whole.
+    /// counted twice or lost, and a restarted agent's fresh counts are counted whole.
     #[test]
     fn a_window_counts_each_node_since_its_own_entry() {
         let now = Timestamp::now();
@@ -559,17 +555,17 @@ pub(crate) mod tests {
             with_figures(report("a", "Warm", None, now), 7, 100, 0, 0.0),
             with_figures(report("b", "Warm", None, now), 7, 50, 5, 0.0),
         ]);
-        let opened = starts(&first, &BTreeMap::new());
+        let opened = starts(&first);
         assert_eq!(ops(window(&first, &opened)), (2, 0, 0));
 
-        // b goes quiet after 10 more operations, one failing: its last word is not judged,
-        // but the next window starts from it.
+        // b goes quiet after 10 more operations, one failing: its last word is judged, and
+        // the next window starts from it.
         let quiet = sum(&[
             with_figures(report("a", "Warm", None, now), 7, 130, 0, 0.0),
             with_figures(report("b", "Warm", None, old), 7, 60, 6, 0.0),
         ]);
-        assert_eq!(ops(window(&quiet, &opened)), (1, 30, 0));
-        let opened = starts(&quiet, &opened);
+        assert_eq!(ops(window(&quiet, &opened)), (2, 40, 1));
+        let opened = starts(&quiet);
 
         // b comes back: only what it counted since its last word is new. c, new to the
         // step, brings all it counted.
@@ -594,9 +590,7 @@ pub(crate) mod tests {
         let f = sum(&[with_figures(report("a", "Warm", None, now), 7, 20, 0, 0.0)]);
         assert_eq!(ops(window(&f, &opened)), (1, 20, 0));
 
-        // The entries of nodes that left the summary are kept, should they come back.
-        let next = starts(&f, &opened);
-        assert_eq!(next.len(), 2);
-        assert_eq!(next["b"].canary.ops, 60);
+        // A node that left the summary leaves no entry: back, it counts afresh.
+        assert_eq!(starts(&f).keys().collect::<Vec<_>>(), ["a"]);
     }
 }

@@ -398,6 +398,8 @@ impl Machine<'_> {
         self.s.step_epoch += 1;
         self.s.step_start_time = Some(self.stored_now());
         self.s.analysis = None;
+        self.s.waiting_since = None;
+        self.s.progress_deadline_exceeded = false;
         self.note(
             false,
             "StepStarted",
@@ -475,9 +477,7 @@ impl Machine<'_> {
                 nodes: Some(starts),
             }) => (time, starts),
             // Kept as sums over nodes by an older operator: a window opens on the counts now.
-            Some(WindowStart { nodes: None, .. }) => {
-                (self.stored_now(), nodes::starts(figures, &BTreeMap::new()))
-            }
+            Some(WindowStart { nodes: None, .. }) => (self.stored_now(), nodes::starts(figures)),
             None => {
                 let time = self.s.step_start_time.clone();
                 (time.unwrap_or_else(|| self.stored_now()), BTreeMap::new())
@@ -512,6 +512,9 @@ impl Machine<'_> {
         } else {
             recorded.failures = previous.failures;
             recorded.last_failure_time = previous.last_failure_time;
+            recorded.passed_time = previous
+                .passed_time
+                .or_else(|| matches!(verdict, Verdict::Passed(_)).then(|| self.stored_now()));
             recorded.time = Some(Time(self.now));
             recorded.verdict = Some(verdict.describe());
             recorded.numeric_agreement = Some(
@@ -527,7 +530,7 @@ impl Machine<'_> {
         let close = |m: &Self, recorded: &mut AnalysisFigures| {
             recorded.window = Some(WindowStart {
                 time: m.stored_now(),
-                nodes: Some(nodes::starts(figures, &starts)),
+                nodes: Some(nodes::starts(figures)),
             });
         };
         recorded.window = Some(WindowStart {
@@ -578,6 +581,11 @@ impl Machine<'_> {
                 }
             }
             Verdict::Inconclusive(_) => {
+                // A step without a pause that has passed awaits its promote, whatever the
+                // windows since say for want of samples.
+                if step.pause.is_none() && recorded.passed_time.is_some() {
+                    self.s.phase = RolloutPhase::Paused;
+                }
                 self.s.analysis = Some(recorded);
                 self.wait(interval);
             }
@@ -637,24 +645,30 @@ impl Machine<'_> {
         let deadline = self.spec.rollout.progress_deadline;
         let (waited, limit) = (self.since(&Some(since)), Duration::from(deadline));
         if waited < limit {
+            // Within a deadline raised since the mark, the mark comes off.
+            self.s.progress_deadline_exceeded = false;
             self.wait(limit - waited);
             return;
         }
-        if self.s.progress_deadline_exceeded {
-            return;
-        }
+        let why = match &self.verdict {
+            Some(Verdict::Inconclusive(why)) => format!(" ({why})"),
+            _ => String::new(),
+        };
         let message = format!(
-            "no progress within progressDeadline {deadline}: {}",
+            "no progress within progressDeadline {deadline}: {}{why}",
             self.summary_message()
         );
-        if self.spec.rollout.progress_deadline_abort {
+        // Only a canary rolls back: a first revision on the synchronous path has nothing to
+        // roll out, nor a retry to start again.
+        if self.spec.rollout.progress_deadline_abort && self.s.canary_revision.is_some() {
             self.s.waiting_since = None;
+            self.s.progress_deadline_exceeded = false;
             self.roll_back(
                 Outcome::RolledBack,
                 "ProgressDeadlineExceeded",
                 format!("{message}; rolled back, all traffic is on the stable revision"),
             );
-        } else {
+        } else if !self.s.progress_deadline_exceeded {
             self.s.progress_deadline_exceeded = true;
             self.note(
                 true,

@@ -68,7 +68,7 @@ fn counted(samples: u64, diff: f64) -> Figures {
     }
 }
 
-/// `figures` of fresh nodes, by name, as a summary of 3 warm nodes.
+/// What nodes counted since the call before, by name, as a summary of 3 warm nodes.
 fn on(figures: &[(&str, Figures)]) -> Summary {
     let mut s = nodes(3, 3);
     s.figures = figures
@@ -78,7 +78,6 @@ fn on(figures: &[(&str, Figures)]) -> Summary {
             let n = NodeFigures {
                 figures,
                 since: None,
-                fresh: true,
             };
             (node.to_string(), n)
         })
@@ -163,10 +162,8 @@ impl Run {
             let counted = self.counted.1.entry(node.clone()).or_insert(NodeFigures {
                 figures: Figures::default(),
                 since: None,
-                fresh: true,
             });
             counted.figures = plus(&counted.figures, &n.figures);
-            counted.fresh = n.fresh;
         }
         let summary = &Summary {
             epoch,
@@ -506,17 +503,9 @@ fn a_node_back_from_silence_is_not_judged_twice() {
     bad.canary.failures = 50;
     run.at(5, &on(&[("n1", counted(1000, 0.0)), ("n2", bad)]));
     assert_eq!(run.status.analysis.as_ref().unwrap().failures, 1);
-    let quiet = |f: Figures| NodeFigures {
-        figures: f,
-        since: None,
-        fresh: false,
-    };
-    let mut n1_alone = on(&[("n1", counted(300, 0.0))]);
-    n1_alone
-        .figures
-        .insert("n2".into(), quiet(Figures::default()));
+    // n2 reports nothing new: its last word stands.
     for _ in 0..3 {
-        run.at(10, &n1_alone);
+        run.at(10, &on(&[("n1", counted(300, 0.0))]));
     }
     run.at(
         10,
@@ -1031,10 +1020,6 @@ fn a_rollout_waiting_past_its_progress_deadline_is_marked_and_goes_on() {
         run.at(10, &healthy(10, 0.0));
     }
     assert!(!run.status.progress_deadline_exceeded);
-    assert_eq!(
-        run.last.as_ref().unwrap().requeue,
-        Some(Duration::from_secs(10))
-    );
     run.at(10, &healthy(10, 0.0));
     run.at(10, &healthy(10, 0.0));
     assert!(run.status.progress_deadline_exceeded);
@@ -1109,4 +1094,120 @@ fn time_paused_does_not_count_against_the_progress_deadline() {
             .count(),
         0
     );
+}
+
+/// A deadline shorter than the analysis interval is looked at when it passes.
+#[test]
+fn the_machine_looks_again_when_the_deadline_passes() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"progressDeadline": "5s"}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(1, &healthy(10, 0.0));
+    assert_eq!(
+        run.last.as_ref().unwrap().requeue,
+        Some(Duration::from_secs(5))
+    );
+    run.at(2, &healthy(10, 0.0));
+    assert_eq!(
+        run.last.as_ref().unwrap().requeue,
+        Some(Duration::from_secs(3))
+    );
+}
+
+/// A promote (or steps that changed) starts a step afresh: the wait of the step before does
+/// not carry over.
+#[test]
+fn a_new_step_waits_a_whole_deadline_again() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"progressDeadline": "1m"}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    for _ in 0..5 {
+        run.at(10, &healthy(10, 0.0));
+    }
+    run.act(0, &healthy(0, 0.0), Some("promote:1"));
+    assert_eq!(run.step(), (Some(1), 10));
+    for _ in 0..3 {
+        run.at(10, &healthy(10, 0.0));
+    }
+    assert!(
+        !run.status.progress_deadline_exceeded,
+        "{:?}",
+        run.status.waiting_since
+    );
+}
+
+/// The mark follows the spec: turning abort on rolls a marked rollout back, and a deadline
+/// raised past the wait takes the mark off.
+#[test]
+fn a_marked_rollout_follows_changes_to_its_deadline() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"progressDeadline": "1m"}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    for _ in 0..7 {
+        run.at(10, &healthy(1, 0.0));
+    }
+    assert!(run.status.progress_deadline_exceeded);
+    run.spec.rollout.progress_deadline = "1h".parse().unwrap();
+    run.at(10, &healthy(1, 0.0));
+    assert!(!run.status.progress_deadline_exceeded);
+    run.spec.rollout.progress_deadline = "1m".parse().unwrap();
+    run.at(10, &healthy(1, 0.0));
+    assert!(run.status.progress_deadline_exceeded);
+    run.spec.rollout.progress_deadline_abort = true;
+    run.at(10, &healthy(1, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+}
+
+/// A step without a pause that has passed awaits its promote: thin traffic since does not
+/// make it wait on its nodes, nor count against the deadline.
+#[test]
+fn a_passed_step_awaiting_its_promote_does_not_stall() {
+    let mut run = Run::new(spec(
+        B,
+        serde_json::json!({"rollout": {"progressDeadline": "1m", "progressDeadlineAbort": true,
+            "steps": [{"trafficPercent": 1}, {"trafficPercent": 100}]}}),
+    ));
+    run.at(0, &nodes(3, 3));
+    run.at(10, &healthy(500, 0.0));
+    assert_eq!(run.phase(), RolloutPhase::Paused);
+    for _ in 0..30 {
+        run.at(10, &healthy(0, 0.0));
+    }
+    assert_eq!(
+        run.phase(),
+        RolloutPhase::Paused,
+        "{:?}",
+        run.status.analysis
+    );
+    assert!(!run.status.progress_deadline_exceeded);
+    // Failures still roll it back.
+    for _ in 0..3 {
+        run.at(10, &failing());
+    }
+    assert_eq!(run.phase(), RolloutPhase::RolledBack);
+}
+
+/// A first revision on the synchronous path has no canary to roll back: past its deadline
+/// it is marked, never left rolled back with nothing to retry.
+#[test]
+fn without_a_canary_the_deadline_only_marks() {
+    let mut run = Run::new(spec(
+        A,
+        serde_json::json!({"flags": {"asyncEnabled": false},
+            "rollout": {"progressDeadline": "1m", "progressDeadlineAbort": true}}),
+    ));
+    run.at(0, &nodes(3, 2));
+    assert!(run.status.canary_revision.is_none());
+    run.at(61, &nodes(3, 2));
+    assert_eq!(run.phase(), RolloutPhase::Warming);
+    assert!(run.status.progress_deadline_exceeded);
+    run.at(1, &nodes(3, 3));
+    assert_eq!(run.phase(), RolloutPhase::Healthy);
+    assert!(!run.status.progress_deadline_exceeded);
 }

@@ -521,7 +521,10 @@ async fn a_rollout_stalled_past_its_progress_deadline_is_marked_then_rolled_back
     let _operator = operator(env, &ns);
     let kds: Api<KernelDeployment> = Api::namespaced(client.clone(), &ns);
     let (url, sha) = pack(env, &format!("{ns}-v1"), 8, 1, &[]);
+    // The second step holds long enough for the abort below to land on it.
     let starved = serde_json::json!({"spec": {"rollout": {"progressDeadline": "2s",
+        "steps": [{"trafficPercent": 1, "pause": "2s"}, {"trafficPercent": 10, "pause": "1h"},
+                  {"trafficPercent": 100, "pause": "2s"}],
         "analysis": {"minSamples": 1_000_000_000}}}});
     kds.create(&PostParams::default(), &kd(&ns, "s", &url, &sha, starved))
         .await
