@@ -21,7 +21,7 @@ use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
 use tracing::{info, warn};
 
 /// Field manager of everything the agent writes.
-pub const FIELD_MANAGER: &str = "kernelflow-agent";
+pub const FIELD_MANAGER: &str = kernelflow_crds::node_report::AGENT_FIELD_MANAGER;
 
 /// How long a terminating agent waits for its training workers to checkpoint and stop: within
 /// the 30 s a pod gets by default.

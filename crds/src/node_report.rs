@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::training_job::{PipelineFigures, WorkerState};
 
+/// The field manager under which agents write their reports: the API server's time of the
+/// manager's last change tells when a report was last written, on the server's clock.
+pub const AGENT_FIELD_MANAGER: &str = "kernelflow-agent";
+
 /// What one node's agent reports: its kernels and training workers.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -30,7 +34,9 @@ pub struct NodeReportSpec {
     pub agent_version: String,
     /// Compute backend in use: `cuda` or `cpu`.
     pub backend: String,
-    /// When the agent last wrote this report. An old heartbeat means the agent is gone.
+    /// When the agent last wrote this report, on its own clock. The operator judges whether
+    /// an agent is gone by when the API server stored its last write, which no agent's clock
+    /// can move.
     pub heartbeat_time: Time,
     /// Number of entries in `kernels`, for `kubectl get`.
     #[serde(default)]

@@ -173,7 +173,7 @@ impl Gauges {
         Self {
             heartbeat: gauge(
                 "node_report_heartbeat_timestamp_seconds",
-                "Unix time of each node agent's latest report.",
+                "Unix time of each node agent's latest report, as the API server stored it.",
                 &["node"],
             ),
             info: int(
@@ -236,7 +236,7 @@ impl Collector for LeaderSeries {
         for r in self.reports.state() {
             g.heartbeat
                 .with_label_values(&[&r.spec.node_name])
-                .set(r.spec.heartbeat_time.0.as_millisecond() as f64 / 1e3);
+                .set(crate::nodes::written(&r).as_millisecond() as f64 / 1e3);
         }
         for kd in self.deployments.state() {
             if let Some(status) = &kd.status {

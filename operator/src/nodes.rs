@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kernelflow_crds::kernel_deployment::{NodeCounts, StepCounts};
-use kernelflow_crds::node_report::{KernelReport, RevisionFigures, ShadowFigures};
+use kernelflow_crds::node_report::{
+    AGENT_FIELD_MANAGER, KernelReport, RevisionFigures, ShadowFigures,
+};
 use kernelflow_crds::{KernelDeployment, NodeReport};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -156,11 +158,25 @@ pub fn starts(figures: &BTreeMap<String, NodeFigures>) -> BTreeMap<String, StepC
         .collect()
 }
 
-/// Whether a node's report is recent enough to count; a heartbeat from the future (clock
-/// skew) counts as fresh.
+/// When a node's report was last written: the API server's time of the agent's last change
+/// in its managed fields, so that an agent whose clock runs ahead does not look alive for
+/// that much longer once it is gone; the heartbeat, on the agent's clock, stands in where
+/// the server kept no time.
+pub fn written(report: &NodeReport) -> Timestamp {
+    let stored = report
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.manager.as_deref() == Some(AGENT_FIELD_MANAGER))
+        .find_map(|f| f.time.as_ref());
+    stored.unwrap_or(&report.spec.heartbeat_time).0
+}
+
+/// Whether a node's report is recent enough to count: [`written`] within `stale_after`.
 pub fn fresh(report: &NodeReport, now: Timestamp, stale_after: Duration) -> bool {
     let stale_after = SignedDuration::try_from(stale_after).unwrap_or(SignedDuration::MAX);
-    now.duration_since(report.spec.heartbeat_time.0) <= stale_after
+    now.duration_since(written(report)) <= stale_after
 }
 
 /// Summary of the kernel with artifact `digest` on the nodes `kd` selects, with the figures
@@ -592,5 +608,29 @@ pub(crate) mod tests {
 
         // A node that left the summary leaves no entry: back, it counts afresh.
         assert_eq!(starts(&f).keys().collect::<Vec<_>>(), ["a"]);
+    }
+
+    /// Freshness is judged by when the API server stored the agent's last write, not by the
+    /// agent's clock: one running ahead does not keep a dead node looking alive.
+    #[test]
+    fn a_report_is_as_fresh_as_the_server_last_stored_it() {
+        let now = Timestamp::now();
+        let minutes = |m: i64| k8s_openapi::jiff::SignedDuration::from_mins(m);
+        let written = |r: &mut NodeReport, manager: &str, at: Timestamp| {
+            let entry = serde_json::json!({"manager": manager, "operation": "Apply", "time": Time(at)});
+            r.metadata.managed_fields = Some(vec![serde_json::from_value(entry).unwrap()]);
+        };
+        // The agent's clock is an hour ahead; the server last stored its report 2 min ago.
+        let mut ahead = report("a", "Warm", None, now + minutes(60));
+        assert!(fresh(&ahead, now, STALE), "no server time: the heartbeat stands in");
+        written(&mut ahead, AGENT_FIELD_MANAGER, now - minutes(2));
+        assert!(!fresh(&ahead, now, STALE));
+        // An hour behind, written just now.
+        let mut behind = report("b", "Warm", None, now - minutes(60));
+        written(&mut behind, AGENT_FIELD_MANAGER, now);
+        assert!(fresh(&behind, now, STALE));
+        // Another manager's write (a label by hand) says nothing of the agent.
+        written(&mut behind, "kubectl-edit", now);
+        assert!(!fresh(&behind, now, STALE));
     }
 }
