@@ -48,15 +48,19 @@ use Unread::{Unfit, Unreadable};
 /// Reads a regular file of at most `max` bytes, never more: a file swapped for a link to
 /// `/dev/zero`, a FIFO or a sparse giant neither hangs nor exhausts memory.
 pub fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Unread> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
     let regular = |m: &fs::Metadata| m.file_type().is_file() && m.len() <= max as u64;
-    // Before opening: opening a FIFO would block.
-    match fs::symlink_metadata(path) {
-        Ok(m) if regular(&m) => {}
-        Ok(_) => return Err(Unfit),
+    // Opened without following a link or blocking on a FIFO, then checked: what is checked
+    // is what is read, whatever the name points at meanwhile.
+    let flags = (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32;
+    let file = match File::options().read(true).custom_flags(flags).open(path) {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Err(Unfit);
+        }
         Err(e) => return Err(Unreadable(e)),
-    }
-    let file = File::open(path).map_err(Unreadable)?;
-    // Again on what was opened, in case the name changed in between.
+    };
     if !file.metadata().is_ok_and(|m| regular(&m)) {
         return Err(Unfit);
     }

@@ -25,9 +25,14 @@ pub struct Readiness {
     pub message: String,
 }
 
-/// Reasons of failures that fetching again will not fix (the artifact itself is bad).
+/// Reasons of failures that fetching again will not fix (the artifact itself is bad). A
+/// `Forbidden` URL is the agent's settings' doing (its `--file-root`), as missing store
+/// credentials would be: the rollout waits for them, as it does for a store.
 fn fatal(reason: &str) -> bool {
-    !matches!(reason, "FetchFailed" | "NotFound" | "StoreUnavailable")
+    !matches!(
+        reason,
+        "FetchFailed" | "NotFound" | "StoreUnavailable" | "Forbidden"
+    )
 }
 
 /// Figures summed over nodes: one node's for the step, or a window's over the nodes.
@@ -169,8 +174,9 @@ pub fn written(report: &NodeReport) -> Timestamp {
         .iter()
         .flatten()
         .filter(|f| f.manager.as_deref() == Some(AGENT_FIELD_MANAGER))
-        .find_map(|f| f.time.as_ref());
-    stored.unwrap_or(&report.spec.heartbeat_time).0
+        .filter_map(|f| f.time.as_ref().map(|t| t.0))
+        .max();
+    stored.unwrap_or(report.spec.heartbeat_time.0)
 }
 
 /// Whether a node's report is recent enough to count: [`written`] within `stale_after`.
@@ -384,6 +390,19 @@ pub(crate) mod tests {
             STALE,
         );
         assert!(!summary.unservable, "a store failure is retried, not fatal");
+        // Nor is a URL out of an agent's --file-root: the agent's settings, not the artifact.
+        let forbidden = [report("b", "Failed", Some("Forbidden"), now)];
+        let summary = summarize(
+            &kd(),
+            &"a".repeat(64),
+            1,
+            &nodes[1..],
+            &forbidden,
+            now,
+            STALE,
+        );
+        assert!(!summary.unservable);
+        assert_eq!(summary.readiness.reason, "Forbidden");
         // The fatal failure is named even when a retried one comes first.
         let reports = [
             report("a", "Failed", Some("FetchFailed"), now),
@@ -617,12 +636,23 @@ pub(crate) mod tests {
         let now = Timestamp::now();
         let minutes = |m: i64| k8s_openapi::jiff::SignedDuration::from_mins(m);
         let written = |r: &mut NodeReport, manager: &str, at: Timestamp| {
-            let entry = serde_json::json!({"manager": manager, "operation": "Apply", "time": Time(at)});
+            let entry =
+                serde_json::json!({"manager": manager, "operation": "Apply", "time": Time(at)});
             r.metadata.managed_fields = Some(vec![serde_json::from_value(entry).unwrap()]);
         };
+        // Of several entries of the agent's (an apply and an update, say), the latest.
+        let mut both = report("c", "Warm", None, now);
+        written(&mut both, AGENT_FIELD_MANAGER, now - minutes(5));
+        let latest = serde_json::json!({"manager": AGENT_FIELD_MANAGER, "operation": "Update", "time": Time(now)});
+        let fields = both.metadata.managed_fields.as_mut().unwrap();
+        fields.push(serde_json::from_value(latest).unwrap());
+        assert!(fresh(&both, now, STALE));
         // The agent's clock is an hour ahead; the server last stored its report 2 min ago.
         let mut ahead = report("a", "Warm", None, now + minutes(60));
-        assert!(fresh(&ahead, now, STALE), "no server time: the heartbeat stands in");
+        assert!(
+            fresh(&ahead, now, STALE),
+            "no server time: the heartbeat stands in"
+        );
         written(&mut ahead, AGENT_FIELD_MANAGER, now - minutes(2));
         assert!(!fresh(&ahead, now, STALE));
         // An hour behind, written just now.

@@ -1,8 +1,10 @@
-//! The remote tier: artifact stores reached through `object_store` (file, http(s), s3 with
-//! the usual AWS credentials chain), with a timeout per attempt, bounded retries with
-//! exponential backoff and jitter, and a circuit breaker per store.
+//! The remote tier: artifact stores reached through `object_store` (http(s), s3 with the
+//! usual AWS credentials chain), with a timeout per attempt, bounded retries with
+//! exponential backoff and jitter, and a circuit breaker per store; and `file://` URLs,
+//! read beneath the agent's `--file-root` only.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -157,48 +159,6 @@ impl Remote {
         }
     }
 
-    /// The file a `file://` URL names, where it really is. It must lie under the file root,
-    /// as named and once links are followed, so that a KernelDeployment cannot have the
-    /// agent read (and report the digest and size of) any file the agent can; and be a
-    /// regular file, as opening a FIFO or a device would hold a blocking thread for good,
-    /// whatever the timeout does to the future.
-    async fn local_file(&self, url: &str, path: &str) -> Result<PathBuf, ArtifactError> {
-        let forbidden = |why: String| ArtifactError::Forbidden(format!("{url}: {why}"));
-        let Some(root) = &self.file_root else {
-            return Err(forbidden(
-                "file:// artifacts are off on this agent (it has no --file-root)".into(),
-            ));
-        };
-        let outside = || {
-            forbidden(format!(
-                "not under the agent's --file-root {}",
-                root.display()
-            ))
-        };
-        let real_root = tokio::fs::canonicalize(root).await.map_err(|e| {
-            ArtifactError::FetchFailed(format!("the --file-root {}: {e}", root.display()))
-        })?;
-        // Named out of the root: refused before anything is looked up, so that the answer
-        // tells nothing of what is there.
-        let named = Path::new("/").join(path);
-        let within = named.starts_with(root) || named.starts_with(&real_root);
-        if !within || named.components().any(|c| c == Component::ParentDir) {
-            return Err(outside());
-        }
-        let not_found = || ArtifactError::NotFound(format!("{url} (no regular file)"));
-        let real = tokio::fs::canonicalize(&named)
-            .await
-            .map_err(|_| not_found())?;
-        if !real.starts_with(&real_root) {
-            return Err(outside());
-        }
-        let regular = tokio::fs::metadata(&real).await;
-        if !regular.is_ok_and(|m| m.is_file()) {
-            return Err(not_found());
-        }
-        Ok(real)
-    }
-
     fn store(&self, scheme: &str, authority: &str) -> Result<(String, Arc<Store>), ArtifactError> {
         let key = format!("{scheme}://{authority}");
         let mut stores = self.stores.lock().expect("stores lock");
@@ -217,7 +177,6 @@ impl Remote {
         let build =
             |e: object_store::Error| ArtifactError::FetchFailed(format!("configuring {key}: {e}"));
         let client: Arc<dyn ObjectStore> = match scheme {
-            "file" => Arc::new(object_store::local::LocalFileSystem::new()),
             "http" | "https" => Arc::new(
                 object_store::http::HttpBuilder::new()
                     .with_url(key.clone())
@@ -249,13 +208,12 @@ impl Remote {
     /// The bytes at `url`, at most `max_bytes` of them.
     pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Vec<u8>, ArtifactError> {
         let (scheme, authority, path) = split(url)?;
+        if scheme == "file" {
+            return self.fetch_local(url, &path, max_bytes).await;
+        }
         let (key, store) = self.store(&scheme, &authority)?;
-        let location = if scheme == "file" {
-            StorePath::from_filesystem_path(self.local_file(url, &path).await?)
-                .map_err(|e| ArtifactError::FetchFailed(e.to_string()))?
-        } else {
-            StorePath::parse(&path).map_err(|e| ArtifactError::FetchFailed(e.to_string()))?
-        };
+        let location =
+            StorePath::parse(&path).map_err(|e| ArtifactError::FetchFailed(e.to_string()))?;
         let started = Instant::now();
         let mut last = None;
         for attempt in 0..self.policy.attempts.max(1) {
@@ -321,6 +279,32 @@ impl Remote {
         Err(last.unwrap_or_else(|| ArtifactError::FetchFailed("no attempt made".into())))
     }
 
+    /// A `file://` URL's bytes, read beneath the file root within one attempt's time: a
+    /// local file needs neither retries nor a breaker, and a read that hangs (a dead network
+    /// file system) is left to its blocking thread.
+    async fn fetch_local(
+        &self,
+        url: &str,
+        path: &str,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, ArtifactError> {
+        let Some(root) = self.file_root.clone() else {
+            return Err(ArtifactError::Forbidden(format!(
+                "{url}: file:// artifacts are off on this agent (it has no --file-root)"
+            )));
+        };
+        let (url, path) = (url.to_string(), path.to_string());
+        let read = tokio::task::spawn_blocking(move || read_beneath(&root, &path, &url, max_bytes));
+        match tokio::time::timeout(self.policy.attempt_timeout, read).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => Err(ArtifactError::FetchFailed(format!("reading stopped: {e}"))),
+            Err(_) => Err(ArtifactError::FetchFailed(format!(
+                "no complete answer in {:?}",
+                self.policy.attempt_timeout
+            ))),
+        }
+    }
+
     fn publish(&self, key: &str, store: &Store) {
         let open = store.breaker.lock().expect("breaker lock").state() != BreakerState::Closed;
         self.metrics
@@ -343,6 +327,67 @@ impl Remote {
                 .state(),
         )
     }
+}
+
+/// Reads the file `path` names (`url`'s path, from `/`) if it lies beneath `root`: opened by
+/// `openat2` with `RESOLVE_BENEATH` from the root's directory, so that no `..`, absolute
+/// path or link leads out of it however the tree changes meanwhile (relative links that
+/// stay beneath it are followed; absolute ones never), and without blocking,
+/// so that a FIFO cannot hold the thread; what was opened must be a regular file of at
+/// most `max` bytes. A name out of the root is refused before anything is looked up, and
+/// whatever is missing or out of reach below it is `NotFound` alike: no answer tells what
+/// lies out of the root.
+fn read_beneath(root: &Path, path: &str, url: &str, max: usize) -> Result<Vec<u8>, ArtifactError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::io::Errno;
+    let real_root = std::fs::canonicalize(root).map_err(|e| {
+        ArtifactError::FetchFailed(format!("the --file-root {}: {e}", root.display()))
+    })?;
+    let named = Path::new("/").join(path);
+    let rel = named
+        .strip_prefix(root)
+        .or_else(|_| named.strip_prefix(&real_root))
+        .ok()
+        .filter(|rel| !rel.components().any(|c| c == Component::ParentDir))
+        .ok_or_else(|| {
+            let root = root.display();
+            ArtifactError::Forbidden(format!("{url}: not under the agent's --file-root {root}"))
+        })?;
+    let not_found =
+        || ArtifactError::NotFound(format!("{url} (no regular file under the file root)"));
+    let dir = std::fs::File::open(&real_root).map_err(|e| {
+        ArtifactError::FetchFailed(format!("the --file-root {}: {e}", root.display()))
+    })?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    let fd =
+        rustix::fs::openat2(&dir, rel, flags, Mode::empty(), resolve).map_err(|e| match e {
+            Errno::NOSYS => ArtifactError::FetchFailed(
+                "file:// artifacts need Linux 5.6 or later (openat2)".into(),
+            ),
+            Errno::ACCESS | Errno::PERM => ArtifactError::FetchFailed(format!("{url}: {e}")),
+            _ => not_found(),
+        })?;
+    let file = std::fs::File::from(fd);
+    let size = match file.metadata() {
+        Ok(m) if m.is_file() => m.len(),
+        _ => return Err(not_found()),
+    };
+    let too_large = |size| ArtifactError::TooLarge {
+        size,
+        limit: max as u64,
+    };
+    if size > max as u64 {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ArtifactError::FetchFailed(format!("{url}: {e}")))?;
+    if bytes.len() > max {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 async fn get(

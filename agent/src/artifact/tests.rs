@@ -196,9 +196,9 @@ async fn bad_answers_are_typed_refusals() {
     );
 }
 
-/// Local files: a regular one under the file root is read; a FIFO, which would block the
-/// thread opening it for good, is refused unopened, as a missing one is; anything out of
-/// the root is forbidden.
+/// Local files: a regular one beneath the file root is read, through relative links that
+/// stay beneath it; a FIFO, which would block the thread opening it for good, is not found, as a
+/// missing file or a link out is; a name out of the root is forbidden.
 #[tokio::test]
 async fn file_urls_read_only_regular_files_under_the_file_root() {
     let (bytes, _) = artifact(3);
@@ -207,7 +207,14 @@ async fn file_urls_read_only_regular_files_under_the_file_root() {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("k.safetensors"), &bytes).unwrap();
     std::fs::write(dir.join("outside"), &bytes).unwrap();
-    std::os::unix::fs::symlink(dir.join("outside"), root.join("link-out")).unwrap();
+    let link = |target: std::path::PathBuf, name: &str| {
+        std::os::unix::fs::symlink(target, root.join(name)).unwrap();
+    };
+    link(dir.join("outside"), "link-out");
+    link(dir.join("gone"), "link-gone");
+    link(dir.clone(), "dir-out");
+    // Relative: an absolute link leads out of the root's view, wherever it points.
+    link("k.safetensors".into(), "link-in");
     let made = std::process::Command::new("mkfifo")
         .arg(root.join("fifo"))
         .status();
@@ -215,10 +222,11 @@ async fn file_urls_read_only_regular_files_under_the_file_root() {
     let remote = |file_root| Remote::new(policy(), file_root, CacheMetrics::default());
     let r = remote(Some(root.clone()));
     let url = |name: &str| format!("file://{}", root.join(name).display());
-    assert_eq!(
-        r.fetch(&url("k.safetensors"), 1 << 20).await.unwrap(),
-        bytes
-    );
+    for name in ["k.safetensors", "link-in"] {
+        assert_eq!(r.fetch(&url(name), 1 << 20).await.unwrap(), bytes, "{name}");
+    }
+    let big = r.fetch(&url("k.safetensors"), 16).await.unwrap_err();
+    assert_eq!(big.reason(), "TooLarge", "{big}");
     let reason = |url: String| {
         let r = &r;
         async move {
@@ -227,18 +235,26 @@ async fn file_urls_read_only_regular_files_under_the_file_root() {
             (err.reason(), err.to_string())
         }
     };
-    for name in ["fifo", "missing"] {
+    // Below the root, whatever is missing or leads out is not found alike: whether the
+    // target of a link out exists, or a file beyond it, cannot be told.
+    for name in [
+        "fifo",
+        "missing",
+        "link-out",
+        "link-gone",
+        "dir-out/outside",
+        "dir-out/gone",
+    ] {
         assert_eq!(reason(url(name)).await.0, "NotFound", "{name}");
     }
-    // Out of the root, as named or through a link, whether the file exists or not: refused
-    // before anything is opened, so that nothing tells what is there.
+    // Named out of the root, whether the file exists or not: refused before anything is
+    // looked up.
     let outside = format!("file://{}", dir.join("outside").display());
     let (why, message) = reason(outside).await;
     assert_eq!(why, "Forbidden");
     assert!(message.contains("--file-root"), "{message}");
     for url in [
         url("../outside"),
-        url("link-out"),
         "file:///etc/hostname".into(),
         "file:///no/such/file".into(),
     ] {

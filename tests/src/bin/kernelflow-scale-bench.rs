@@ -197,7 +197,8 @@ async fn simulate_agents(
         k.name = kd.metadata.name.clone().unwrap_or_default();
         by_group[group].push(k);
     }
-    let pp = PatchParams::apply("scale-bench-agent").force();
+    // As agents write: the operator takes a report's age from this manager's last write.
+    let pp = PatchParams::apply(kernelflow_crds::node_report::AGENT_FIELD_MANAGER).force();
     let writes = (0..nodes).map(|i| {
         let name = format!("scale-{i:04}");
         let kernels = by_group[i % groups].clone();
