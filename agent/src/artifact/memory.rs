@@ -9,7 +9,10 @@ use super::format::Kernel;
 use super::metrics::{CacheMetrics, Tier};
 
 /// An LRU keyed by artifact digest, bounded in bytes: of kernels in memory, or (the device
-/// tier) of their weights where the backend computes.
+/// tier) of their weights where the backend computes. Values still held elsewhere (kernels
+/// the warmer serves, weights of running lanes) are never evicted, and count: evicting one
+/// would free nothing, only lose track of its bytes. So the bound holds for what the cache
+/// alone keeps, and its bytes tell all that is resident.
 pub struct MemoryCache<V = Arc<Kernel>> {
     inner: Mutex<Inner<V>>,
     capacity: usize,
@@ -28,7 +31,7 @@ pub fn footprint(k: &Kernel) -> usize {
     4 * (k.weight.len() + k.bias.as_ref().map_or(0, |b| b.len()))
 }
 
-impl<V: Clone> MemoryCache<V> {
+impl<T> MemoryCache<Arc<T>> {
     pub fn new(capacity: usize, tier: Tier, metrics: CacheMetrics) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -42,16 +45,16 @@ impl<V: Clone> MemoryCache<V> {
     }
 
     /// The value under this digest, marked as recently used.
-    pub fn get(&self, digest: &str) -> Option<V> {
+    pub fn get(&self, digest: &str) -> Option<Arc<T>> {
         let mut inner = self.inner.lock().expect("cache lock");
         let found = inner.lru.get(digest).map(|(v, _)| v.clone());
         self.metrics.count(self.tier, found.is_some());
         found
     }
 
-    /// Inserts `value`, taking `size` bytes, evicting the least recently used until it fits.
-    /// A value larger than the whole cache is not kept.
-    pub fn insert(&self, digest: String, value: V, size: usize) {
+    /// Inserts `value`, taking `size` bytes, evicting the least recently used of the values
+    /// nothing else holds until it fits. A value larger than the whole cache is not kept.
+    pub fn insert(&self, digest: String, value: Arc<T>, size: usize) {
         if size > self.capacity {
             return;
         }
@@ -61,9 +64,15 @@ impl<V: Clone> MemoryCache<V> {
         }
         inner.bytes += size;
         while inner.bytes > self.capacity {
-            let Some((_, (_, evicted))) = inner.lru.pop_lru() else {
+            let unheld = inner.lru.iter().rev();
+            let Some(key) = unheld
+                .filter(|(_, (v, _))| Arc::strong_count(v) == 1)
+                .map(|(k, _)| k.clone())
+                .next()
+            else {
                 break;
             };
+            let (_, evicted) = inner.lru.pop(&key).expect("found above");
             inner.bytes -= evicted;
             self.metrics
                 .evictions
@@ -132,6 +141,27 @@ mod tests {
             ),
             (1, 1)
         );
+    }
+
+    /// A kernel still served elsewhere is not evicted, and counts: the cache goes over its
+    /// bound by what is held, and evicts it once it is let go.
+    #[test]
+    fn kernels_held_elsewhere_stay_and_count() {
+        let cache = memory(400);
+        let held = kernel(1, 60);
+        put(&cache, held.clone());
+        put(&cache, kernel(2, 40));
+        put(&cache, kernel(3, 40)); // 560 bytes: 2 goes, though 1 was used less recently.
+        assert!(cache.contains(&held.sha256) && !cache.contains(&kernel(2, 0).sha256));
+        put(&cache, kernel(4, 80)); // 3 goes; 1 alone is over the bound's share, and stays.
+        assert_eq!(cache.bytes(), 560);
+        drop(held);
+        put(&cache, kernel(5, 10));
+        assert!(
+            !cache.contains(&kernel(1, 0).sha256),
+            "let go, it is evicted first"
+        );
+        assert_eq!(cache.bytes(), 360);
     }
 
     proptest! {
