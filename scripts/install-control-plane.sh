@@ -21,8 +21,8 @@ if [ ! -x "$bin/kube-apiserver" ]; then
   command -v dpkg-source >/dev/null || need_apt+=(dpkg-dev)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  sudo_ apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  sudo_ apt-get -o Acquire::Retries=5 update -qq
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get -o Acquire::Retries=5 install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # Debian starts etcd as a service on install; the harness runs its own.
 if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
@@ -40,10 +40,10 @@ src_list=/etc/apt/sources.list.d/kernelflow-src.sources
 if ! grep -rqsE '^(deb-src .*bookworm|Types:.*deb-src)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
   printf '%s\n' 'Types: deb-src' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm' 'Components: main' \
     'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' | sudo_ tee "$src_list" >/dev/null
-  sudo_ apt-get update -qq
+  sudo_ apt-get -o Acquire::Retries=5 update -qq
 fi
 # Judged by the tree it leaves, not by its exit status; its output is shown when there is none.
-(cd "$work" && apt-get source -qq kubernetes >"$work/apt-source.log" 2>&1) || true
+(cd "$work" && apt-get -o Acquire::Retries=5 source -qq kubernetes >"$work/apt-source.log" 2>&1) || true
 src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
 [ -n "$src" ] || {
   cat "$work/apt-source.log" >&2

