@@ -29,6 +29,8 @@ use tower_http::timeout::TimeoutLayer;
 use crate::FIELD_MANAGER;
 use crate::metrics::Metrics;
 
+mod capped;
+
 /// Default name of the ValidatingWebhookConfiguration the operator owns.
 pub const CONFIGURATION_NAME: &str = "kernelflow-validating-webhook";
 /// Default name of the Secret holding the self-signed CA and serving certificate.
@@ -220,6 +222,10 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 12
 /// gives up on a webhook after 30 s at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
 
+/// Connections held at once; a new one past them is closed at once. The API servers need a
+/// few each.
+const MAX_CONNECTIONS: usize = if cfg!(test) { 8 } else { 1024 };
+
 /// The TLS configuration for a certificate chain and key (PEM), offering HTTP/1.1 alone:
 /// the server speaks nothing else, so that [`HEAD_TIMEOUT`] holds from the first byte
 /// (serving both, it would wait without a limit for bytes to tell them apart).
@@ -245,7 +251,9 @@ async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> any
             REQUEST_TIMEOUT,
         ))
         .with_state(metrics);
-    let mut server = axum_server::bind_rustls(addr, tls).http1_only();
+    let mut server = axum_server::bind_rustls(addr, tls)
+        .map(|tls| capped::Capped::new(tls, MAX_CONNECTIONS))
+        .http1_only();
     server
         .http_builder()
         .http1()
@@ -811,6 +819,56 @@ mod tests {
         );
         let answer = trickling.expect("the trickling connection stays open");
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+
+    /// Past `MAX_CONNECTIONS` held at once, a new connection is closed at once; connections
+    /// let go make room again.
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed() {
+        let cert = generate(&["localhost".to_string()]).unwrap();
+        let addr = free_addr();
+        let server = tokio::spawn({
+            let cert = cert.clone();
+            async move { serve(addr, &cert, Metrics::default()).await }
+        });
+        let closed = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let connect = || {
+                (0..100)
+                    .find_map(|_| {
+                        std::net::TcpStream::connect(addr)
+                            .inspect_err(|_| std::thread::sleep(Duration::from_millis(50)))
+                            .ok()
+                    })
+                    .expect("the webhook does not listen")
+            };
+            // Each waits for a TLS hello that does not come, holding its place.
+            let sockets: Vec<_> = (0..=MAX_CONNECTIONS).map(|_| connect()).collect();
+            std::thread::sleep(Duration::from_millis(300));
+            let hung_up = |mut s: &std::net::TcpStream| {
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                match s.read(&mut [0u8; 1]) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                }
+            };
+            sockets.iter().filter(|s| hung_up(s)).count()
+        })
+        .await
+        .unwrap();
+        assert_eq!(closed, 1, "one past the cap is closed, the others held");
+        let mut served = false;
+        for _ in 0..100 {
+            if handshake(addr, cert.ca.clone()).await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.abort();
+        assert!(served, "connections let go did not make room");
     }
 
     #[tokio::test]
