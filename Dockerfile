@@ -7,7 +7,7 @@
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 # aws-lc-sys (rustls' crypto, through object_store) may build with CMake.
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+RUN apt-get -o Acquire::Retries=5 update && apt-get -o Acquire::Retries=5 install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -50,11 +50,11 @@ pub struct Args {
     /// it `file://` URLs are refused, as they could name any file the agent can read.
     #[arg(long, env = "KERNELFLOW_FILE_ROOT")]
     pub file_root: Option<std::path::PathBuf>,
-    /// Bytes of kernels kept in memory.
+    /// Bytes of kernels kept in memory, beyond those in use (served, or trained with).
     #[arg(long, env = "KERNELFLOW_MEMORY_CACHE_BYTES", default_value_t = 512 << 20)]
     pub memory_cache_bytes: usize,
     /// Bytes of kernel weights kept on the device (GPU memory; on the CPU backend they share
-    /// the memory tier's).
+    /// the memory tier's), beyond those of the lanes running.
     #[arg(long, env = "KERNELFLOW_DEVICE_CACHE_BYTES", default_value_t = 2 << 30)]
     pub device_cache_bytes: usize,
     /// Bytes of artifacts kept on disk.

@@ -722,6 +722,8 @@ impl Router {
             }
         }
         *serving = keep;
+        // The weights of lanes gone may now go, if the device cache is over its bound.
+        self.weights.trim();
     }
 
     fn get(&self, namespace: &str, name: &str) -> Option<Held> {

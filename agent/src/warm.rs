@@ -103,6 +103,8 @@ impl Warmer {
         *self.primary.lock().expect("primary lock") = primary;
         let mut entries = self.entries.lock().expect("entries lock");
         entries.retain(|key, _| wanted.contains_key(key));
+        // What no deployment wants any more may now go, if memory is over its bound.
+        self.store.trim();
         let mut touched = self.touched.lock().expect("touched lock");
         if touched.is_none_or(|t| t.elapsed() >= TOUCH_EVERY) {
             *touched = Some(now);

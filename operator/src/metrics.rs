@@ -25,6 +25,7 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     pub leader: IntGauge,
     pub admission_reviews: IntCounterVec,
+    pub webhook_connections_refused: prometheus::IntCounter,
     rollout_analysis: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
     rollout_duration: HistogramVec,
@@ -67,6 +68,11 @@ impl Default for Metrics {
             &["kind", "allowed"],
         )
         .expect("valid metric");
+        let webhook_connections_refused = prometheus::IntCounter::new(
+            "webhook_connections_refused_total",
+            "Connections the webhook closed at once, holding as many as it may.",
+        )
+        .expect("valid metric");
         let kd = &["namespace", "name"];
         let rollout_analysis = IntCounterVec::new(
             Opts::new(
@@ -102,6 +108,7 @@ impl Default for Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(leader.clone()),
             Box::new(admission_reviews.clone()),
+            Box::new(webhook_connections_refused.clone()),
             Box::new(rollout_analysis.clone()),
             Box::new(rollout_rollbacks.clone()),
             Box::new(rollout_duration.clone()),
@@ -116,6 +123,7 @@ impl Default for Metrics {
             reconcile_duration,
             leader,
             admission_reviews,
+            webhook_connections_refused,
             rollout_analysis,
             rollout_rollbacks,
             rollout_duration,

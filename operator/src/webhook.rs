@@ -226,6 +226,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else {
 /// few each.
 const MAX_CONNECTIONS: usize = if cfg!(test) { 8 } else { 1024 };
 
+/// [`MAX_CONNECTIONS`], or half the file descriptors this process may open where that is
+/// fewer, so that a flood of connections leaves room for the rest of the operator.
+fn max_connections() -> usize {
+    use rustix::process::{Resource, getrlimit};
+    let open_files = getrlimit(Resource::Nofile).current;
+    let half = open_files.map_or(usize::MAX, |n| usize::try_from(n / 2).unwrap_or(usize::MAX));
+    MAX_CONNECTIONS.min(half).max(1)
+}
+
 /// The TLS configuration for a certificate chain and key (PEM), offering HTTP/1.1 alone:
 /// the server speaks nothing else, so that [`HEAD_TIMEOUT`] holds from the first byte
 /// (serving both, it would wait without a limit for bytes to tell them apart).
@@ -243,6 +252,7 @@ fn tls_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>
 }
 
 async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> anyhow::Result<()> {
+    let refused = metrics.webhook_connections_refused.clone();
     let app = Router::new()
         .route(PATH, post(review))
         // A 408 past it, as for a request whose body trickles in.
@@ -252,7 +262,7 @@ async fn serve_tls(addr: SocketAddr, tls: RustlsConfig, metrics: Metrics) -> any
         ))
         .with_state(metrics);
     let mut server = axum_server::bind_rustls(addr, tls)
-        .map(|tls| capped::Capped::new(tls, MAX_CONNECTIONS))
+        .map(|tls| capped::Capped::new(tls, max_connections(), refused))
         .http1_only();
     server
         .http_builder()
@@ -827,9 +837,10 @@ mod tests {
     async fn connections_past_the_cap_are_closed() {
         let cert = generate(&["localhost".to_string()]).unwrap();
         let addr = free_addr();
+        let metrics = Metrics::default();
         let server = tokio::spawn({
-            let cert = cert.clone();
-            async move { serve(addr, &cert, Metrics::default()).await }
+            let (cert, metrics) = (cert.clone(), metrics.clone());
+            async move { serve(addr, &cert, metrics).await }
         });
         let closed = tokio::task::spawn_blocking(move || {
             use std::io::Read;
@@ -844,21 +855,21 @@ mod tests {
             };
             // Each waits for a TLS hello that does not come, holding its place.
             let sockets: Vec<_> = (0..=MAX_CONNECTIONS).map(|_| connect()).collect();
-            std::thread::sleep(Duration::from_millis(300));
             let hung_up = |mut s: &std::net::TcpStream| {
-                s.set_read_timeout(Some(Duration::from_millis(100)))
-                    .unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
                 match s.read(&mut [0u8; 1]) {
                     Ok(0) => true,
                     Ok(_) => false,
                     Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
                 }
             };
-            sockets.iter().filter(|s| hung_up(s)).count()
+            let closed = || sockets.iter().filter(|s| hung_up(s)).count();
+            (0..250).map(|_| closed()).find(|n| *n > 0).unwrap_or(0)
         })
         .await
         .unwrap();
         assert_eq!(closed, 1, "one past the cap is closed, the others held");
+        assert_eq!(metrics.webhook_connections_refused.get(), 1);
         let mut served = false;
         for _ in 0..100 {
             if handshake(addr, cert.ca.clone()).await.is_ok() {

@@ -73,6 +73,11 @@ impl KernelStore {
         }))
     }
 
+    /// Evicts from memory the kernels let go since, down to the memory bound.
+    pub fn trim(&self) {
+        self.memory.trim();
+    }
+
     /// Marks the artifacts of `digests` used now on disk, where they are kept (blocking).
     pub fn touch(&self, digests: &[String]) {
         if let Some(disk) = &self.disk {

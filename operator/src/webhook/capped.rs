@@ -9,21 +9,25 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum_server::accept::Accept;
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// An acceptor that lets a connection through `inner` only while it holds one of `permits`.
+/// An acceptor that lets a connection through `inner` only while it holds one of `permits`,
+/// counting those it closes in `refused`.
 #[derive(Clone)]
 pub struct Capped<A> {
     inner: A,
     permits: Arc<Semaphore>,
+    refused: IntCounter,
 }
 
 impl<A> Capped<A> {
-    pub fn new(inner: A, connections: usize) -> Self {
+    pub fn new(inner: A, connections: usize, refused: IntCounter) -> Self {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(connections)),
+            refused,
         }
     }
 }
@@ -42,6 +46,7 @@ where
     fn accept(&self, stream: I, service: S) -> Self::Future {
         // Dropping the stream unaccepted closes it.
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.refused.inc();
             let full = io::Error::other("the webhook holds as many connections as it may");
             return Box::pin(std::future::ready(Err(full)));
         };
