@@ -361,14 +361,7 @@ mod tests {
         let good = dir.join("good.safetensors");
         std::fs::write(&good, &bytes).unwrap();
         let url = format!("file://{}", good.display());
-        let store = KernelStore::new(
-            StoreConfig {
-                file_root: Some(std::env::temp_dir()),
-                ..StoreConfig::default()
-            },
-            CacheMetrics::default(),
-        )
-        .unwrap();
+        let store = KernelStore::for_tests();
         let warmer = Warmer::new(store);
         let labels: BTreeMap<String, String> = [("pool".to_string(), "a".to_string())].into();
         let deployments = vec![

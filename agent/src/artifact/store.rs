@@ -73,6 +73,17 @@ impl KernelStore {
         }))
     }
 
+    /// A store with the default settings that reads `file://` artifacts under the temporary
+    /// directory, where tests write theirs.
+    #[cfg(test)]
+    pub fn for_tests() -> Arc<Self> {
+        let config = StoreConfig {
+            file_root: Some(std::env::temp_dir()),
+            ..StoreConfig::default()
+        };
+        Self::new(config, CacheMetrics::default()).expect("a store without a disk tier")
+    }
+
     /// Evicts from memory the kernels let go since, down to the memory bound.
     pub fn trim(&self) {
         self.memory.trim();

@@ -3,7 +3,7 @@ use kernelflow_crds::Conv2dSpec;
 use super::*;
 use crate::artifact::format::{pack, sha256_hex};
 use crate::artifact::metrics::CacheMetrics;
-use crate::artifact::store::{KernelStore, StoreConfig};
+use crate::artifact::store::KernelStore;
 
 #[test]
 fn the_split_sends_exactly_the_step_share_to_the_canary() {
@@ -54,14 +54,7 @@ impl Fixture {
     fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("kf-split-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = KernelStore::new(
-            StoreConfig {
-                file_root: Some(std::env::temp_dir()),
-                ..StoreConfig::default()
-            },
-            CacheMetrics::default(),
-        )
-        .unwrap();
+        let store = KernelStore::for_tests();
         Self {
             dir,
             warmer: Warmer::new(store),

@@ -299,8 +299,6 @@ pub async fn run(client: Client, trainer: Arc<Trainer>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::metrics::CacheMetrics;
-    use crate::artifact::store::StoreConfig;
     use kernelflow_crds::training_job::TrainingPhase;
 
     fn trainer() -> Arc<Trainer> {
@@ -309,14 +307,7 @@ mod tests {
 
     /// A trainer keeping checkpoints in `dir`, or in memory.
     fn trainer_in(dir: Option<std::path::PathBuf>) -> Arc<Trainer> {
-        let store = KernelStore::new(
-            StoreConfig {
-                file_root: Some(std::env::temp_dir()),
-                ..StoreConfig::default()
-            },
-            CacheMetrics::default(),
-        )
-        .unwrap();
+        let store = KernelStore::for_tests();
         Trainer::new(
             "n",
             Env {

@@ -658,8 +658,7 @@ mod tests {
 
     use super::*;
     use crate::artifact::format::{pack, sha256_hex};
-    use crate::artifact::metrics::CacheMetrics;
-    use crate::artifact::store::{KernelStore, StoreConfig};
+    use crate::artifact::store::KernelStore;
     use crate::compute::cpu::CpuBackend;
     use crate::compute::ops::uniform;
     use crate::training::checkpoint::Checkpoints;
@@ -689,14 +688,7 @@ mod tests {
     }
 
     fn env(checkpoints: Option<PathBuf>) -> Arc<Env> {
-        let store = KernelStore::new(
-            StoreConfig {
-                file_root: Some(std::env::temp_dir()),
-                ..StoreConfig::default()
-            },
-            CacheMetrics::default(),
-        )
-        .unwrap();
+        let store = KernelStore::for_tests();
         Arc::new(Env {
             warmer: Warmer::new(store.clone()),
             router: crate::rollout::tests::router(),
