@@ -64,6 +64,12 @@ pub fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Unread> {
     if !file.metadata().is_ok_and(|m| regular(&m)) {
         return Err(Unfit);
     }
+    read_opened(file, max)
+}
+
+/// Reads an opened file's bytes, at most `max` of them: one that grows past them meanwhile
+/// is `Unfit`.
+pub fn read_opened(file: File, max: usize) -> Result<Vec<u8>, Unread> {
     let mut bytes = Vec::new();
     file.take((max as u64).saturating_add(1))
         .read_to_end(&mut bytes)

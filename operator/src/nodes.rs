@@ -141,9 +141,9 @@ pub fn window(
     figures: &BTreeMap<String, NodeFigures>,
     start: &BTreeMap<String, StepCounts>,
 ) -> Figures {
+    let second = |t: &Option<Time>| t.as_ref().map(|t| t.0.as_second());
     let mut window = Figures::default();
     for (node, n) in figures {
-        let second = |t: &Option<Time>| t.as_ref().map(|t| t.0.as_second());
         let entry = start
             .get(node)
             .filter(|s| second(&s.counted_since) == second(&n.since));

@@ -271,8 +271,7 @@ impl Machine<'_> {
         self.s.step_traffic.clear();
         self.s.rollout_start_time = Some(Time(self.now));
         self.s.analysis = None;
-        self.s.waiting_since = None;
-        self.s.progress_deadline_exceeded = false;
+        self.end_wait();
     }
 
     fn manual(&mut self, action: ManualAction) {
@@ -398,8 +397,7 @@ impl Machine<'_> {
         self.s.step_epoch += 1;
         self.s.step_start_time = Some(self.stored_now());
         self.s.analysis = None;
-        self.s.waiting_since = None;
-        self.s.progress_deadline_exceeded = false;
+        self.end_wait();
         self.note(
             false,
             "StepStarted",
@@ -622,6 +620,12 @@ impl Machine<'_> {
         self.verdict = Some(verdict);
     }
 
+    /// Ends a wait on the nodes, and its mark: the rollout progressed, or is paused.
+    fn end_wait(&mut self) {
+        self.s.waiting_since = None;
+        self.s.progress_deadline_exceeded = false;
+    }
+
     /// Marks a rollout that has waited on its nodes (to warm, or for a window's samples)
     /// past `progressDeadline`, or rolls it back with `progressDeadlineAbort`. Any progress,
     /// or a pause, ends the wait.
@@ -634,8 +638,7 @@ impl Machine<'_> {
                 _ => false,
             };
         if !waiting {
-            self.s.waiting_since = None;
-            self.s.progress_deadline_exceeded = false;
+            self.end_wait();
             return;
         }
         let since = match &self.s.waiting_since {
@@ -661,8 +664,7 @@ impl Machine<'_> {
         // Only a canary rolls back: a first revision on the synchronous path has nothing to
         // roll out, nor a retry to start again.
         if self.spec.rollout.progress_deadline_abort && self.s.canary_revision.is_some() {
-            self.s.waiting_since = None;
-            self.s.progress_deadline_exceeded = false;
+            self.end_wait();
             self.roll_back(
                 Outcome::RolledBack,
                 "ProgressDeadlineExceeded",

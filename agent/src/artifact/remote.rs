@@ -4,7 +4,6 @@
 //! read beneath the agent's `--file-root` only.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -380,14 +379,11 @@ fn read_beneath(root: &Path, path: &str, url: &str, max: usize) -> Result<Vec<u8
     if size > max as u64 {
         return Err(too_large(size));
     }
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.take(max as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| ArtifactError::FetchFailed(format!("{url}: {e}")))?;
-    if bytes.len() > max {
-        return Err(too_large(bytes.len() as u64));
-    }
-    Ok(bytes)
+    crate::files::read_opened(file, max).map_err(|e| match e {
+        // It grew past the limit while read.
+        crate::files::Unread::Unfit => too_large(max as u64 + 1),
+        crate::files::Unread::Unreadable(e) => ArtifactError::FetchFailed(format!("{url}: {e}")),
+    })
 }
 
 async fn get(
