@@ -2,7 +2,8 @@
 //! Prints markdown tables for docs/benchmarks.md. Set `KF_BENCH=conv,train,async,pipeline,streams`
 //! to run a subset, `KF_PIPELINE_MS=load,upload,compute,download` for the stage mix and
 //! `KF_CONV_THREADS` for the conv2d threads (2) and `KF_CONV_SHAPES=0,3` for some of its shapes
-//! (by index; all unless set).
+//! (by index; all unless set); `KF_CONV_FRESH=1` allocates each conv2d output afresh instead of
+//! reusing given-back memory.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,11 +11,11 @@ use std::time::{Duration, Instant};
 use faer::Par;
 use futures::stream::{self, StreamExt};
 use kernelflow_agent::compute::backend::Op;
-use kernelflow_agent::compute::conv;
 use kernelflow_agent::compute::cpu::{CpuBackend, run_op};
 use kernelflow_agent::compute::engine::{Engine, EngineConfig};
 use kernelflow_agent::compute::ops::uniform;
 use kernelflow_agent::compute::pipeline::{self, STAGES, Stage};
+use kernelflow_agent::compute::recycle;
 use kernelflow_agent::compute::train::{Model, gradients};
 use kernelflow_crds::Conv2dSpec;
 use kernelflow_crds::training_job::PipelineMode;
@@ -52,8 +53,15 @@ fn conv_throughput() {
         let x = uniform(p.input_len(), 1, 1.0);
         let w = uniform(p.weight_len(), 2, 0.1);
         let b = uniform(p.out_channels, 3, 0.1);
+        // As the agent runs it: the synchronous path, each output given back when done with
+        // (onnxruntime's arena reuses its outputs' memory too). KF_CONV_FRESH=1: fresh outputs.
+        let fresh = std::env::var_os("KF_CONV_FRESH").is_some();
+        let (op, inputs) = (Op::Conv2d(p), [&x[..], &w, &b]);
         let s = median(Duration::from_secs(3), || {
-            std::hint::black_box(conv::forward(&p, &x, &w, Some(&b), Par::rayon(threads)).unwrap());
+            let y = run_op(op, &inputs, Par::rayon(threads)).unwrap();
+            if !fresh {
+                y.into_iter().for_each(recycle::give);
+            }
         });
         println!(
             "| {}, {}, {}, {}, {}, {}x{}, {}, {} | {:.2} | {:.1} |",

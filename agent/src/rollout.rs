@@ -25,6 +25,7 @@ use crate::compute::conv::Conv2dParams;
 use crate::compute::device::{Device, DeviceBackend, DeviceBuffer};
 use crate::compute::engine::{Engine, EngineConfig, run_sync};
 use crate::compute::ops::uniform;
+use crate::compute::recycle;
 use crate::compute::train::{KernelLayerRunner, Layer, SyncPath};
 use crate::warm::{Warmer, selects};
 use futures::future::BoxFuture;
@@ -454,6 +455,8 @@ impl Held {
                 shadow.max_numeric_diff =
                     Some(shadow.max_numeric_diff.map_or(diff, |d| max_diff(d, diff)));
             }
+            recycle::give(yc);
+            recycle::give(ys);
         }
         if let Some(d) = w.shadow.max_numeric_diff {
             self.metrics

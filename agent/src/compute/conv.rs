@@ -333,18 +333,34 @@ pub fn forward(
     b: Option<&[f32]>,
     par: Par,
 ) -> Result<Vec<f32>, ComputeError> {
-    forward_on(Tile::get(), p, x, w, b, par)
+    let mut y = Vec::new();
+    forward_into(p, x, w, b, &mut y, par)?;
+    Ok(y)
 }
 
-/// [`forward`] with the kernel of `tile`'s instruction set.
+/// [`forward`] into `y`. When `y` holds the output's length already (a buffer from
+/// [`super::recycle`]), its memory is overwritten, every element, without being zeroed first.
+pub fn forward_into(
+    p: &Conv2dParams,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &mut Vec<f32>,
+    par: Par,
+) -> Result<(), ComputeError> {
+    forward_on(Tile::get(), p, x, w, b, y, par)
+}
+
+/// [`forward_into`] with the kernel of `tile`'s instruction set.
 fn forward_on(
     tile: Tile,
     p: &Conv2dParams,
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
+    y: &mut Vec<f32>,
     par: Par,
-) -> Result<Vec<f32>, ComputeError> {
+) -> Result<(), ComputeError> {
     p.check()?;
     p.check_lens(x.len(), w.len(), b.map(<[f32]>::len))?;
     let (l, ph) = (Layout::of(p), Phases::of(p));
@@ -360,20 +376,23 @@ fn forward_on(
     };
     let threads = par.degree().max(1);
     let tasks = p.batch * p.groups;
-    // A large output is zeroed on the op's threads, not first on this one: 26 MB for a batch of
+    // Safe code writes no uninitialised memory: a fresh output is zeroed, then overwritten.
+    // A large one is zeroed on the op's threads, not first on this one: 26 MB for a batch of
     // 8 ResNet stems would spend a tenth of the call in one thread's memset. A small one is
     // not worth waking the threads twice.
-    let mut y = Vec::with_capacity(p.output_len());
-    if threads > 1 && p.output_len() >= 1 << 16 {
-        // Pieces of at least a thread's share: no more pieces than threads.
-        let zeros = rayon::iter::repeat_n(0.0, p.output_len());
-        y.par_extend(zeros.with_min_len(p.output_len() / threads));
-    } else {
-        y.resize(p.output_len(), 0.0);
+    if y.len() != p.output_len() {
+        y.clear();
+        if threads > 1 && p.output_len() >= 1 << 16 {
+            // Pieces of at least a thread's share: no more pieces than threads.
+            let zeros = rayon::iter::repeat_n(0.0, p.output_len());
+            y.par_extend(zeros.with_min_len(p.output_len() / threads));
+        } else {
+            y.resize(p.output_len(), 0.0);
+        }
     }
     if winograd::applies(p) {
-        winograd::forward(tile, p, x, w, b, &mut y, par);
-        return Ok(y);
+        winograd::forward(tile, p, x, w, b, y, par);
+        return Ok(());
     }
     // Units of work: (first task, images, first output row, their output planes). A 1x1
     // convolution's samples go to the kernel several at a time, side by side, when each is at
@@ -394,7 +413,7 @@ fn forward_on(
             })
             .collect()
     } else {
-        let bands = bands(&mut y, l.kg, l.ohw, ow, threads.div_ceil(tasks.max(1)), 1);
+        let bands = bands(y, l.kg, l.ohw, ow, threads.div_ceil(tasks.max(1)), 1);
         bands
             .into_iter()
             .map(|(t, y0, out)| (t, 1, y0, out))
@@ -441,7 +460,7 @@ fn forward_on(
         });
     };
     share_out(units, par, run);
-    Ok(y)
+    Ok(())
 }
 
 /// `out = wt · dy`: `wt` is a group's transposed weights (`c*r*s` x `kg`), `dy` its output
@@ -859,7 +878,9 @@ pub(crate) mod tests {
         let fast = forward(p, &x, &w, b.as_deref(), Par::Seq).unwrap();
         let slow = reference::forward(p, &x, &w, b.as_deref());
         prop_assert!(max_rel_diff(&fast, &slow) < 1e-5, "{p:?}");
-        let parallel = forward(p, &x, &w, b.as_deref(), Par::rayon(threads)).unwrap();
+        // Into a reused buffer, whose old contents (NaN) must not show through.
+        let mut parallel = vec![f32::NAN; p.output_len()];
+        forward_into(p, &x, &w, b.as_deref(), &mut parallel, Par::rayon(threads)).unwrap();
         prop_assert_eq!(parallel, fast, "{:?} on {} threads", p, threads);
         Ok(())
     }
@@ -1065,10 +1086,13 @@ pub(crate) mod tests {
         ];
         for p in shapes {
             let ([x, w, b], want) = with_bias(&p);
-            let first = forward_on(tiles[0], &p, &x, &w, Some(&b), Par::Seq).unwrap();
+            let mut first = Vec::new();
+            forward_on(tiles[0], &p, &x, &w, Some(&b), &mut first, Par::Seq).unwrap();
             assert!(max_rel_diff(&first, &want) < 1e-5, "{p:?}");
             for &tile in &tiles[1..] {
-                let y = forward_on(tile, &p, &x, &w, Some(&b), Par::rayon(2)).unwrap();
+                // Every element written, by every kernel: none of the NaN left.
+                let mut y = vec![f32::NAN; p.output_len()];
+                forward_on(tile, &p, &x, &w, Some(&b), &mut y, Par::rayon(2)).unwrap();
                 assert!(y == first, "{tile:?} on {p:?}");
             }
         }

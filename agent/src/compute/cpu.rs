@@ -15,14 +15,26 @@ use std::time::Instant;
 use faer::Par;
 
 use super::backend::{Backend, Download, Event, Op};
-use super::{ComputeError, conv, lock, ops};
+use super::{ComputeError, conv, lock, ops, recycle};
 
 type Job = Box<dyn FnOnce() + Send>;
 type Slot = OnceLock<Result<Arc<Vec<f32>>, ComputeError>>;
 
-/// A CPU device buffer: written once by the op that produces it.
+/// A CPU device buffer: written once by the op that produces it. The last one to let go of
+/// its data gives it to [`recycle`], for a later op's output.
 #[derive(Clone, Default)]
 pub struct CpuBuffer(Arc<Slot>);
+
+impl Drop for CpuBuffer {
+    fn drop(&mut self) {
+        let data = Arc::get_mut(&mut self.0).and_then(OnceLock::take);
+        if let Some(Ok(data)) = data
+            && let Ok(data) = Arc::try_unwrap(data)
+        {
+            recycle::give(data);
+        }
+    }
+}
 
 impl CpuBuffer {
     /// A buffer holding `data` now, readable from any stream.
@@ -197,13 +209,16 @@ pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, Comp
     match op {
         Op::Conv2d(p) => {
             arity(2)?;
-            Ok(vec![conv::forward(
+            let mut y = recycle::take(p.output_len());
+            conv::forward_into(
                 &p,
                 inputs[0],
                 inputs[1],
                 inputs.get(2).copied(),
+                &mut y,
                 par,
-            )?])
+            )?;
+            Ok(vec![y])
         }
         Op::Conv2dBackward(p) => {
             arity(3)?;

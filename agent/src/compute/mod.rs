@@ -12,6 +12,7 @@ pub mod engine;
 mod gemm;
 pub mod ops;
 pub mod pipeline;
+pub mod recycle;
 pub mod train;
 mod winograd;
 

@@ -437,7 +437,9 @@ impl Model {
                 batch,
                 ..layer.params
             };
-            a = super::conv::forward(&p, &a, &layer.weight, Some(&layer.bias), par)?;
+            let mut y = super::recycle::take(p.output_len());
+            super::conv::forward_into(&p, &a, &layer.weight, Some(&layer.bias), &mut y, par)?;
+            super::recycle::give(std::mem::replace(&mut a, y));
             if i != last {
                 super::ops::relu(&mut a);
             }
