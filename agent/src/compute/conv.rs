@@ -904,8 +904,8 @@ pub(crate) mod tests {
         (
             1usize..3,
             1usize..3,
-            64usize..68,
-            64usize..68,
+            32usize..68,
+            32usize..68,
             1usize..9,
             1usize..9,
             0usize..3,
@@ -916,6 +916,25 @@ pub(crate) mod tests {
                 ..plain(batch, groups * cg, [h, w], groups * kg, 3)
             })
             .prop_filter("an output exists", |p| p.check().is_ok())
+    }
+
+    /// Winograd's filters are prepared once for the weights they are given: an op on weights
+    /// changed in place, at the same address, must not run on the filters of the old ones.
+    #[test]
+    fn weights_changed_in_place_are_prepared_anew() {
+        let p = Conv2dParams {
+            padding: [1, 1],
+            ..plain(1, 32, [8, 8], 32, 3)
+        };
+        assert!(winograd::applies(&p));
+        let x = random(p.input_len(), 1);
+        let mut w = random(p.weight_len(), 2);
+        for step in 0..3 {
+            let y = forward(&p, &x, &w, None, Par::rayon(2)).unwrap();
+            let want = reference::forward(&p, &x, &w, None);
+            assert!(max_rel_diff(&y, &want) < 1e-5, "step {step}");
+            w.iter_mut().step_by(7).for_each(|v| *v = -*v);
+        }
     }
 
     proptest! {
