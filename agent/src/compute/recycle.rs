@@ -1,7 +1,7 @@
 //! Output memory given back by those done with it, for the next op of its size to overwrite.
 //!
 //! Safe Rust hands out no uninitialised memory, so a fresh output is zeroed before the kernel
-//! writes it: for the benchmarks' ResNet stem, 26 MB written twice, a seventh of the call
+//! writes it: for the benchmarks' ResNet stem, 26 MB written twice, 8-13% of the call
 //! (`docs/benchmarks.md`). onnxruntime's arena and CUDA's caching allocators reuse memory
 //! likewise. The pool is small and bounded, keeps only large buffers (small ones cost little
 //! to zero) and drops its oldest first; a buffer's old contents never show through, since
