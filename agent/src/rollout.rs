@@ -442,7 +442,7 @@ impl Held {
             (burst(Side::Canary).await, s)
         };
         let mut w = self.window.lock().expect("window lock");
-        for (c, s) in canary.into_iter().zip(stable) {
+        for (c, s) in canary.iter().zip(&stable) {
             let (Ok((yc, tc)), Ok((ys, ts))) = (c, s) else {
                 continue;
             };
@@ -451,12 +451,10 @@ impl Held {
             shadow.canary_seconds_sum += tc.as_secs_f64();
             shadow.stable_seconds_sum += ts.as_secs_f64();
             if self.comparable {
-                let diff = max_abs_diff(&yc, &ys);
+                let diff = max_abs_diff(yc, ys);
                 shadow.max_numeric_diff =
                     Some(shadow.max_numeric_diff.map_or(diff, |d| max_diff(d, diff)));
             }
-            recycle::give(yc);
-            recycle::give(ys);
         }
         if let Some(d) = w.shadow.max_numeric_diff {
             self.metrics
@@ -464,6 +462,10 @@ impl Held {
                 .with_label_values(&[&self.namespace, &self.name])
                 .set(d);
         }
+        drop(w);
+        // Out of the window's lock: the pool may free memory as it takes them.
+        let outputs = canary.into_iter().chain(stable).flatten();
+        outputs.for_each(|(y, _)| recycle::give(y));
     }
 }
 

@@ -209,16 +209,16 @@ pub fn run_op(op: Op, inputs: &[&[f32]], par: Par) -> Result<Vec<Vec<f32>>, Comp
     match op {
         Op::Conv2d(p) => {
             arity(2)?;
+            p.check()?;
             let mut y = recycle::take(p.output_len());
-            conv::forward_into(
-                &p,
-                inputs[0],
-                inputs[1],
-                inputs.get(2).copied(),
-                &mut y,
-                par,
-            )?;
-            Ok(vec![y])
+            let (x, w, b) = (inputs[0], inputs[1], inputs.get(2).copied());
+            match conv::forward_into(&p, x, w, b, &mut y, par) {
+                Ok(()) => Ok(vec![y]),
+                Err(e) => {
+                    recycle::give(y);
+                    Err(e)
+                }
+            }
         }
         Op::Conv2dBackward(p) => {
             arity(3)?;
@@ -453,6 +453,27 @@ mod tests {
 
     use super::*;
     use crate::compute::backend::take_download;
+
+    /// A buffer's last holder gives its memory to the pool; while anyone else still holds the
+    /// data, it stays theirs.
+    #[test]
+    fn a_buffer_let_go_gives_its_memory_back() {
+        // A length no other test's outputs come near, so that none takes it meanwhile.
+        const LEN: usize = 777_773;
+        let data = Arc::new(vec![3.5; LEN]);
+        let at = data.as_ptr();
+        drop(CpuBuffer::ready(data.clone()));
+        assert!(recycle::take(LEN).is_empty(), "still held");
+        let buffer = CpuBuffer::ready(data);
+        drop(buffer.clone());
+        assert!(
+            recycle::take(LEN).is_empty(),
+            "a clone of the buffer still holds it"
+        );
+        drop(buffer);
+        let back = recycle::take(LEN);
+        assert_eq!((back.as_ptr(), back.len()), (at, LEN));
+    }
 
     /// Fires `tx` once `event` has fired.
     fn signal(event: &Event) -> mpsc::Receiver<()> {

@@ -15,20 +15,29 @@ use super::lock;
 
 /// Buffers smaller than this (in floats) are not kept: zeroing 64 KB costs less than a lock.
 const MIN_FLOATS: usize = 1 << 14;
-/// At most this many buffers...
-const MAX_BUFFERS: usize = 8;
-/// ...and this many floats (128 MiB) are kept.
-const MAX_FLOATS: usize = 32 << 20;
 
-/// Kept buffers, oldest first.
-struct Pool(Mutex<VecDeque<Vec<f32>>>);
+/// Kept buffers, oldest first, within bounds on their number and their floats (capacity).
+struct Pool {
+    buffers: Mutex<VecDeque<Vec<f32>>>,
+    most: usize,
+    floats: usize,
+}
 
-static POOL: Pool = Pool::new();
+/// At most 8 buffers and 64 MiB: two outputs of the benchmarks' ResNet stem (26 MB each).
+static POOL: Pool = Pool::new(8, 16 << 20);
 
 /// A buffer of `len` floats with unspecified contents, or an empty one when none is kept:
 /// the smallest kept buffer of `len` to `2 * len` floats, cut to `len`.
 pub fn take(len: usize) -> Vec<f32> {
-    POOL.take(len)
+    let buffer = POOL.take(len);
+    // In tests, old contents are NaN: any element an op leaves unwritten shows in its output.
+    #[cfg(test)]
+    let buffer = {
+        let mut buffer = buffer;
+        buffer.fill(f32::NAN);
+        buffer
+    };
+    buffer
 }
 
 /// Gives `buffer` back for a later [`take`]; the oldest kept go past the pool's bounds.
@@ -37,30 +46,34 @@ pub fn give(buffer: Vec<f32>) {
 }
 
 impl Pool {
-    const fn new() -> Self {
-        Self(Mutex::new(VecDeque::new()))
+    const fn new(most: usize, floats: usize) -> Self {
+        Self {
+            buffers: Mutex::new(VecDeque::new()),
+            most,
+            floats,
+        }
     }
 
     fn take(&self, len: usize) -> Vec<f32> {
-        let mut pool = lock(&self.0);
-        let fit = (pool.iter().enumerate())
-            .filter(|(_, b)| (len..=2 * len).contains(&b.len()))
-            .min_by_key(|(_, b)| b.len())
+        let mut buffers = lock(&self.buffers);
+        let fit = (buffers.iter().enumerate())
+            .filter(|(_, b)| b.len() >= len && b.capacity() <= len.saturating_mul(2))
+            .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
-        let mut buffer = fit.and_then(|i| pool.remove(i)).unwrap_or_default();
+        let mut buffer = fit.and_then(|i| buffers.remove(i)).unwrap_or_default();
         buffer.truncate(len);
         buffer
     }
 
     fn give(&self, buffer: Vec<f32>) {
-        if buffer.len() < MIN_FLOATS || buffer.len() > MAX_FLOATS {
+        if !(MIN_FLOATS..=self.floats).contains(&buffer.capacity()) {
             return;
         }
-        let mut pool = lock(&self.0);
-        pool.push_back(buffer);
-        let mut floats: usize = pool.iter().map(Vec::len).sum();
-        while pool.len() > MAX_BUFFERS || floats > MAX_FLOATS {
-            floats -= pool.pop_front().map_or(0, |b| b.len());
+        let mut buffers = lock(&self.buffers);
+        buffers.push_back(buffer);
+        let mut floats: usize = buffers.iter().map(Vec::capacity).sum();
+        while buffers.len() > self.most || floats > self.floats {
+            floats -= buffers.pop_front().map_or(0, |b| b.capacity());
         }
     }
 }
@@ -71,7 +84,7 @@ mod tests {
 
     #[test]
     fn buffers_come_back_to_a_take_of_their_size_or_up_to_half_as_large() {
-        let (pool, len) = (Pool::new(), MIN_FLOATS * 3);
+        let (pool, len) = (Pool::new(8, 1 << 20), MIN_FLOATS * 3);
         pool.give(vec![7.0; len]);
         pool.give(vec![8.0; len + 5]);
         assert!(
@@ -86,27 +99,33 @@ mod tests {
         assert!(pool.take(MIN_FLOATS - 1).is_empty(), "too small to keep");
     }
 
+    /// A buffer cut shorter keeps its memory: the bounds count capacity, so that taking ever
+    /// shorter outputs from the same buffers cannot hold more than the bound.
     #[test]
-    fn the_pool_keeps_its_bounds_dropping_the_oldest() {
-        let pool = Pool::new();
-        pool.give(vec![1.0; MIN_FLOATS * 2]);
-        for _ in 0..MAX_BUFFERS {
-            pool.give(vec![2.0; MIN_FLOATS]);
-        }
+    fn the_pool_counts_capacity_and_keeps_its_bounds_dropping_the_oldest() {
+        let pool = Pool::new(3, MIN_FLOATS * 10);
+        pool.give(vec![1.0; MIN_FLOATS * 4]);
+        pool.give(vec![2.0; MIN_FLOATS * 3]);
+        let cut = pool.take(MIN_FLOATS * 2);
+        assert_eq!(cut[0], 2.0);
+        assert!(cut.capacity() >= MIN_FLOATS * 3);
+        pool.give(cut);
+        // 4 + 3 (its capacity, not its length) + 4 > 10: the oldest goes.
+        pool.give(vec![3.0; MIN_FLOATS * 4]);
+        assert!(pool.take(MIN_FLOATS * 4).iter().all(|&v| v == 3.0));
         assert!(
-            pool.take(MIN_FLOATS * 2).is_empty(),
+            pool.take(MIN_FLOATS * 4).is_empty(),
             "the oldest was dropped"
         );
-        assert_eq!(lock(&pool.0).len(), MAX_BUFFERS);
-        pool.give(vec![3.0; MAX_FLOATS / 2]);
-        pool.give(vec![4.0; MAX_FLOATS / 2]);
-        let floats: usize = lock(&pool.0).iter().map(Vec::len).sum();
-        assert!(floats <= MAX_FLOATS, "{floats} floats kept");
-        assert_eq!(
-            floats, MAX_FLOATS,
-            "the small ones went, the two halves stay"
+        for v in 4..8 {
+            pool.give(vec![v as f32; MIN_FLOATS]);
+        }
+        assert_eq!(lock(&pool.buffers).len(), 3, "at most three");
+        assert_eq!(pool.take(MIN_FLOATS)[0], 5.0, "the oldest went first");
+        pool.give(vec![9.0; MIN_FLOATS * 10 + 1]);
+        assert!(
+            pool.take(MIN_FLOATS * 10 + 1).is_empty(),
+            "larger than the pool"
         );
-        pool.give(vec![5.0; MAX_FLOATS + 1]);
-        assert!(pool.take(MAX_FLOATS + 1).is_empty(), "larger than the pool");
     }
 }

@@ -3,7 +3,7 @@
 //! input in 16 products per input channel rather than 36, as in cuDNN's and oneDNN's
 //! Winograd algorithms.
 //!
-//! The filters are transformed once per op (`G g Gᵀ`), each tile's patch per channel
+//! The filters are transformed once per set of weights (`G g Gᵀ`), each tile's patch per channel
 //! (`Bᵀ d B`), and the 16 transformed positions are 16 independent GEMMs over the input
 //! channels, run by the same register-tiled kernel as the direct path. `Aᵀ m A` turns each
 //! tile's 16 sums back into its 2x2 outputs. The transforms' coefficients are 0, ±1 and ½, so
@@ -149,24 +149,47 @@ struct Prepared {
     packed: Vec<Vec<f32>>,
 }
 
-/// At most this many prepared filters are kept...
-const KEPT: usize = 8;
-/// ...and this many floats of them (32 MiB): a 256-channel layer's take 1.6 M.
-const KEPT_FLOATS: usize = 8 << 20;
+/// Prepared filters kept, the least recently used first, within bounds on their number and
+/// their floats. Filters that would take more than half of those are not kept.
+struct Kept {
+    entries: Mutex<VecDeque<Arc<Prepared>>>,
+    most: usize,
+    floats: usize,
+}
 
-/// Prepared filters kept, oldest first.
-struct Kept(Mutex<VecDeque<Arc<Prepared>>>);
-
-static KEPT_FILTERS: Kept = Kept(Mutex::new(VecDeque::new()));
+/// At most 8 sets and 32 MiB: a 256-channel layer's take 1.6 M floats. A training job's
+/// weights change every step and miss; the least recently used go first, so a kernel's
+/// filters, used op after op, stay.
+static KEPT_FILTERS: Kept = Kept::new(8, 8 << 20);
 
 impl Kept {
+    const fn new(most: usize, floats: usize) -> Self {
+        Self {
+            entries: Mutex::new(VecDeque::new()),
+            most,
+            floats,
+        }
+    }
+
     /// The filters of `w` for `p`, prepared for `tile`: kept ones, or made (and kept).
     fn get(&self, tile: Tile, p: &Conv2dParams, w: &[f32]) -> Arc<Prepared> {
         let (cg, kg) = (p.in_channels / p.groups, p.out_channels / p.groups);
+        // The packing depends on the tile's channels per panel only (its last panels take 4
+        // on every instruction set).
         let key = [tile.mr, p.groups, p.out_channels, cg];
-        let same = |k: &&Arc<Prepared>| k.key == key && same_bits(&k.weights, w);
-        if let Some(kept) = lock(&self.0).iter().find(same) {
-            return kept.clone();
+        // Weights are compared outside the lock: megabytes for a wide layer.
+        let alike: Vec<_> = lock(&self.entries)
+            .iter()
+            .filter(|k| k.key == key)
+            .cloned()
+            .collect();
+        if let Some(kept) = alike.into_iter().find(|k| same_bits(&k.weights, w)) {
+            let mut entries = lock(&self.entries);
+            if let Some(i) = entries.iter().position(|k| Arc::ptr_eq(k, &kept)) {
+                entries.remove(i);
+                entries.push_back(kept.clone());
+            }
+            return kept;
         }
         let u = filters(p, w);
         let packed = (0..p.groups * 16)
@@ -180,10 +203,14 @@ impl Kept {
             weights: w.to_vec(),
             packed,
         });
-        let mut kept = lock(&self.0);
-        kept.push_back(made.clone());
-        while kept.len() > KEPT || kept.iter().map(|k| k.floats()).sum::<usize>() > KEPT_FLOATS {
-            kept.pop_front();
+        if made.floats() <= self.floats / 2 {
+            let mut entries = lock(&self.entries);
+            entries.push_back(made.clone());
+            while entries.len() > self.most
+                || entries.iter().map(|k| k.floats()).sum::<usize>() > self.floats
+            {
+                entries.pop_front();
+            }
         }
         made
     }
@@ -479,56 +506,72 @@ mod tests {
     use crate::compute::conv::tests::plain;
     use crate::compute::ops::uniform;
 
-    fn kept() -> Kept {
-        Kept(Mutex::new(VecDeque::new()))
-    }
-
     #[test]
-    fn prepared_filters_are_found_by_the_weights_bits_and_the_tile() {
-        let (kept, tile) = (kept(), Tile::get());
-        let p = plain(1, 32, [6, 6], 32, 3);
+    fn prepared_filters_are_found_by_the_weights_bits_and_the_layout() {
+        let (kept, tile) = (Kept::new(8, 1 << 20), Tile::get());
+        let p = plain(1, 64, [6, 6], 64, 3);
         let mut w = uniform(p.weight_len(), 1, 0.1);
         w[5] = 0.0;
         let first = kept.get(tile, &p, &w);
         // The same bits elsewhere in memory, for another batch and size: the same filters.
-        let other = Conv2dParams {
-            batch: 3,
-            ..plain(3, 32, [9, 7], 32, 3)
-        };
-        assert!(Arc::ptr_eq(&first, &kept.get(tile, &other, &w.clone())));
+        assert!(Arc::ptr_eq(
+            &first,
+            &kept.get(tile, &plain(3, 64, [9, 7], 64, 3), &w.clone())
+        ));
         // One weight's sign bit apart, though `-0.0 == 0.0`: other filters.
         let mut signed = w.clone();
         signed[5] = -0.0;
         assert!(!Arc::ptr_eq(&first, &kept.get(tile, &p, &signed)));
-        // The same weights as two groups of 16 channels: another layout.
+        // The same weights as two groups of 32 channels: the same output channels and
+        // channels per group, another layout.
         let grouped = Conv2dParams {
             groups: 2,
-            ..plain(1, 32, [6, 6], 64, 3)
+            ..plain(1, 64, [6, 6], 64, 3)
         };
-        assert_eq!(grouped.weight_len(), w.len());
-        assert!(!Arc::ptr_eq(&first, &kept.get(tile, &grouped, &w)));
+        let narrow = plain(1, 32, [6, 6], 64, 3);
+        assert_eq!(grouped.weight_len(), narrow.weight_len());
+        let half = &w[..narrow.weight_len()];
+        assert!(!Arc::ptr_eq(
+            &kept.get(tile, &narrow, half),
+            &kept.get(tile, &grouped, half)
+        ));
         // Another instruction set's panels (the scalar kernel's, on x86).
         if let Some(other) = Tile::all().into_iter().find(|t| t.mr != tile.mr) {
             assert!(!Arc::ptr_eq(&first, &kept.get(other, &p, &w)));
         }
-        assert!(Arc::ptr_eq(&first, &kept.get(tile, &p, &w)), "still kept");
     }
 
     #[test]
-    fn kept_filters_stay_within_bounds_dropping_the_oldest() {
-        let (kept, tile) = (kept(), Tile::get());
+    fn kept_filters_stay_within_bounds_the_least_recently_used_going_first() {
+        let tile = Tile::get();
         let p = plain(1, 32, [6, 6], 32, 3);
-        let ws: Vec<_> = (0..=KEPT as u64)
+        let ws: Vec<_> = (0..4)
             .map(|seed| uniform(p.weight_len(), seed, 0.1))
             .collect();
+        let one = Kept::new(3, 1 << 20).get(tile, &p, &ws[0]).floats();
+        let kept = Kept::new(3, one * 10);
         let first = kept.get(tile, &p, &ws[0]);
-        ws[1..].iter().for_each(|w| drop(kept.get(tile, &p, w)));
-        assert_eq!(lock(&kept.0).len(), KEPT);
-        assert!(!Arc::ptr_eq(&first, &kept.get(tile, &p, &ws[0])), "dropped");
-        // A layer whose filters alone pass the bound is not kept.
-        let wide = plain(1, 1024, [4, 4], 1024, 3);
-        drop(kept.get(tile, &wide, &uniform(wide.weight_len(), 1, 0.1)));
-        let floats: usize = lock(&kept.0).iter().map(|k| k.floats()).sum();
-        assert!(floats <= KEPT_FLOATS, "{floats}");
+        let second = kept.get(tile, &p, &ws[1]);
+        drop(kept.get(tile, &p, &ws[2]));
+        assert!(
+            Arc::ptr_eq(&first, &kept.get(tile, &p, &ws[0])),
+            "used again"
+        );
+        drop(kept.get(tile, &p, &ws[3]));
+        assert_eq!(lock(&kept.entries).len(), 3);
+        assert!(Arc::ptr_eq(&first, &kept.get(tile, &p, &ws[0])), "kept");
+        assert!(
+            !Arc::ptr_eq(&second, &kept.get(tile, &p, &ws[1])),
+            "the least recent went"
+        );
+        // Filters that would take more than half of the bound are not kept, and push
+        // nothing out.
+        let before: Vec<_> = lock(&kept.entries).iter().cloned().collect();
+        let wide = plain(1, 32 * 6, [6, 6], 32, 3);
+        let big = kept.get(tile, &wide, &uniform(wide.weight_len(), 9, 0.1));
+        assert!(big.floats() > one * 5);
+        let after: Vec<_> = lock(&kept.entries).iter().cloned().collect();
+        assert!(before.iter().zip(&after).all(|(a, b)| Arc::ptr_eq(a, b)));
+        assert_eq!(before.len(), after.len());
     }
 }
