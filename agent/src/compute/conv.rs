@@ -326,19 +326,8 @@ impl Layout {
 /// synchronising inside small GEMMs; with fewer, each one's output rows are split into bands
 /// among threads, each lowering the input for itself. Either way each output element is the
 /// same sum in the same order.
-pub fn forward(
-    p: &Conv2dParams,
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    par: Par,
-) -> Result<Vec<f32>, ComputeError> {
-    let mut y = Vec::new();
-    forward_into(p, x, w, b, &mut y, par)?;
-    Ok(y)
-}
-
-/// [`forward`] into `y`. When `y` holds the output's length already (a buffer from
+///
+/// The output goes into `y`. When `y` holds the output's length already (a buffer from
 /// [`super::recycle`]), its memory is overwritten, every element, without being zeroed first.
 pub fn forward_into(
     p: &Conv2dParams,
@@ -620,7 +609,7 @@ pub struct Conv2dGrads {
 
 /// Backward pass: gradients for input, weight and bias, on `par.degree()` threads.
 ///
-/// Shared out by sample like [`forward`]: each thread writes its samples' `dx` and sums its
+/// Shared out by sample like [`forward_into`]: each thread writes its samples' `dx` and sums its
 /// own partial `dw` and `db`, which are then added in thread order. So the bits depend on
 /// the thread count (not on scheduling): the same op with the same threads is reproducible.
 pub fn backward(
@@ -790,6 +779,19 @@ pub(crate) mod reference {
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// [`forward_into`] a fresh output.
+    fn forward(
+        p: &Conv2dParams,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        par: Par,
+    ) -> Result<Vec<f32>, ComputeError> {
+        let mut y = Vec::new();
+        forward_into(p, x, w, b, &mut y, par)?;
+        Ok(y)
+    }
 
     /// Stride 1, no padding, no dilation, one group; tests adjust with struct update.
     pub(crate) fn plain(
