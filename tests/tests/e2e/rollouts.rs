@@ -184,14 +184,21 @@ async fn a_first_rollout_turns_async_on_step_by_step_then_a_new_artifact_follows
             .starts_with("NotApplicable"),
         "new weights are not compared"
     );
-    let gauge = eventually(Duration::from_secs(10), "the phase metric", || async {
-        let (_, text) = operator.get("/metrics").await?;
-        text.lines()
-            .find(|l| l.starts_with("kernelflow_rollout_info{") && l.contains(&ns))
-            .map(str::to_string)
-    })
+    // The metrics come from the operator's cache of the objects, which may lag the status
+    // just read by a moment.
+    let gauge = eventually(
+        Duration::from_secs(10),
+        "the Healthy phase metric",
+        || async {
+            let (_, text) = operator.get("/metrics").await?;
+            text.lines()
+                .find(|l| l.starts_with("kernelflow_rollout_info{") && l.contains(&ns))
+                .filter(|l| l.contains("phase=\"Healthy\""))
+                .map(str::to_string)
+        },
+    )
     .await;
-    assert!(gauge.contains("phase=\"Healthy\""), "{gauge}");
+    assert!(gauge.ends_with(" 1"), "{gauge}");
     let text = operator.get("/metrics").await.unwrap().1;
     let heartbeat =
         format!("kernelflow_node_report_heartbeat_timestamp_seconds{{node=\"{ns}-a\"}}");
