@@ -9,22 +9,53 @@
 //! NaN).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use super::lock;
 
 /// Buffers smaller than this (in floats) are not kept: zeroing 64 KB costs less than a lock.
 const MIN_FLOATS: usize = 1 << 14;
 
-/// Kept buffers, oldest first, within bounds on their number and their floats (capacity).
-struct Pool {
-    buffers: Mutex<VecDeque<Vec<f32>>>,
+/// Items kept oldest first, within bounds on their number and on their floats: this module's
+/// buffers, and Winograd's prepared filters.
+pub(super) struct Bounded<T> {
+    items: Mutex<VecDeque<T>>,
     most: usize,
     floats: usize,
 }
 
-/// At most 8 buffers and 64 MiB: two outputs of the benchmarks' ResNet stem (26 MB each).
-static POOL: Pool = Pool::new(8, 16 << 20);
+impl<T> Bounded<T> {
+    pub(super) const fn new(most: usize, floats: usize) -> Self {
+        Self {
+            items: Mutex::new(VecDeque::new()),
+            most,
+            floats,
+        }
+    }
+
+    pub(super) fn items(&self) -> MutexGuard<'_, VecDeque<T>> {
+        lock(&self.items)
+    }
+
+    /// The bound on floats.
+    pub(super) fn floats(&self) -> usize {
+        self.floats
+    }
+
+    /// Keeps `item` as the newest; the oldest go past the bounds. `floats` sizes an item.
+    pub(super) fn keep(&self, item: T, floats: impl Fn(&T) -> usize) {
+        let mut items = self.items();
+        items.push_back(item);
+        let mut total: usize = items.iter().map(&floats).sum();
+        while items.len() > self.most || total > self.floats {
+            total -= items.pop_front().as_ref().map_or(0, &floats);
+        }
+    }
+}
+
+/// At most 8 buffers and 64 MiB (by capacity): two outputs of the benchmarks' ResNet stem
+/// (26 MB each).
+static POOL: Bounded<Vec<f32>> = Bounded::new(8, 16 << 20);
 
 /// A buffer of `len` floats with unspecified contents, or an empty one when none is kept:
 /// the smallest kept buffer of `len` to `2 * len` floats, cut to `len`.
@@ -45,17 +76,9 @@ pub fn give(buffer: Vec<f32>) {
     POOL.give(buffer);
 }
 
-impl Pool {
-    const fn new(most: usize, floats: usize) -> Self {
-        Self {
-            buffers: Mutex::new(VecDeque::new()),
-            most,
-            floats,
-        }
-    }
-
+impl Bounded<Vec<f32>> {
     fn take(&self, len: usize) -> Vec<f32> {
-        let mut buffers = lock(&self.buffers);
+        let mut buffers = self.items();
         let fit = (buffers.iter().enumerate())
             .filter(|(_, b)| b.len() >= len && b.capacity() <= len.saturating_mul(2))
             .min_by_key(|(_, b)| b.capacity())
@@ -66,14 +89,8 @@ impl Pool {
     }
 
     fn give(&self, buffer: Vec<f32>) {
-        if !(MIN_FLOATS..=self.floats).contains(&buffer.capacity()) {
-            return;
-        }
-        let mut buffers = lock(&self.buffers);
-        buffers.push_back(buffer);
-        let mut floats: usize = buffers.iter().map(Vec::capacity).sum();
-        while buffers.len() > self.most || floats > self.floats {
-            floats -= buffers.pop_front().map_or(0, |b| b.capacity());
+        if (MIN_FLOATS..=self.floats).contains(&buffer.capacity()) {
+            self.keep(buffer, Vec::capacity);
         }
     }
 }
@@ -84,7 +101,7 @@ mod tests {
 
     #[test]
     fn buffers_come_back_to_a_take_of_their_size_or_up_to_half_as_large() {
-        let (pool, len) = (Pool::new(8, 1 << 20), MIN_FLOATS * 3);
+        let (pool, len) = (Bounded::new(8, 1 << 20), MIN_FLOATS * 3);
         pool.give(vec![7.0; len]);
         pool.give(vec![8.0; len + 5]);
         assert!(
@@ -103,7 +120,7 @@ mod tests {
     /// shorter outputs from the same buffers cannot hold more than the bound.
     #[test]
     fn the_pool_counts_capacity_and_keeps_its_bounds_dropping_the_oldest() {
-        let pool = Pool::new(3, MIN_FLOATS * 10);
+        let pool = Bounded::new(3, MIN_FLOATS * 10);
         pool.give(vec![1.0; MIN_FLOATS * 4]);
         pool.give(vec![2.0; MIN_FLOATS * 3]);
         let cut = pool.take(MIN_FLOATS * 2);
@@ -120,7 +137,7 @@ mod tests {
         for v in 4..8 {
             pool.give(vec![v as f32; MIN_FLOATS]);
         }
-        assert_eq!(lock(&pool.buffers).len(), 3, "at most three");
+        assert_eq!(pool.items().len(), 3, "at most three");
         assert_eq!(pool.take(MIN_FLOATS)[0], 5.0, "the oldest went first");
         pool.give(vec![9.0; MIN_FLOATS * 10 + 1]);
         assert!(

@@ -14,15 +14,14 @@
 //! instruction set: the transforms are element-wise over tiles (the compiler vectorises
 //! them, without reassociating), and the GEMM's sums are one chain over the channels.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use faer::Par;
 use pulp::{Simd, WithSimd};
 
 use super::conv::{Conv2dParams, bands, carve, share_out, with_scratch};
 use super::gemm::{Gemm, Tile, Weights};
-use super::lock;
+use super::recycle::Bounded;
 
 /// Input and output channels per group from which the products saved pay for the
 /// transforms: at 32 (the benchmarks' small shape) this path is 10% faster than the direct one
@@ -151,11 +150,7 @@ struct Prepared {
 
 /// Prepared filters kept, the least recently used first, within bounds on their number and
 /// their floats. Filters that would take more than half of those are not kept.
-struct Kept {
-    entries: Mutex<VecDeque<Arc<Prepared>>>,
-    most: usize,
-    floats: usize,
-}
+type Kept = Bounded<Arc<Prepared>>;
 
 /// At most 8 sets and 32 MiB: a 256-channel layer's take 1.6 M floats. A training job's
 /// weights change every step and miss; the least recently used go first, so a kernel's
@@ -163,14 +158,6 @@ struct Kept {
 static KEPT_FILTERS: Kept = Kept::new(8, 8 << 20);
 
 impl Kept {
-    const fn new(most: usize, floats: usize) -> Self {
-        Self {
-            entries: Mutex::new(VecDeque::new()),
-            most,
-            floats,
-        }
-    }
-
     /// The filters of `w` for `p`, prepared for `tile`: kept ones, or made (and kept).
     fn get(&self, tile: Tile, p: &Conv2dParams, w: &[f32]) -> Arc<Prepared> {
         let (cg, kg) = (p.in_channels / p.groups, p.out_channels / p.groups);
@@ -178,13 +165,12 @@ impl Kept {
         // on every instruction set).
         let key = [tile.mr, p.groups, p.out_channels, cg];
         // Weights are compared outside the lock: megabytes for a wide layer.
-        let alike: Vec<_> = lock(&self.entries)
-            .iter()
+        let alike: Vec<_> = (self.items().iter())
             .filter(|k| k.key == key)
             .cloned()
             .collect();
         if let Some(kept) = alike.into_iter().find(|k| same_bits(&k.weights, w)) {
-            let mut entries = lock(&self.entries);
+            let mut entries = self.items();
             if let Some(i) = entries.iter().position(|k| Arc::ptr_eq(k, &kept)) {
                 entries.remove(i);
                 entries.push_back(kept.clone());
@@ -203,14 +189,8 @@ impl Kept {
             weights: w.to_vec(),
             packed,
         });
-        if made.floats() <= self.floats / 2 {
-            let mut entries = lock(&self.entries);
-            entries.push_back(made.clone());
-            while entries.len() > self.most
-                || entries.iter().map(|k| k.floats()).sum::<usize>() > self.floats
-            {
-                entries.pop_front();
-            }
+        if made.floats() <= self.floats() / 2 {
+            self.keep(made.clone(), |k| k.floats());
         }
         made
     }
@@ -558,7 +538,7 @@ mod tests {
             "used again"
         );
         drop(kept.get(tile, &p, &ws[3]));
-        assert_eq!(lock(&kept.entries).len(), 3);
+        assert_eq!(kept.items().len(), 3);
         assert!(Arc::ptr_eq(&first, &kept.get(tile, &p, &ws[0])), "kept");
         assert!(
             !Arc::ptr_eq(&second, &kept.get(tile, &p, &ws[1])),
@@ -566,11 +546,11 @@ mod tests {
         );
         // Filters that would take more than half of the bound are not kept, and push
         // nothing out.
-        let before: Vec<_> = lock(&kept.entries).iter().cloned().collect();
+        let before: Vec<_> = kept.items().iter().cloned().collect();
         let wide = plain(1, 32 * 6, [6, 6], 32, 3);
         let big = kept.get(tile, &wide, &uniform(wide.weight_len(), 9, 0.1));
         assert!(big.floats() > one * 5);
-        let after: Vec<_> = lock(&kept.entries).iter().cloned().collect();
+        let after: Vec<_> = kept.items().iter().cloned().collect();
         assert!(before.iter().zip(&after).all(|(a, b)| Arc::ptr_eq(a, b)));
         assert_eq!(before.len(), after.len());
     }
